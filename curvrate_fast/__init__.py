@@ -1,0 +1,23 @@
+"""curvrate-fast: Taylor-mode higher-order input derivatives of PyTorch models, the curvature
+rate λ and the CRR loss.
+
+Example::
+
+    >>> import torch, curvrate_fast
+    >>> model = torch.nn.Sequential(torch.nn.Linear(2, 64), torch.nn.Tanh(), torch.nn.Linear(64, 2))
+    >>> x, y = torch.randn(128, 2), torch.randint(0, 2, (128,))
+    >>> u = torch.nn.functional.normalize(torch.randn(128, 2), dim=1)
+    >>> d = curvrate_fast.loss_directional_derivatives(model, x, y, u, order=4)   # (4, 128)
+"""
+from .api import directional_derivatives, input_jet, jet, loss_directional_derivatives
+from .jets import (JetError, JetTensor, OpReport, RuleMissingError, engine_settings, register,
+                   track_ops)
+from .rules import SampleMixingError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "jet", "directional_derivatives", "loss_directional_derivatives", "input_jet",
+    "JetTensor", "JetError", "RuleMissingError", "SampleMixingError", "OpReport", "track_ops",
+    "engine_settings", "register", "__version__",
+]

@@ -1,0 +1,141 @@
+"""The rule registry, the engine's settings (strict mode, backend) and the op tracker.
+
+A rule is a function with the signature of the torch function it replaces; it receives the
+arguments as the model passed them (``JetTensor`` among them) and returns jets. Rules are
+registered against every alias of an op (``torch.tanh``, ``Tensor.tanh``, ``F.tanh``...).
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional
+
+__all__ = ["register", "lookup", "settings", "engine_settings", "OpReport", "track_ops", "BACKENDS"]
+
+_RULES: Dict[object, Callable] = {}
+
+BACKENDS = ("auto", "reference", "triton", "cpp")
+
+
+def register(*funcs: object) -> Callable[[Callable], Callable]:
+    """Register the decorated rule for each of ``funcs`` (torch functions, methods or getters)."""
+    def deco(rule: Callable) -> Callable:
+        for f in funcs:
+            if f is None:
+                continue
+            _RULES[f] = rule
+        return rule
+    return deco
+
+
+def lookup(func: object) -> Optional[Callable]:
+    try:
+        return _RULES.get(func)
+    except TypeError:  # unhashable callables never have rules
+        return None
+
+
+def registered_functions() -> List[object]:
+    return list(_RULES)
+
+
+def op_name(func: object) -> str:
+    """A readable name for a torch function, method or property getter."""
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
+    if name is None:
+        name = repr(func)
+    mod = getattr(func, "__module__", None)
+    if mod and mod.startswith("torch.nn.functional"):
+        return "F." + name
+    if name.startswith("TensorBase."):
+        return "Tensor." + name[len("TensorBase."):]
+    if mod in ("torch", "torch._C._VariableFunctions") or (mod is None and "." not in name):
+        return "torch." + name
+    return name
+
+
+@dataclass
+class OpReport:
+    """Which torch functions ran through Taylor rules and which took the generic fallback.
+
+    ``rules`` and ``fallbacks`` map an op name to the number of calls; ``decomposed`` counts Python
+    functions (e.g. ``F.multi_head_attention_forward``) that were run op by op through the rules.
+
+    Example::
+
+        >>> with curvrate_fast.track_ops() as report:
+        ...     curvrate_fast.jet(model, x, u, order=3)
+        >>> report.fallbacks      # {} when every op had a rule
+    """
+    rules: Dict[str, int] = field(default_factory=collections.Counter)
+    fallbacks: Dict[str, int] = field(default_factory=collections.Counter)
+    decomposed: Dict[str, int] = field(default_factory=collections.Counter)
+
+    def record(self, kind: str, func: object) -> None:
+        getattr(self, kind)[op_name(func)] += 1
+
+    def __str__(self) -> str:
+        lines = ["ops through Taylor rules:"]
+        lines += [f"  {k}: {v}" for k, v in sorted(self.rules.items())] or ["  (none)"]
+        lines.append("ops through the generic fallback (exact, slow):")
+        lines += [f"  {k}: {v}" for k, v in sorted(self.fallbacks.items())] or ["  (none)"]
+        if self.decomposed:
+            lines.append("Python functions decomposed into their ops:")
+            lines += [f"  {k}: {v}" for k, v in sorted(self.decomposed.items())]
+        return "\n".join(lines)
+
+
+class _Settings(threading.local):
+    def __init__(self) -> None:
+        self.strict: bool = os.environ.get("CURVRATE_STRICT", "0") not in ("", "0", "false", "False")
+        self.backend: str = os.environ.get("CURVRATE_BACKEND", "auto")
+        self.trackers: List[OpReport] = []
+
+
+settings = _Settings()
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+@contextlib.contextmanager
+def engine_settings(*, strict: Optional[bool] = None, backend: Optional[str] = None) -> Iterator[None]:
+    """Temporarily set the engine's strict mode and backend (``None`` keeps the current value)."""
+    old = (settings.strict, settings.backend)
+    try:
+        if strict is not None:
+            settings.strict = bool(strict)
+        if backend is not None:
+            settings.backend = _check_backend(backend)
+        yield
+    finally:
+        settings.strict, settings.backend = old
+
+
+@contextlib.contextmanager
+def track_ops() -> Iterator[OpReport]:
+    """Record which ops used Taylor rules and which fell back, inside the ``with`` block.
+
+    Example::
+
+        >>> with curvrate_fast.track_ops() as report:
+        ...     curvrate_fast.jet(torch.nn.Mish(), x, u, order=2)
+        >>> print(report)
+    """
+    report = OpReport()
+    settings.trackers.append(report)
+    try:
+        yield report
+    finally:
+        settings.trackers.remove(report)
+
+
+def record(kind: str, func: object) -> None:
+    for t in settings.trackers:
+        t.record(kind, func)

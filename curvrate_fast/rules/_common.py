@@ -1,0 +1,98 @@
+"""Helpers shared by the Taylor rules."""
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ..jets.tensor import (JetError, JetTensor, is_jet, make_jet, order_of, pad_coeffs, primal,
+                           series_of, stored)
+
+__all__ = ["JetError", "JetTensor", "is_jet", "make_jet", "order_of", "pad_coeffs", "primal",
+           "series_of", "stored", "aliases", "per_coefficient", "wrap_like", "cauchy_op",
+           "constant_result"]
+
+
+def aliases(name: str, *, torch_fn: bool = True, method: bool = True, functional: bool = False,
+            special: Sequence[Any] = ()) -> List[Any]:
+    """All the callables under which an op reaches ``__torch_function__``."""
+    out: List[Any] = []
+    if torch_fn and hasattr(torch, name):
+        out.append(getattr(torch, name))
+    if method and hasattr(torch.Tensor, name):
+        out.append(getattr(torch.Tensor, name))
+    if functional and hasattr(torch.nn.functional, name):
+        out.append(getattr(torch.nn.functional, name))
+    out.extend(special)
+    return out
+
+
+def _wrap(out: Any, K: int, is_view: bool) -> Any:
+    if isinstance(out, Tensor):
+        if out.is_floating_point() or out.is_complex():
+            return JetTensor(out, K, is_view)
+        return out[0]  # integer results (indices) are the same for every coefficient
+    if isinstance(out, (tuple, list)):
+        items = [_wrap(o, K, is_view) for o in out]
+        return type(out)(items) if not hasattr(out, "_fields") else type(out)(*items)
+    return out
+
+
+def per_coefficient(func: Callable, args: tuple, kwargs: dict, *, is_view: bool = False,
+                    promote_constants: bool = True) -> Any:
+    """Apply an op that is linear jointly in all its floating tensor arguments to every coefficient,
+    batched over the coefficient axis with ``torch.vmap`` (one call for all coefficients).
+
+    A floating tensor that is not a jet is a constant: coefficient 0 is itself, the others zero.
+    """
+    K = order_of(args, kwargs)
+    flat, spec = tree_flatten((args, kwargs))
+    pos = [i for i, a in enumerate(flat)
+           if is_jet(a) or (promote_constants and isinstance(a, Tensor) and a.is_floating_point())]
+    n = max(stored(flat[i]) for i in pos)
+    stacks = [pad_coeffs(flat[i]._coeffs if is_jet(flat[i]) else flat[i].unsqueeze(0), n)
+              for i in pos]
+
+    def apply(*cs):
+        vals = list(flat)
+        for i, c in zip(pos, cs):
+            vals[i] = c
+        a, kw = tree_unflatten(vals, spec)
+        return func(*a, **kw)
+
+    out = torch.vmap(apply)(*stacks)
+    return _wrap(out, K, is_view)
+
+
+def wrap_like(out: Any, K: int, is_view: bool = False) -> Any:
+    return _wrap(out, K, is_view)
+
+
+def cauchy_op(op: Callable[[Tensor, Tensor], Tensor], a: Any, b: Any, K: int) -> List[Tensor]:
+    """(a ⋆ b)_k = Σ_j op(a_j, b_{k−j}) for an op bilinear in (a, b) (SPEC.md §2, bilinear).
+
+    All the products one order needs run as one batched call over the pairs (j, k − j).
+    """
+    A, B = series_of(a), series_of(b)
+    na, nb = len(A), len(B)
+    n = min(K + 1, na + nb - 1)
+    Ac = torch.stack(A)
+    Bc = torch.stack(B)
+    out: List[Tensor] = []
+    bop = torch.vmap(op)
+    for k in range(n):
+        js = list(range(max(0, k - nb + 1), min(k, na - 1) + 1))
+        if len(js) == 1:
+            out.append(op(A[js[0]], B[k - js[0]]))
+            continue
+        ia = torch.tensor(js, device=Ac.device)
+        ib = torch.tensor([k - j for j in js], device=Ac.device)
+        out.append(bop(Ac.index_select(0, ia), Bc.index_select(0, ib)).sum(0))
+    return out
+
+
+def constant_result(func: Callable, args: tuple, kwargs: dict) -> Any:
+    from ..jets.tensor import primals
+    return func(*primals(args), **primals(kwargs))

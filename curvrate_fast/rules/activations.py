@@ -1,0 +1,157 @@
+"""Taylor rules for elementwise activations (SPEC.md §2: tanh, sigmoid, GELU both forms, SiLU,
+softplus, ELU family, ReLU and leaky ReLU, and the smooth ones built from them).
+
+On CUDA tensors (or when the Triton backend is forced) the fused one-pass kernels of
+``curvrate_fast.functions`` run; elsewhere the pure-PyTorch recurrences of ``curvrate_fast.series``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import series as S
+from ..jets import registry
+from ..jets.registry import register
+from ._common import aliases, make_jet
+
+_FUSED_KINDS = {"tanh", "sigmoid", "gelu", "gelu_tanh", "silu", "softplus", "relu", "leaky_relu"}
+
+
+def use_triton(x: torch.Tensor, order: int) -> bool:
+    """Whether the fused Triton kernels should run for this tensor (see ``engine_settings``)."""
+    backend = registry.settings.backend
+    if backend == "reference" or backend == "cpp":
+        return False
+    try:
+        from ..functions import triton_available
+    except Exception:  # noqa: BLE001 - no triton: the reference rules run
+        if backend == "triton":
+            raise
+        return False
+    if backend == "triton":
+        return True
+    return x.is_cuda and triton_available(x) and order <= 6
+
+
+def activation(x, kind: str, **params):
+    """The jet of an elementwise activation of the jet ``x`` through the best backend."""
+    K = x._order
+    if kind in _FUSED_KINDS and use_triton(x._coeffs, K):
+        from ..functions import activation_jet
+        return make_jet(activation_jet(x._coeffs, kind, K, **params), K)
+    u = x.series()
+    if kind == "tanh":
+        out = S.tanh(u, K)
+    elif kind == "sigmoid":
+        out = S.sigmoid(u, K)
+    elif kind == "gelu":
+        out = S.gelu(u, K)
+    elif kind == "gelu_tanh":
+        out = S.gelu_tanh(u, K)
+    elif kind == "silu":
+        out = S.silu(u, K)
+    elif kind == "softplus":
+        out = S.softplus(u, K, params.get("beta", 1.0), params.get("threshold", 20.0))
+    elif kind in ("relu", "leaky_relu"):
+        slope = params.get("negative_slope", 0.0) if kind == "leaky_relu" else 0.0
+        x0 = u[0]
+        y0 = F.relu(x0) if kind == "relu" else F.leaky_relu(x0, slope)
+        out = [y0] + S.mask_select(u, x0 > 0, K, slope)
+    else:
+        raise ValueError(f"unknown activation {kind!r}")
+    return make_jet(out, K)
+
+
+@register(*aliases("tanh"), F.tanh)
+def tanh(input, *, out=None):
+    return activation(input, "tanh")
+
+
+@register(*aliases("sigmoid"), F.sigmoid, torch.special.expit)
+def sigmoid(input, *, out=None):
+    return activation(input, "sigmoid")
+
+
+@register(F.gelu)
+def gelu(input, approximate: str = "none"):
+    return activation(input, "gelu_tanh" if approximate == "tanh" else "gelu")
+
+
+@register(F.silu, torch.nn.functional.silu)
+def silu(input, inplace: bool = False):
+    return activation(input, "silu")
+
+
+@register(F.softplus)
+def softplus(input, beta: float = 1.0, threshold: float = 20.0):
+    return activation(input, "softplus", beta=float(beta), threshold=float(threshold))
+
+
+@register(*aliases("relu"), F.relu)
+def relu(input, inplace: bool = False):
+    return activation(input, "relu")
+
+
+@register(F.leaky_relu, torch._C._nn.leaky_relu)
+def leaky_relu(input, negative_slope: float = 0.01, inplace: bool = False):
+    return activation(input, "leaky_relu", negative_slope=float(negative_slope))
+
+
+@register(F.relu6)
+def relu6(input, inplace: bool = False):
+    return torch.clamp(input, 0.0, 6.0)
+
+
+@register(F.hardtanh, torch._C._nn.hardtanh)
+def hardtanh(input, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False):
+    return torch.clamp(input, min_val, max_val)
+
+
+@register(F.elu, torch._C._nn.elu)
+def elu(input, alpha: float = 1.0, inplace: bool = False):
+    K = input._order
+    return make_jet(S.elu(input.series(), K, alpha=alpha), K)
+
+
+_SELU_ALPHA = 1.6732632423543772848170429916717
+_SELU_SCALE = 1.0507009873554804934193349852946
+
+
+@register(F.selu, *aliases("selu"))
+def selu(input, inplace: bool = False):
+    K = input._order
+    return make_jet(S.elu(input.series(), K, alpha=_SELU_ALPHA, scale_=_SELU_SCALE), K)
+
+
+@register(F.celu, *aliases("celu"))
+def celu(input, alpha: float = 1.0, inplace: bool = False):
+    K = input._order
+    return make_jet(S.elu(input.series(), K, alpha=alpha, input_scale=1.0 / alpha), K)
+
+
+@register(F.mish)
+def mish(input, inplace: bool = False):
+    """mish(u) = u · tanh(softplus(u))."""
+    K = input._order
+    sp = S.softplus(input.series(), K)
+    return make_jet(S.mul(input.series(), S.tanh(sp, K), K), K)
+
+
+@register(F.logsigmoid, torch._C._nn.log_sigmoid)
+def logsigmoid(input):
+    """log σ(u) = −softplus(−u)."""
+    K = input._order
+    return make_jet(S.neg(S.softplus(S.neg(input.series(), K), K), K), K)
+
+
+@register(F.softsign)
+def softsign(input):
+    return input / (1 + torch.abs(input))
+
+
+@register(F.tanhshrink)
+def tanhshrink(input):
+    return input - torch.tanh(input)

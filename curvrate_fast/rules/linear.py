@@ -1,0 +1,111 @@
+"""Taylor rules for linear and bilinear maps: linear, matmul/mm/bmm/einsum, conv and transposed
+conv (SPEC.md §2). A linear map with a constant weight runs all stored coefficients through ONE
+call, stacked along the batch axis ((n+1)·B rows in one GEMM or convolution, so the weight is read
+once); the bias joins coefficient 0 only. When both operands are jets (attention's q·kᵀ, a
+hypernetwork's weight) the result is the Cauchy product (ab)_k = Σ_j a_j b_{k−j}."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..jets.registry import register
+from ._common import aliases, cauchy_op, is_jet, make_jet, order_of, per_coefficient
+
+
+def _add_bias0(y: Tensor, bias: Optional[Tensor], view_shape=None) -> Tensor:
+    """Add a constant bias to coefficient 0 of stacked coefficients y (n+1, ...)."""
+    if bias is None:
+        return y
+    b = bias if view_shape is None else bias.reshape(view_shape)
+    return torch.cat([(y[0] + b).unsqueeze(0), y[1:]], 0)
+
+
+@register(F.linear, torch._C._nn.linear)
+def linear(input, weight, bias=None):
+    K = order_of(input, weight, bias)
+    if is_jet(weight) or is_jet(bias):
+        y = make_jet(cauchy_op(lambda a, w: F.linear(a, w), input, weight, K), K)
+        return y + bias if bias is not None else y
+    # (n+1, *, in) rows through one GEMM; an unbatched (in,) input stacks to (n+1, in) rows.
+    return make_jet(_add_bias0(F.linear(input._coeffs, weight), bias), K)
+
+
+def _matmul_one_jet(op, a, b, K):
+    return per_coefficient(op, (a, b), {}, promote_constants=False)
+
+
+@register(*aliases("matmul"), torch.Tensor.__matmul__, *aliases("mm"), *aliases("bmm"))
+def matmul(input, other, *, out=None):
+    K = order_of(input, other)
+    if is_jet(input) and is_jet(other):
+        return make_jet(cauchy_op(torch.matmul, input, other, K), K)
+    if is_jet(input) and input.dim() >= 2 and not is_jet(other):
+        # (n+1, ..., M, N) @ (N, P) broadcasts over the coefficient axis: one GEMM.
+        if other.dim() >= 2:
+            return make_jet(torch.matmul(input._coeffs, other), K)
+    if is_jet(other) and other.dim() >= 2 and not is_jet(input) and input.dim() >= 2:
+        return make_jet(torch.matmul(input, other._coeffs), K)
+    return _matmul_one_jet(torch.matmul, input, other, K)
+
+
+@register(torch.Tensor.__rmatmul__)
+def rmatmul(input, other):
+    return matmul(other, input)
+
+
+@register(*aliases("einsum"))
+def einsum(equation, *operands):
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    K = order_of(operands)
+    jets = [i for i, o in enumerate(operands) if is_jet(o)]
+    if len(jets) == 1:
+        return per_coefficient(lambda *ops: torch.einsum(equation, *ops), tuple(operands), {},
+                               promote_constants=False)
+    # Several jet operands: fold left with Cauchy products of pairs.
+    if len(operands) != 2:
+        raise NotImplementedError("einsum with more than two jet operands: split it into pairs")
+    return make_jet(cauchy_op(lambda a, b: torch.einsum(equation, a, b), operands[0], operands[1], K), K)
+
+
+@register(*aliases("baddbmm"), *aliases("addmm"))
+def addmm(input, mat1, mat2, *, beta=1, alpha=1, out=None):
+    """beta·input + alpha·(mat1 @ mat2): a sum of a linear and a bilinear map."""
+    prod = torch.matmul(mat1, mat2)
+    return alpha * prod if beta == 0 else beta * input + alpha * prod
+
+
+@register(*aliases("addbmm"))
+def addbmm(input, batch1, batch2, *, beta=1, alpha=1, out=None):
+    prod = torch.matmul(batch1, batch2).sum(0)
+    return alpha * prod if beta == 0 else beta * input + alpha * prod
+
+
+def _conv_rule(conv_fn, transposed: bool, nd: int):
+    def rule(input, weight, bias=None, *args, **kwargs):
+        K = order_of(input, weight, bias)
+        if is_jet(weight) or is_jet(bias):
+            y = make_jet(cauchy_op(lambda a, w: conv_fn(a, w, None, *args, **kwargs), input, weight, K), K)
+            if bias is None:
+                return y
+            shape = (-1,) + (1,) * nd
+            return y + (bias.reshape(shape) if not is_jet(bias) else bias.reshape(shape))
+        c = input._coeffs
+        n1 = c.shape[0]
+        batched = input.dim() == nd + 2
+        flat = c.reshape((n1 * c.shape[1],) + tuple(c.shape[2:])) if batched else c
+        out = conv_fn(flat, weight, None, *args, **kwargs)
+        out = out.reshape((n1, c.shape[1]) + tuple(out.shape[1:])) if batched else out
+        return make_jet(_add_bias0(out, bias, (-1,) + (1,) * nd), K)
+    rule.__doc__ = (f"Jet of {conv_fn.__name__}: every stored coefficient through one convolution "
+                    "(stacked on the batch axis), bias on coefficient 0 (SPEC.md §2, linear maps).")
+    return rule
+
+
+for _fn, _t, _nd in ((F.conv1d, False, 1), (F.conv2d, False, 2), (F.conv3d, False, 3),
+                     (F.conv_transpose1d, True, 1), (F.conv_transpose2d, True, 2),
+                     (F.conv_transpose3d, True, 3)):
+    register(_fn)(_conv_rule(_fn, _t, _nd))

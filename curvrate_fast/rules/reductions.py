@@ -1,0 +1,176 @@
+"""Taylor rules for reductions: sum, mean (linear), var/std (centring, square, mean), logsumexp
+(shift by the constant primal max, exp jet, sum, log jet), max/min (coefficients at the primal's
+argmax), vector norms (SPEC.md §2)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import series as S
+from ..jets.registry import register
+from ._common import aliases, is_jet, make_jet, per_coefficient, primal
+
+
+def _dims(input, dim):
+    nd = input.dim()
+    if dim is None:
+        return tuple(range(1, nd + 1))
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    if not dims:
+        return tuple(range(1, nd + 1))
+    return tuple((d % nd if nd else 0) + 1 for d in dims)
+
+
+def _linear_reduce(fn):
+    def rule(input, dim=None, keepdim=False, *, dtype=None, out=None):
+        if isinstance(dim, torch.dtype):  # torch.sum(x, torch.float64)
+            dim, dtype = None, dim
+        c = input._coeffs if dtype is None else input._coeffs.to(dtype)
+        if input.dim() == 0:
+            return make_jet(c, input._order)
+        return make_jet(fn(c, dim=_dims(input, dim), keepdim=keepdim), input._order)
+    return rule
+
+
+register(*aliases("sum"))(_linear_reduce(torch.sum))
+register(*aliases("mean"))(_linear_reduce(torch.mean))
+
+
+@register(*aliases("nansum"), *aliases("nanmean"))
+def _nan_reduce(input, *args, **kwargs):
+    from ._common import JetError
+    raise JetError("nansum/nanmean on a jet: NaN entries would be dropped silently; "
+                   "mask them with torch.where before reducing")
+
+
+def _count(input, dim) -> int:
+    dims = _dims(input, dim)
+    return math.prod(input.shape[d - 1] for d in dims) if input.dim() else 1
+
+
+@register(*aliases("var"))
+def var(input, dim=None, unbiased=None, keepdim=False, *, correction=None, out=None):
+    """var = Σ (x − mean)² / (N − correction), through the rules for mean, sub and square."""
+    if isinstance(dim, bool):  # var(x, unbiased)
+        unbiased, dim = dim, None
+    if correction is None:
+        correction = 1 if unbiased is None or unbiased else 0
+    N = _count(input, dim)
+    dims = [d - 1 for d in _dims(input, dim)] if input.dim() else None
+    mu = input.mean(dim=dims, keepdim=True) if dims is not None else input
+    sq = torch.square(input - mu)
+    total = sq.sum(dim=dims, keepdim=keepdim) if dims is not None else sq
+    return total / max(N - correction, 0)
+
+
+@register(*aliases("std"))
+def std(input, dim=None, unbiased=None, keepdim=False, *, correction=None, out=None):
+    return torch.sqrt(var(input, dim, unbiased, keepdim, correction=correction))
+
+
+def logsumexp_coeffs(input, dim, keepdim: bool = False):
+    """logsumexp jet along ``dim``: m = max of the primal (a constant, so exact), the exp jet of
+    x − m, the class sum (linear), the log jet, plus m (SPEC.md §2, cross-entropy)."""
+    K = input._order
+    c = input._coeffs
+    d = _dims(input, dim)
+    m = c[0].detach().amax(dim=tuple(x - 1 for x in d), keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    u = [c[0] - m] + list(c[1:].unbind(0))
+    e = S.exp(u, K)
+    s = [x.sum(dim=tuple(x_ - 1 for x_ in d), keepdim=True) for x in e]
+    y = S.log(s, K)
+    y[0] = y[0] + m
+    if not keepdim:
+        y = [x.squeeze(tuple(x_ - 1 for x_ in d)) for x in y]
+    return y
+
+
+@register(*aliases("logsumexp"), torch.special.logsumexp)
+def logsumexp(input, dim, keepdim=False, *, out=None):
+    return make_jet(logsumexp_coeffs(input, dim, keepdim), input._order)
+
+
+def _gather_at(input, idx: Tensor, dim: int, keepdim: bool):
+    """The coefficients at integer positions ``idx`` (keepdim layout) along ``dim``."""
+    c = input._coeffs
+    index = idx.unsqueeze(0).expand((c.shape[0],) + tuple(idx.shape))
+    out = torch.gather(c, dim + 1, index)
+    return make_jet(out if keepdim else out.squeeze(dim + 1), input._order)
+
+
+def _extreme(kind):
+    arg = torch.argmax if kind == "max" else torch.argmin
+
+    def rule(input, dim=None, keepdim=False, *, out=None):
+        if dim is not None and (is_jet(dim) or isinstance(dim, Tensor)):  # torch.max(a, b)
+            return (torch.maximum if kind == "max" else torch.minimum)(input, dim)
+        x0 = input._coeffs[0]
+        if dim is None:
+            flat = input.reshape(-1)
+            i = arg(x0.reshape(-1))
+            return flat[i]
+        d = dim % max(input.dim(), 1)
+        idx = arg(x0, dim=d, keepdim=True)
+        vals = _gather_at(input, idx, d, keepdim)
+        indices = idx if keepdim else idx.squeeze(d)
+        return torch.return_types.max((vals, indices)) if kind == "max" else \
+            torch.return_types.min((vals, indices))
+    return rule
+
+
+register(*aliases("max"))(_extreme("max"))
+register(*aliases("min"))(_extreme("min"))
+
+
+def _aextreme(kind):
+    arg = torch.argmax if kind == "max" else torch.argmin
+
+    def rule(input, dim=(), keepdim=False, *, out=None):
+        dims = [dim] if isinstance(dim, int) else list(dim)
+        if len(dims) == 0 or input.dim() == 0:
+            flat = input.reshape(-1)
+            return flat[arg(input._coeffs[0].reshape(-1))].reshape([1] * input.dim() if keepdim else [])
+        if len(dims) > 1:
+            # reduce one dim at a time (keepdim), then squeeze
+            y = input
+            for d in sorted(x % input.dim() for x in dims):
+                y = rule(y, d, True)
+            return y if keepdim else y.squeeze(tuple(x % input.dim() for x in dims))
+        d = dims[0] % input.dim()
+        idx = arg(input._coeffs[0], dim=d, keepdim=True)
+        return _gather_at(input, idx, d, keepdim)
+    return rule
+
+
+register(*aliases("amax"))(_aextreme("max"))
+register(*aliases("amin"))(_aextreme("min"))
+
+
+@register(torch.linalg.vector_norm)
+def vector_norm(x, ord=2, dim=None, keepdim=False, *, dtype=None, out=None):
+    """‖x‖_p: p = 2 as sqrt(Σ x²) (not differentiable at 0, like autograd), p = 1 as Σ|x|,
+    p = ∞ as max|x|, other p as (Σ|x|^p)^(1/p)."""
+    if dtype is not None:
+        x = x.to(dtype)
+    dims = dim
+    if ord == 2:
+        return torch.sqrt(torch.square(x).sum(dim=dims, keepdim=keepdim))
+    if ord == 1:
+        return torch.abs(x).sum(dim=dims, keepdim=keepdim)
+    if ord == float("inf"):
+        return torch.abs(x).amax(dim=() if dims is None else dims, keepdim=keepdim)
+    return torch.pow(torch.pow(torch.abs(x), ord).sum(dim=dims, keepdim=keepdim), 1.0 / ord)
+
+
+@register(*aliases("cumsum"))
+def cumsum(input, dim, *, dtype=None, out=None):
+    c = input._coeffs if dtype is None else input._coeffs.to(dtype)
+    return make_jet(torch.cumsum(c, dim=(dim % max(input.dim(), 1)) + 1), input._order)
+
+
+@register(*aliases("dot"), *aliases("inner"), *aliases("vdot"))
+def dot(input, other, *, out=None):
+    return (input * other).sum()

@@ -1,0 +1,38 @@
+"""Install curvrate-fast. ``triton_kernels/`` installs as ``curvrate_fast.triton_kernels`` (never as
+a top-level package: an unrelated PyPI package of that name exists). The optional C++ CPU
+extension in csrc/ is built only when CURVRATE_BUILD_CPP=1 (see README)."""
+import os
+
+from setuptools import find_packages, setup
+
+packages = [p for p in find_packages(include=["curvrate_fast", "curvrate_fast.*"])]
+packages.append("curvrate_fast.triton_kernels")
+package_dir = {"curvrate_fast.triton_kernels": "triton_kernels"}
+
+ext_modules, cmdclass = [], {}
+if os.environ.get("CURVRATE_BUILD_CPP", "0") == "1":
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    ext_modules.append(CppExtension("curvrate_fast._C", sources=["csrc/jet_ops.cpp"],
+                                    extra_compile_args=["-O3"]))
+    cmdclass["build_ext"] = BuildExtension
+
+setup(
+    name="curvrate-fast",
+    version="0.1.0",
+    description="Taylor-mode higher-order input derivatives, the curvature rate λ and the CRR loss",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=packages,
+    package_dir=package_dir,
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "experiments": ["scikit-learn", "matplotlib", "tqdm"],
+        "test": ["pytest", "hypothesis", "scikit-learn", "matplotlib", "tqdm", "triton>=3.0",
+                 "pytest-benchmark", "scipy"],
+    },
+    entry_points={"console_scripts": ["curvrate-fast=curvrate_fast.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
