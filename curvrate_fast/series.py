@@ -70,33 +70,15 @@ def mul(a: Series, b: Series, K: int) -> Series:
     """Cauchy product (ab)_k = Σ_{j=0..k} a_j b_{k−j} (SPEC.md §2, bilinear)."""
     na, nb = _len(a, K), _len(b, K)
     n = min(K + 1, na + nb - 1)
-    out = []
-    for k in range(n):
-        acc = None
-        for j in range(max(0, k - nb + 1), min(k, na - 1) + 1):
-            term = a[j] * b[k - j]
-            acc = term if acc is None else acc + term
-        out.append(acc)
-    return out
+    return [_dot((a[j], b[k - j]) for j in range(max(0, k - nb + 1), min(k, na - 1) + 1))
+            for k in range(n)]
 
 
 def square(a: Series, K: int) -> Series:
     """(a²)_k using the symmetry of the Cauchy product: about half the products."""
     na = _len(a, K)
-    n = min(K + 1, 2 * na - 1)
-    out = []
-    for k in range(n):
-        acc = None
-        for j in range(max(0, k - na + 1), (k - 1) // 2 + 1):
-            term = a[j] * a[k - j]
-            acc = term if acc is None else acc + term
-        if acc is not None:
-            acc = 2 * acc
-        if k % 2 == 0 and k // 2 < na:
-            mid = a[k // 2] * a[k // 2]
-            acc = mid if acc is None else acc + mid
-        out.append(acc)
-    return out
+    a = a[:na]
+    return [square_coefficient(a, k) for k in range(min(K + 1, 2 * na - 1))]
 
 
 def div(a: Series, b: Series, K: int) -> Series:
@@ -126,30 +108,52 @@ def integrate(u: Series, g: Series, K: int, y0: Tensor) -> Series:
     tanh, sigmoid, softplus, erf and atan when g is known in advance.
     """
     nu = _len(u, K)
+    ju = _scaled_terms(u, nu)
     out = [y0]
     for k in range(1, K + 1):
-        acc = None
-        for j in range(1, min(k, nu - 1) + 1):
-            term = u[j] * g[k - j] if j == 1 else (j * u[j]) * g[k - j]
-            acc = term if acc is None else acc + term
-        out.append(torch.zeros_like(y0) if acc is None else acc / k)
+        acc = _dot((ju[j], g[k - j]) for j in range(1, min(k, nu - 1) + 1))
+        out.append(torch.zeros_like(y0) if acc is None else (acc if k == 1 else acc / k))
     return out
 
 
+def _dot(pairs) -> Optional[Tensor]:
+    """Σ a·b over (a, b) pairs, with the products fused into the sums (torch.addcmul)."""
+    acc = None
+    for a, b in pairs:
+        acc = a * b if acc is None else torch.addcmul(acc, a, b)
+    return acc
+
+
+def _scaled_terms(u: Series, nu: int) -> List[Optional[Tensor]]:
+    """[None, u_1, 2u_2, 3u_3, …]: the j·u_j factors, computed once for all k."""
+    return [None] + [u[j] if j == 1 else j * u[j] for j in range(1, nu)]
+
+
 def _self_integrate(u: Series, K: int, y0: Tensor, g_of: Callable[[Series, int], Tensor]) -> Series:
-    """y with y' = g(y)·u', where g_k depends on y_0..y_k only: interleave y and g coefficients."""
+    """y with y' = g(y)·u', where g_k depends on y_0..y_k only: interleave y and g coefficients.
+    y_k = (1/k) Σ_{j=1..k} j u_j g_{k−j} (SPEC.md §2, the pattern of exp, tanh, sigmoid)."""
     nu = _len(u, K)
+    ju = _scaled_terms(u, nu)
     y = [y0]
     g: Series = [g_of(y, 0)]
     for k in range(1, K + 1):
-        acc = None
-        for j in range(1, min(k, nu - 1) + 1):
-            term = u[j] * g[k - j] if j == 1 else (j * u[j]) * g[k - j]
-            acc = term if acc is None else acc + term
-        y.append(torch.zeros_like(y0) if acc is None else acc / k)
+        acc = _dot((ju[j], g[k - j]) for j in range(1, min(k, nu - 1) + 1))
+        y.append(torch.zeros_like(y0) if acc is None else (acc if k == 1 else acc / k))
         if k < K:
             g.append(g_of(y, k))
     return y
+
+
+def square_coefficient(y: Series, k: int) -> Tensor:
+    """(y²)_k = 2 Σ_{j<k/2} y_j y_{k−j} + y_{k/2}² (k even), from the available y_0..y_k."""
+    n = len(y)
+    acc = _dot((y[j], y[k - j]) for j in range(max(0, k - n + 1), (k - 1) // 2 + 1))
+    if acc is not None:
+        acc = 2 * acc
+    if k % 2 == 0 and k // 2 < n:
+        mid = y[k // 2]
+        acc = mid * mid if acc is None else torch.addcmul(acc, mid, mid)
+    return acc
 
 
 def exp(u: Series, K: int) -> Series:
@@ -238,7 +242,7 @@ def tanh(u: Series, K: int) -> Series:
     def z_of(y: Series, k: int) -> Tensor:
         if k == 0:
             return 1 - y[0] * y[0]
-        return -square(y, k)[k]
+        return -square_coefficient(y, k)
     return _self_integrate(u, K, torch.tanh(u[0]), z_of)
 
 
@@ -247,7 +251,7 @@ def sigmoid(u: Series, K: int) -> Series:
     def w_of(s: Series, k: int) -> Tensor:
         if k == 0:
             return s[0] * (1 - s[0])
-        return s[k] - square(s, k)[k]
+        return s[k] - square_coefficient(s, k)
     return _self_integrate(u, K, torch.sigmoid(u[0]), w_of)
 
 

@@ -48,8 +48,12 @@ def op_name(func: object) -> str:
     if name is None:
         name = repr(func)
     mod = getattr(func, "__module__", None)
-    if mod and mod.startswith("torch.nn.functional"):
+    if mod and (mod.startswith("torch.nn.functional") or mod == "torch._C._nn"):
         return "F." + name
+    if name.startswith("_VariableFunctionsClass."):
+        return "torch." + name[len("_VariableFunctionsClass."):]
+    if mod == "torch._C._special" or name.startswith("special_"):
+        return "torch.special." + name[len("special_"):] if name.startswith("special_") else name
     if name.startswith("TensorBase."):
         return "Tensor." + name[len("TensorBase."):]
     if mod in ("torch", "torch._C._VariableFunctions") or (mod is None and "." not in name):

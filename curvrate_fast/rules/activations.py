@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .. import series as S
 from ..jets import registry
 from ..jets.registry import register
+from ..activation_jet import KINDS, activation_jet_reference
 from ._common import aliases, make_jet
 
 _FUSED_KINDS = {"tanh", "sigmoid", "gelu", "gelu_tanh", "silu", "softplus", "relu", "leaky_relu"}
@@ -42,27 +43,9 @@ def activation(x, kind: str, **params):
     if kind in _FUSED_KINDS and use_triton(x._coeffs, K):
         from ..functions import activation_jet
         return make_jet(activation_jet(x._coeffs, kind, K, **params), K)
-    u = x.series()
-    if kind == "tanh":
-        out = S.tanh(u, K)
-    elif kind == "sigmoid":
-        out = S.sigmoid(u, K)
-    elif kind == "gelu":
-        out = S.gelu(u, K)
-    elif kind == "gelu_tanh":
-        out = S.gelu_tanh(u, K)
-    elif kind == "silu":
-        out = S.silu(u, K)
-    elif kind == "softplus":
-        out = S.softplus(u, K, params.get("beta", 1.0), params.get("threshold", 20.0))
-    elif kind in ("relu", "leaky_relu"):
-        slope = params.get("negative_slope", 0.0) if kind == "leaky_relu" else 0.0
-        x0 = u[0]
-        y0 = F.relu(x0) if kind == "relu" else F.leaky_relu(x0, slope)
-        out = [y0] + S.mask_select(u, x0 > 0, K, slope)
-    else:
-        raise ValueError(f"unknown activation {kind!r}")
-    return make_jet(out, K)
+    if kind in KINDS:
+        return make_jet(activation_jet_reference(x._coeffs, kind, K, **params), K)
+    raise ValueError(f"unknown activation {kind!r}")
 
 
 @register(*aliases("tanh"), F.tanh)

@@ -20,7 +20,9 @@ def _add_bias0(y: Tensor, bias: Optional[Tensor], view_shape=None) -> Tensor:
     if bias is None:
         return y
     b = bias if view_shape is None else bias.reshape(view_shape)
-    return torch.cat([(y[0] + b).unsqueeze(0), y[1:]], 0)
+    # y is a fresh GEMM/conv output that its own backward does not need: add in place, no copy.
+    y.select(0, 0).add_(b)
+    return y
 
 
 @register(F.linear, torch._C._nn.linear)

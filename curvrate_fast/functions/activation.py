@@ -1,0 +1,182 @@
+"""Autograd bindings of the fused activation-jet kernels, with the pure-PyTorch reference as fallback.
+
+``activation_jet(c, kind, order, **params)`` and ``bias_activation_jet(pre, bias, kind, order,
+channel_dim, **params)`` take a stacked jet (n+1, *S), n ≤ order (missing coefficients are zero), and
+return the (order+1, *S) jet of the activation; both are differentiable w.r.t. the coefficients (and
+the bias). On CUDA (or under ``TRITON_INTERPRET=1``) they run one Triton kernel forward and one
+backward (:mod:`curvrate_fast.triton_kernels.activation_jet`); elsewhere, for float64, or above the
+kernels' maximum order, they run the recurrences of :mod:`curvrate_fast.series`.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .. import series as S
+from ._backend import KERNEL_DTYPES, triton_available
+from ._ops import ensure_registered
+
+__all__ = ["activation_jet", "bias_activation_jet", "reference_activation_jet", "KINDS", "MAX_KERNEL_ORDER",
+           "activation_params"]
+
+#: activations with a fused kernel ("identity" = bias only)
+KINDS = ("tanh", "sigmoid", "gelu", "gelu_tanh", "silu", "softplus", "relu", "leaky_relu", "identity")
+#: highest order the kernels are compiled for (O(K²) unrolled terms); above it the reference runs
+MAX_KERNEL_ORDER = 8
+
+
+def activation_params(kind: Optional[str], params: Dict) -> Tuple[str, float, float]:
+    """Normalize (kind, params) to the kernels' (kind, p0, p1).
+
+    softplus: ``beta`` (1.0), ``threshold`` (20.0); leaky_relu: ``negative_slope`` (0.01, alias
+    ``slope``); gelu: ``approximate`` ("none" or "tanh", the latter selects gelu_tanh).
+    """
+    kind = "identity" if kind is None else kind
+    params = dict(params)
+    p0 = p1 = 0.0
+    if kind == "gelu":
+        if params.pop("approximate", "none") == "tanh":
+            kind = "gelu_tanh"
+    elif kind == "gelu_tanh":
+        params.pop("approximate", None)
+    elif kind == "softplus":
+        p0 = float(params.pop("beta", 1.0))
+        p1 = float(params.pop("threshold", 20.0))
+        if p0 == 0.0:
+            raise ValueError("softplus needs beta != 0")
+    elif kind == "leaky_relu":
+        slope = params.pop("negative_slope", None)
+        alt = params.pop("slope", None)
+        p0 = float(0.01 if slope is None and alt is None else (slope if slope is not None else alt))
+    params.pop("inplace", None)
+    if kind not in KINDS:
+        raise ValueError(f"unknown activation {kind!r}; supported: {KINDS}")
+    if params:
+        raise TypeError(f"unexpected parameters for {kind}: {sorted(params)}")
+    return kind, p0, p1
+
+
+# -- reference (pure PyTorch, any device and dtype) ----------------------------------------------
+def _pad(out: List[Tensor], order: int, like: Tensor) -> Tensor:
+    out = list(out[: order + 1])
+    while len(out) < order + 1:
+        out.append(torch.zeros_like(like))
+    return torch.stack(out)
+
+
+def reference_activation_jet(c: Tensor, kind: str, order: int, p0: float = 0.0, p1: float = 0.0) -> Tensor:
+    """The jet of ``kind`` by the recurrences of :mod:`curvrate_fast.series` (SPEC.md §2)."""
+    u = list(c[: order + 1].unbind(0))
+    if kind == "tanh":
+        out = S.tanh(u, order)
+    elif kind == "sigmoid":
+        out = S.sigmoid(u, order)
+    elif kind == "gelu":
+        out = S.gelu(u, order)
+    elif kind == "gelu_tanh":
+        out = S.gelu_tanh(u, order)
+    elif kind == "silu":
+        out = S.silu(u, order)
+    elif kind == "softplus":
+        out = S.softplus(u, order, p0, p1)
+    elif kind == "relu":
+        out = [F.relu(u[0])] + S.mask_select(u, u[0] > 0, order, 0.0)
+    elif kind == "leaky_relu":
+        out = [F.leaky_relu(u[0], p0)] + S.mask_select(u, u[0] > 0, order, p0)
+    elif kind == "identity":
+        out = u
+    else:
+        raise ValueError(f"unknown activation {kind!r}")
+    return _pad(out, order, u[0])
+
+
+def _bias_view(bias: Tensor, shape, channel_dim: int) -> Tensor:
+    nd = len(shape)
+    cd = channel_dim % nd
+    return bias.reshape((-1,) + (1,) * (nd - cd - 1))
+
+
+# -- autograd binding ----------------------------------------------------------------------------
+class ActivationJetFunction(torch.autograd.Function):
+    """y = φ(x (+ bias on coefficient 0)) as jets; forward and backward are one kernel each."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, bias: Optional[Tensor], kind: str, order: int, p0: float, p1: float,
+                channels: int, inner: int) -> Tensor:
+        y = torch.ops.curvrate_fast_triton.activation_jet_fwd(x, bias, kind, order, p0, p1, channels,
+                                                              inner)
+        ctx.save_for_backward(x, bias)
+        ctx.args = (kind, order, p0, p1, channels, inner)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor):
+        x, bias = ctx.saved_tensors
+        kind, order, p0, p1, channels, inner = ctx.args
+        gx = torch.ops.curvrate_fast_triton.activation_jet_bwd(x, bias, grad_y, kind, order, p0, p1,
+                                                               channels, inner)
+        gb = None
+        if bias is not None and ctx.needs_input_grad[1]:
+            g0 = gx[0].reshape(-1, channels, inner)
+            gb = g0.sum(dim=(0, 2), dtype=torch.float32).to(bias.dtype)
+        return (gx if ctx.needs_input_grad[0] else None), gb, None, None, None, None, None, None
+
+
+def _use_kernel(t: Tensor, order: int) -> bool:
+    return t.dtype in KERNEL_DTYPES and order <= MAX_KERNEL_ORDER and triton_available(t)
+
+
+def activation_jet(c: Tensor, kind: str, order: int, **params) -> Tensor:
+    """The (order+1, *S) jet of the activation ``kind`` of the jet ``c`` (n+1, *S), n ≤ order.
+
+    kind: tanh, sigmoid, gelu (``approximate="tanh"`` → gelu_tanh), gelu_tanh, silu, softplus
+    (``beta``, ``threshold``), relu, leaky_relu (``negative_slope``), identity. Differentiable
+    w.r.t. ``c``. Runs the fused Triton kernels when :func:`triton_available` (CUDA, or
+    ``TRITON_INTERPRET=1``) and the dtype is fp32/fp16/bf16, the reference recurrences otherwise.
+    """
+    kind, p0, p1 = activation_params(kind, params)
+    if c.dim() < 1:
+        raise ValueError("c needs a leading coefficient axis")
+    c = c[: order + 1]
+    if not _use_kernel(c, order):
+        return reference_activation_jet(c, kind, order, p0, p1)
+    ensure_registered()
+    return ActivationJetFunction.apply(c, None, kind, order, p0, p1, 1, 1)
+
+
+def bias_activation_jet(pre: Tensor, bias: Optional[Tensor], kind: Optional[str], order: int,
+                        channel_dim: int = -1, **params) -> Tensor:
+    """(order+1, *S) jet of φ(pre + bias): ``bias`` (C,) is added to coefficient 0 only, broadcast
+    along ``channel_dim`` of the primal shape S (-1 after a linear layer, 1 after a conv);
+    ``kind=None`` is the bias alone. Differentiable w.r.t. ``pre`` and ``bias``; the fused kernel
+    adds the bias in registers (the biased pre-activation is never written)."""
+    kind, p0, p1 = activation_params(kind, params)
+    if pre.dim() < 1:
+        raise ValueError("pre needs a leading coefficient axis")
+    pre = pre[: order + 1]
+    shape = tuple(pre.shape[1:])
+    channels, inner = 1, 1
+    if bias is not None:
+        if len(shape) == 0:
+            raise ValueError("a bias needs a primal of at least one dimension")
+        cd = channel_dim % len(shape)
+        channels = shape[cd]
+        inner = 1
+        for s in shape[cd + 1:]:
+            inner *= int(s)
+        if bias.shape != (channels,):
+            raise ValueError(f"bias must have shape ({channels},) for channel_dim {channel_dim} of a primal of "
+                             f"shape {shape}, got {tuple(bias.shape)}")
+    if not _use_kernel(pre, order) or (bias is not None and bias.dtype == torch.float64):
+        if bias is not None:
+            pre = torch.cat([(pre[0] + _bias_view(bias, shape, channel_dim)).unsqueeze(0), pre[1:]])
+        return reference_activation_jet(pre, kind, order, p0, p1)
+    if bias is not None and bias.device != pre.device:
+        raise ValueError(f"bias is on {bias.device}, pre on {pre.device}")
+    ensure_registered()
+    return ActivationJetFunction.apply(pre, bias, kind, order, p0, p1, channels, inner)
