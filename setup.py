@@ -6,8 +6,10 @@ import os
 from setuptools import find_packages, setup
 
 packages = [p for p in find_packages(include=["curvrate_fast", "curvrate_fast.*"])]
-packages.append("curvrate_fast.triton_kernels")
-package_dir = {"curvrate_fast.triton_kernels": "triton_kernels"}
+packages += ["curvrate_fast.triton_kernels", "curvrate_fast.csrc"]
+package_dir = {"curvrate_fast.triton_kernels": "triton_kernels", "curvrate_fast.csrc": "csrc"}
+# csrc/ ships inside the package so the cpp backend can be built on first use (cpp_backend.py)
+package_data = {"curvrate_fast.csrc": ["*.cpp"]}
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("CURVRATE_BUILD_CPP", "0") == "1":
@@ -25,6 +27,7 @@ setup(
     python_requires=">=3.9",
     packages=packages,
     package_dir=package_dir,
+    package_data=package_data,
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton>=3.0"],

@@ -37,12 +37,27 @@ def use_triton(x: torch.Tensor, order: int) -> bool:
     return x.is_cuda and triton_available(x) and order <= 6
 
 
+def use_cpp(x: torch.Tensor, order: int) -> bool:
+    """Whether the C++ CPU kernels should run: forced by backend="cpp" (built on first use), or
+    under "auto" for CPU tensors when they are already built (nothing is compiled implicitly)."""
+    backend = registry.settings.backend
+    if x.device.type != "cpu" or backend not in ("cpp", "auto"):
+        return False
+    from .. import cpp_backend
+    if order > cpp_backend.MAX_ORDER or x.dtype not in (torch.float32, torch.float64):
+        return False
+    return cpp_backend.available(build_if_missing=(backend == "cpp"))
+
+
 def activation(x, kind: str, **params):
     """The jet of an elementwise activation of the jet ``x`` through the best backend."""
     K = x._order
     if kind in _FUSED_KINDS and use_triton(x._coeffs, K):
         from ..functions import activation_jet
         return make_jet(activation_jet(x._coeffs, kind, K, **params), K)
+    if kind in KINDS and use_cpp(x._coeffs, K):
+        from ..cpp_backend import activation_jet_cpp
+        return make_jet(activation_jet_cpp(x._coeffs, kind, K, **params), K)
     if kind in KINDS:
         return make_jet(activation_jet_reference(x._coeffs, kind, K, **params), K)
     raise ValueError(f"unknown activation {kind!r}")
