@@ -33,22 +33,57 @@ class RuleMissingError(JetError):
 class JetTensor(torch.Tensor):
     """A Taylor jet that behaves as its primal tensor inside ordinary PyTorch code."""
 
-    _coeffs: Tensor
+    _data: Tensor
     _order: int
     _is_view: bool
+    _pending: Optional[tuple]
 
     @staticmethod
-    def __new__(cls, coeffs: Tensor, order: int, is_view: bool = False):
+    def __new__(cls, coeffs: Tensor, order: int, is_view: bool = False,
+                pending_bias: Optional[Tuple[Tensor, int]] = None):
         if coeffs.dim() < 1 or coeffs.shape[0] < 1:
             raise ValueError("jet coefficients need a leading coefficient axis of length ≥ 1")
         if coeffs.shape[0] > order + 1:
             coeffs = coeffs[: order + 1]
         r = torch.Tensor._make_wrapper_subclass(
             cls, coeffs.shape[1:], dtype=coeffs.dtype, device=coeffs.device, requires_grad=False)
-        r._coeffs = coeffs
+        r._data = coeffs
         r._order = int(order)
         r._is_view = is_view
+        # (bias, channel_dim, shared): a bias still to be added to coefficient 0. A linear or conv
+        # rule on the Triton path leaves it pending so that a following activation can add it
+        # inside its fused kernel; any other reader materializes it here.
+        r._pending = None if pending_bias is None else (pending_bias[0], pending_bias[1], False)
         return r
+
+    @property
+    def _coeffs(self) -> Tensor:
+        if self._pending is not None:
+            bias, channel_dim, shared = self._pending
+            self._pending = None
+            d = self._data
+            nd = d.dim() - 1
+            cd = channel_dim % nd
+            b = bias.reshape((-1,) + (1,) * (nd - cd - 1))
+            if shared:  # a fused kernel saved the raw data for its backward: do not modify it
+                self._data = torch.cat([(d[0] + b).unsqueeze(0), d[1:]])
+            else:       # a fresh GEMM/conv output nobody else holds: add in place
+                d.select(0, 0).add_(b)
+        return self._data
+
+    @_coeffs.setter
+    def _coeffs(self, value: Tensor) -> None:
+        self._data = value
+        self._pending = None
+
+    def take_pending_bias(self) -> Optional[Tuple[Tensor, Tensor, int]]:
+        """(raw coefficients, bias, channel_dim) for a fused bias+activation kernel, or None.
+        The raw tensor is marked shared, so a later materialization copies instead of writing."""
+        if self._pending is None:
+            return None
+        bias, channel_dim, _ = self._pending
+        self._pending = (bias, channel_dim, True)
+        return self._data, bias, channel_dim
 
     # -- access -------------------------------------------------------------------------------
     @property

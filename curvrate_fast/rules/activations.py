@@ -52,6 +52,12 @@ def use_cpp(x: torch.Tensor, order: int) -> bool:
 def activation(x, kind: str, **params):
     """The jet of an elementwise activation of the jet ``x`` through the best backend."""
     K = x._order
+    pending = x.take_pending_bias() if kind in _FUSED_KINDS and x._pending is not None else None
+    if pending is not None:
+        if use_triton(pending[0], K):  # linear/conv + activation epilogue in one kernel
+            from ..functions import bias_activation_jet
+            raw, bias, channel_dim = pending
+            return make_jet(bias_activation_jet(raw, bias, kind, K, channel_dim, **params), K)
     if kind in _FUSED_KINDS and use_triton(x._coeffs, K):
         from ..functions import activation_jet
         return make_jet(activation_jet(x._coeffs, kind, K, **params), K)

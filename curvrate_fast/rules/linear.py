@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..jets.registry import register
-from ._common import aliases, cauchy_op, is_jet, make_jet, order_of, per_coefficient
+from ._common import JetTensor, aliases, cauchy_op, is_jet, make_jet, order_of, per_coefficient
+from .activations import use_triton
 
 
 def _add_bias0(y: Tensor, bias: Optional[Tensor], view_shape=None) -> Tensor:
@@ -32,7 +33,10 @@ def linear(input, weight, bias=None):
         y = make_jet(cauchy_op(lambda a, w: F.linear(a, w), input, weight, K), K)
         return y + bias if bias is not None else y
     # (n+1, *, in) rows through one GEMM; an unbatched (in,) input stacks to (n+1, in) rows.
-    return make_jet(_add_bias0(F.linear(input._coeffs, weight), bias), K)
+    out = F.linear(input._coeffs, weight)
+    if bias is not None and use_triton(out, K):  # a following activation fuses the bias add
+        return JetTensor(out, K, pending_bias=(bias, -1))
+    return make_jet(_add_bias0(out, bias), K)
 
 
 def _matmul_one_jet(op, a, b, K):
@@ -101,6 +105,8 @@ def _conv_rule(conv_fn, transposed: bool, nd: int):
         flat = c.reshape((n1 * c.shape[1],) + tuple(c.shape[2:])) if batched else c
         out = conv_fn(flat, weight, None, *args, **kwargs)
         out = out.reshape((n1, c.shape[1]) + tuple(out.shape[1:])) if batched else out
+        if bias is not None and use_triton(out, K):  # a following activation fuses the bias add
+            return JetTensor(out, K, pending_bias=(bias, 1 if batched else 0))
         return make_jet(_add_bias0(out, bias, (-1,) + (1,) * nd), K)
     rule.__doc__ = (f"Jet of {conv_fn.__name__}: every stored coefficient through one convolution "
                     "(stacked on the batch axis), bias on coefficient 0 (SPEC.md §2, linear maps).")
