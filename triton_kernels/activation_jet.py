@@ -24,7 +24,7 @@ jet g of φ'(u) with the same recurrences (for tanh g = z, for sigmoid g = w, fo
 for SiLU g = σ + u·w, for GELU g = Φ + u·ϕ, for tanh-GELU g = ½(1 + tanh v) + ½u(1 − tanh² v)v',
 for the piecewise-linear ones g = (mask, 0, ..., 0)), so nothing but the input is saved.
 
-Accuracy (fp32, no libdevice): tanh(x) = sign(x)(1 − e^{−2|x|})/(1 + e^{−2|x|}) with an odd Taylor
+Accuracy (fp32, without tl.extra.libdevice): tanh(x) = sign(x)(1 − e^{−2|x|})/(1 + e^{−2|x|}) with an odd Taylor
 polynomial for |x| < 0.125 (no cancellation), 1 − tanh² = 4e/(1 + e)², σ and σ(1 − σ) from e^{−|x|},
 log1p by the Goldberg trick, erf by ``tl.erf`` (libdevice ``erff`` on CUDA, ``math.erf`` in the
 interpreter).
@@ -65,7 +65,9 @@ def _configs():
 
 FWD_CONFIGS = _configs()
 BWD_CONFIGS = _configs()
-_AUTOTUNE_KEY = ["ACT", "K", "NU", "HAS_BIAS"]
+# tuned once per activation, order, stored length, bias flag, dtypes and size bucket (log2 of N,
+# passed as the otherwise unused, unspecialized argument N_BUCKET)
+_AUTOTUNE_KEY = ["ACT", "K", "NU", "HAS_BIAS", "N_BUCKET"]
 
 
 # -- scalar helpers (fp32) -----------------------------------------------------------------------
@@ -300,8 +302,8 @@ def _load_input_jet(x_ptr, b_ptr, sx, offs, mask, C, INNER, K: tl.constexpr, NU:
 
 
 @triton.autotune(configs=FWD_CONFIGS, key=_AUTOTUNE_KEY)
-@triton.jit
-def activation_jet_fwd_kernel(x_ptr, b_ptr, y_ptr, N, sx, sy, C, INNER, p0, p1,
+@triton.jit(do_not_specialize=["N_BUCKET"])
+def activation_jet_fwd_kernel(x_ptr, b_ptr, y_ptr, N, sx, sy, C, INNER, p0, p1, N_BUCKET,
                               ACT: tl.constexpr, K: tl.constexpr, NU: tl.constexpr,
                               HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """y = φ(u) as jets: reads the NU stored rows of x (+ bias on row 0), writes K+1 rows of y.
@@ -323,8 +325,8 @@ def activation_jet_fwd_kernel(x_ptr, b_ptr, y_ptr, N, sx, sy, C, INNER, p0, p1,
 
 
 @triton.autotune(configs=BWD_CONFIGS, key=_AUTOTUNE_KEY)
-@triton.jit
-def activation_jet_bwd_kernel(x_ptr, b_ptr, gy_ptr, gx_ptr, N, sx, sgy, sgx, C, INNER, p0, p1,
+@triton.jit(do_not_specialize=["N_BUCKET"])
+def activation_jet_bwd_kernel(x_ptr, b_ptr, gy_ptr, gx_ptr, N, sx, sgy, sgx, C, INNER, p0, p1, N_BUCKET,
                               ACT: tl.constexpr, K: tl.constexpr, NU: tl.constexpr,
                               HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """Gradient of the activation jet: ∂L/∂u_j = Σ_{k=j..K} (∂L/∂y_k)·g_{k−j}, j < NU.
@@ -360,6 +362,11 @@ def activation_code(kind: str) -> int:
         raise ValueError(f"unknown activation {kind!r}; the fused kernel supports {sorted(ACTIVATIONS)}") from None
 
 
+def _bucket(n: int) -> int:
+    """Autotuning size bucket: ⌈log2 n⌉."""
+    return max(int(n) - 1, 0).bit_length()
+
+
 def _as_rows(t: torch.Tensor, name: str) -> torch.Tensor:
     """View (R, *S) as (R, N) with unit column stride (copies only when it must)."""
     if t.dim() < 1:
@@ -367,6 +374,21 @@ def _as_rows(t: torch.Tensor, name: str) -> torch.Tensor:
     r = t.reshape(t.shape[0], -1)
     if r.shape[1] > 1 and r.stride(1) != 1:
         r = r.contiguous()
+    return r
+
+
+def _out_rows(out: torch.Tensor, shape, like: torch.Tensor, name: str) -> torch.Tensor:
+    """A caller-supplied output: right shape/dtype/device and viewable as rows with unit column
+    stride (any row stride), so the kernel writes straight into it."""
+    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(f"{name} must be a {like.dtype} tensor of shape {tuple(shape)} on {like.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+    try:
+        r = out.view(shape[0], -1)
+    except RuntimeError:
+        raise ValueError(f"{name} must be viewable as ({shape[0]}, N) rows") from None
+    if r.shape[1] > 1 and r.stride(1) != 1:
+        raise ValueError(f"{name} must have unit stride within a coefficient")
     return r
 
 
@@ -387,20 +409,26 @@ def _check(x: torch.Tensor, order: int, bias: Optional[torch.Tensor], channels: 
 
 
 def activation_jet_fwd(x: torch.Tensor, order: int, kind: str, p0: float = 0.0, p1: float = 0.0,
-                       bias: Optional[torch.Tensor] = None, channels: int = 1, inner: int = 1) -> torch.Tensor:
+                       bias: Optional[torch.Tensor] = None, channels: int = 1, inner: int = 1,
+                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Launch the forward kernel: x (n+1, *S), n+1 ≤ order+1 stored coefficients → (order+1, *S).
 
-    ``bias`` (C,) is added to coefficient 0 at channel (flat index // inner) % channels.
+    ``bias`` (C,) is added to coefficient 0 at channel (flat index // inner) % channels. ``out``:
+    an optional (order+1, *S) destination (tests pass NaN-poisoned buffers).
     """
     _check(x, order, bias, channels, inner)
     x = x[: order + 1]
     nu = x.shape[0]
     x2 = _as_rows(x, "x")
     N = x2.shape[1]
-    y = torch.empty((order + 1,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    shape = (order + 1,) + tuple(x.shape[1:])
+    if out is None:
+        y = torch.empty(shape, dtype=x.dtype, device=x.device)
+        y2 = y.view(order + 1, N)
+    else:
+        y, y2 = out, _out_rows(out, shape, x, "out")
     if N == 0:
         return y
-    y2 = y.view(order + 1, N)
     b = bias.contiguous() if bias is not None else x2  # dummy pointer when HAS_BIAS is False
 
     def grid(meta):
@@ -408,14 +436,14 @@ def activation_jet_fwd(x: torch.Tensor, order: int, kind: str, p0: float = 0.0, 
 
     wrap_triton(activation_jet_fwd_kernel)[grid](
         x_ptr=x2, b_ptr=b, y_ptr=y2, N=N, sx=x2.stride(0), sy=y2.stride(0), C=channels, INNER=inner,
-        p0=float(p0), p1=float(p1), ACT=activation_code(kind), K=order, NU=nu,
+        p0=float(p0), p1=float(p1), N_BUCKET=_bucket(N), ACT=activation_code(kind), K=order, NU=nu,
         HAS_BIAS=bias is not None)
     return y
 
 
 def activation_jet_bwd(x: torch.Tensor, grad_y: torch.Tensor, order: int, kind: str, p0: float = 0.0,
                        p1: float = 0.0, bias: Optional[torch.Tensor] = None, channels: int = 1,
-                       inner: int = 1) -> torch.Tensor:
+                       inner: int = 1, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Launch the backward kernel: the gradient (n+1, *S) w.r.t. the n+1 stored input coefficients
     (w.r.t. x + bias for row 0) given grad_y (order+1, *S)."""
     _check(x, order, bias, channels, inner)
@@ -426,10 +454,13 @@ def activation_jet_bwd(x: torch.Tensor, grad_y: torch.Tensor, order: int, kind: 
     x2 = _as_rows(x, "x")
     gy2 = _as_rows(grad_y, "grad_y")
     N = x2.shape[1]
-    gx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out is None:
+        gx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        gx2 = gx.view(nu, N)
+    else:
+        gx, gx2 = out, _out_rows(out, tuple(x.shape), x, "out")
     if N == 0:
         return gx
-    gx2 = gx.view(nu, N)
     b = bias.contiguous() if bias is not None else x2
 
     def grid(meta):
@@ -437,6 +468,6 @@ def activation_jet_bwd(x: torch.Tensor, grad_y: torch.Tensor, order: int, kind: 
 
     wrap_triton(activation_jet_bwd_kernel)[grid](
         x_ptr=x2, b_ptr=b, gy_ptr=gy2, gx_ptr=gx2, N=N, sx=x2.stride(0), sgy=gy2.stride(0),
-        sgx=gx2.stride(0), C=channels, INNER=inner, p0=float(p0), p1=float(p1),
+        sgx=gx2.stride(0), C=channels, INNER=inner, p0=float(p0), p1=float(p1), N_BUCKET=_bucket(N),
         ACT=activation_code(kind), K=order, NU=nu, HAS_BIAS=bias is not None)
     return gx

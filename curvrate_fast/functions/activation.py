@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import series as S
+from ..activation_jet import activation_jet_reference
 from ._backend import KERNEL_DTYPES, triton_available
 from ._ops import ensure_registered
 
@@ -69,29 +70,14 @@ def _pad(out: List[Tensor], order: int, like: Tensor) -> Tensor:
 
 
 def reference_activation_jet(c: Tensor, kind: str, order: int, p0: float = 0.0, p1: float = 0.0) -> Tensor:
-    """The jet of ``kind`` by the recurrences of :mod:`curvrate_fast.series` (SPEC.md §2)."""
-    u = list(c[: order + 1].unbind(0))
-    if kind == "tanh":
-        out = S.tanh(u, order)
-    elif kind == "sigmoid":
-        out = S.sigmoid(u, order)
-    elif kind == "gelu":
-        out = S.gelu(u, order)
-    elif kind == "gelu_tanh":
-        out = S.gelu_tanh(u, order)
-    elif kind == "silu":
-        out = S.silu(u, order)
-    elif kind == "softplus":
-        out = S.softplus(u, order, p0, p1)
-    elif kind == "relu":
-        out = [F.relu(u[0])] + S.mask_select(u, u[0] > 0, order, 0.0)
-    elif kind == "leaky_relu":
-        out = [F.leaky_relu(u[0], p0)] + S.mask_select(u, u[0] > 0, order, p0)
-    elif kind == "identity":
-        out = u
-    else:
-        raise ValueError(f"unknown activation {kind!r}")
-    return _pad(out, order, u[0])
+    """The jet of ``kind`` by the recurrences of :mod:`curvrate_fast.series` (SPEC.md §2), with the
+    Toeplitz backward of :mod:`curvrate_fast.activation_jet` (the engine's reference path)."""
+    c = c[: order + 1]
+    if kind == "identity":
+        return _pad(list(c.unbind(0)), order, c[0])
+    params = ({"beta": p0, "threshold": p1} if kind == "softplus" else
+              {"negative_slope": p0} if kind == "leaky_relu" else {})
+    return activation_jet_reference(c, kind, order, **params)
 
 
 def _bias_view(bias: Tensor, shape, channel_dim: int) -> Tensor:
