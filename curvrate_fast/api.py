@@ -11,7 +11,7 @@ from torch import Tensor
 
 from . import rules  # noqa: F401  (registers every rule)
 from .jets.registry import engine_settings
-from .jets.tensor import JetError, JetTensor, is_jet, pad_coeffs
+from .jets.tensor import JetTensor, is_jet, pad_coeffs
 
 __all__ = ["jet", "directional_derivatives", "loss_directional_derivatives", "input_jet"]
 

@@ -1,5 +1,4 @@
 """Each Taylor rule alone against the float64 nested-autograd oracle, orders 1..6 (SPEC.md §2)."""
-import math
 
 import pytest
 import torch

@@ -12,11 +12,9 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .. import series as S
 from ..activation_jet import activation_jet_reference
 from ._backend import KERNEL_DTYPES, triton_available
 from ._ops import ensure_registered

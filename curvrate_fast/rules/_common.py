@@ -1,7 +1,7 @@
 """Helpers shared by the Taylor rules."""
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Sequence
 
 import torch
 from torch import Tensor

@@ -6,8 +6,6 @@ On CUDA tensors (or when the Triton backend is forced) the fused one-pass kernel
 """
 from __future__ import annotations
 
-import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

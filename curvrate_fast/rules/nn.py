@@ -3,7 +3,6 @@ binary cross-entropy with logits (SPEC.md §2: per-sample cross-entropy ℓ = lo
 the max shift, exp jet, class sum, log jet and subtraction of the target's jet)."""
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +10,7 @@ from torch import Tensor
 
 from .. import series as S
 from ..jets.registry import register
-from ._common import JetError, aliases, is_jet, make_jet, primal
+from ._common import aliases, is_jet, make_jet, primal
 from .activations import use_triton
 from .reductions import logsumexp_coeffs
 

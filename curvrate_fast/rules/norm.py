@@ -15,7 +15,7 @@ from torch import Tensor
 from .. import series as S
 from ..jets.registry import register
 from ..jets.tensor import JetError
-from ._common import is_jet, make_jet, primal
+from ._common import is_jet, make_jet
 
 
 class SampleMixingError(JetError, ValueError):

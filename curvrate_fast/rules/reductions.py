@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import series as S
 from ..jets.registry import register
-from ._common import aliases, is_jet, make_jet, per_coefficient, primal
+from ._common import aliases, is_jet, make_jet
 
 
 def _dims(input, dim):

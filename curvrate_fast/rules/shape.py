@@ -118,7 +118,7 @@ def setitem(input, idx, value):
                        "build the tensor out of place (torch.cat, torch.where, torch.stack)")
     if input._is_view:
         raise JetError("item assignment into a view of a jet would not reach the tensor it views")
-    K = order_of(input, value)
+    order_of(input, value)  # raises for jets of different orders
     idx = primals(idx)
     c = input._coeffs
     vc = value._coeffs if is_jet(value) else torch.as_tensor(value, dtype=c.dtype, device=c.device).unsqueeze(0)
