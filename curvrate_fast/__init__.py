@@ -13,6 +13,13 @@ from .api import directional_derivatives, input_jet, jet, loss_directional_deriv
 from .jets import (JetError, JetTensor, OpReport, RuleMissingError, engine_settings, register,
                    track_ops)
 from .rules import SampleMixingError
+from .calibration import expected_calibration_error, hard_fraction_accuracy, reliability_bins
+from .crr import CRRLoss, crr_penalty
+from .curvature import (Band, BandSelection, CurvatureRate, CurvatureWarning, band_indices,
+                        curvature_rate, estimate_from_derivatives, ols_slope, select_band)
+from .directions import normalize_directions, polarization, sample_directions
+from .tracking import LambdaTracker
+from . import compat
 
 __version__ = "0.1.0"
 
@@ -20,4 +27,10 @@ __all__ = [
     "jet", "directional_derivatives", "loss_directional_derivatives", "input_jet",
     "JetTensor", "JetError", "RuleMissingError", "SampleMixingError", "OpReport", "track_ops",
     "engine_settings", "register", "__version__",
+]
+__all__ += [
+    "curvature_rate", "CurvatureRate", "CurvatureWarning", "estimate_from_derivatives", "ols_slope",
+    "select_band", "band_indices", "Band", "BandSelection", "crr_penalty", "CRRLoss",
+    "sample_directions", "normalize_directions", "polarization", "expected_calibration_error",
+    "hard_fraction_accuracy", "reliability_bins", "LambdaTracker", "compat",
 ]

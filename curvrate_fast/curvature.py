@@ -11,7 +11,9 @@ Three estimators, exactly as SPEC.md §3 defines them:
 **A, "slope"** (paper: Two Moons and MNIST global λ). Over all samples × directions,
 y_n = mean log(max(|d_n|, 1e-12)), and λ is the ordinary least-squares slope of y_n on n; for
 n = 1..4 that is λ = (−3y_1 − y_2 + y_3 + 3y_4)/10. No sample is dropped. Values at the 1e-12 clamp
-are kept (as the paper does) and reported with a :class:`CurvatureWarning`.
+are kept (as the paper does) and counted in ``extra["n_clamped"]``; when every value of an order is
+clamped (a loss that is polynomial along the directions, e.g. linear) a :class:`CurvatureWarning`
+says that λ then measures the clamp.
 
 **B, "log_ratio"** (paper Table 2). Every (direction, sample) pair with |d_1| > 1e-8 gives
 λ_{k,b} = mean_{n=1..N−1} log(|d_{n+1}| / (|d_n| + 1e-12) + 1e-12); pairs with |d_1| ≤ 1e-8 are
@@ -120,6 +122,8 @@ class CurvatureRate:
     - ``derivatives``: the d_n (or f_n) themselves, shape (N, K, B), float64, detached
     - settings: ``estimator``, ``max_order``, ``n_dirs``, ``normalize``, ``band``,
       ``band_fallback``, ``indices`` (the samples of x that were used, None = all)
+    - ``extra``: ``n_clamped`` (A, B: values |d_n| ≤ 1e-12 that met the clamp/ε), ``n_dropped``
+      (C: (order, direction, sample) values excluded by the validity mask), ``n_in_band``
     """
 
     value: float
@@ -215,22 +219,19 @@ def _estimate_slope(a: Tensor):
     N, K, B = a.shape
     _require_finite(a, "slope")
     clamped = a <= LOG_CLAMP
-    if bool(clamped.any()):
-        orders = sorted({int(i) + 1 for i in clamped.nonzero()[:, 0].tolist()})
-        whole = [n for n in orders if bool(clamped[n - 1].all())]
-        msg = (f"estimator 'slope': {int(clamped.sum())} of {clamped.numel()} values |d_n| ≤ 1e-12 "
-               f"(orders {orders}) were clamped to 1e-12 before the log, as the paper does")
-        if whole:
-            msg += (f"; every value of order(s) {whole} is zero, so the model's loss is polynomial "
-                    "(e.g. linear) along these directions and λ reflects the clamp, not curvature")
-        warnings.warn(msg, CurvatureWarning, stacklevel=4)
+    whole = [n + 1 for n in range(N) if bool(clamped[n].all())]
+    if whole:
+        warnings.warn(f"estimator 'slope': every value of order(s) {whole} is |d_n| ≤ 1e-12 and was "
+                      "clamped to 1e-12 before the log (as the paper does): the loss is polynomial "
+                      "(e.g. linear) along these directions, so λ reflects the clamp, not curvature",
+                      CurvatureWarning, stacklevel=4)
     L = torch.log(a.clamp_min(LOG_CLAMP))
     log_norms = L.mean(dim=(1, 2))
     value = float(ols_slope(log_norms))
     per_direction = ols_slope(L.mean(dim=2).transpose(0, 1))
     per_sample = ols_slope(L.mean(dim=1).transpose(0, 1))
     valid = torch.ones(K, B, dtype=torch.bool)
-    return value, log_norms, per_sample, per_direction, valid, B
+    return value, log_norms, per_sample, per_direction, valid, B, int(clamped.sum())
 
 
 def _estimate_log_ratio(a: Tensor):
@@ -253,9 +254,17 @@ def _estimate_log_ratio(a: Tensor):
         value = float("nan")
         log_norms = torch.full((N,), float("nan"), dtype=a.dtype)
     else:
+        zero = (a[1:] <= LOG_CLAMP) | ~keep
+        whole = [n + 2 for n in range(N - 1) if bool(zero[n].all())]
+        if whole:
+            warnings.warn(f"estimator 'log_ratio': every kept value of order(s) {whole} is |d_n| ≤ "
+                          "1e-12, so those log ratios are set by the 1e-12 ε, not by curvature (the "
+                          "loss is polynomial, e.g. linear, along these directions)",
+                          CurvatureWarning, stacklevel=4)
         value = float(lam[keep].mean())
         log_norms = (L * kf).sum(dim=(1, 2)) / n_keep
-    return value, log_norms, per_sample, per_direction, keep, int(keep.any(0).sum())
+    return (value, log_norms, per_sample, per_direction, keep, int(keep.any(0).sum()),
+            int(((a <= LOG_CLAMP) & keep).sum()))
 
 
 def _estimate_per_direction(a: Tensor):
@@ -294,7 +303,8 @@ def _estimate_per_direction(a: Tensor):
         value = float(per_direction[good].mean())
     log_norms = torch.nanmean(ys, dim=1)
     valid = V[0]
-    return value, log_norms, per_sample, per_direction, valid, int(valid.any(0).sum())
+    return (value, log_norms, per_sample, per_direction, valid, int(valid.any(0).sum()),
+            int((~V).sum()))
 
 
 _IMPL = {"slope": _estimate_slope, "log_ratio": _estimate_log_ratio,
@@ -317,11 +327,12 @@ def estimate_from_derivatives(derivatives: Tensor, estimator: str = "slope", *,
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     a = _as_ndb(derivatives).abs()
-    value, log_norms, per_sample, per_direction, valid, n_samples = _IMPL[estimator](a)
+    value, log_norms, per_sample, per_direction, valid, n_samples, n_low = _IMPL[estimator](a)
     return CurvatureRate(value=value, log_norms=log_norms, per_sample=per_sample,
                          per_direction=per_direction, std=_std(per_direction), n_samples=n_samples,
                          valid=valid, derivatives=_as_ndb(derivatives), estimator=estimator,
-                         max_order=a.shape[0], n_dirs=a.shape[1], normalize=normalize)
+                         max_order=a.shape[0], n_dirs=a.shape[1], normalize=normalize,
+                         extra={"n_clamped" if estimator != "per_direction" else "n_dropped": n_low})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ derivatives (SPEC.md §4):
 With normalized Taylor coefficients f_n(w) = Dⁿf[wⁿ]/n! this reads
 Dⁿf[u_1,…,u_n] = Σ_ε c_ε · f_n(w_ε) with c_ε = Π ε_i / 2^{n−1}, w_ε = u_1 + Σ ε_i u_{i+1}.
 :func:`polarization` returns the 2^{n−1} directions w_ε and the weights c_ε; all of them are rows of
-one batched jet pass. This is how ``crr_penalty(directions="per_order")`` reproduces the notebooks'
+one batched jet pass. The same rows also give every lower mixed derivative Dᵐf[u_1,…,u_m], m < n
+(weights Π_{i<m} ε_i / 2^{n−1}), so the orders 1..n of the notebooks' loop need 2^{n−1} rows in all. This is how ``crr_penalty(directions="per_order")`` reproduces the notebooks'
 fresh direction at every order (nested ``grad`` of ⟨grad, u_1⟩, then ⟨·, u_2⟩, …) exactly.
 
 Example::
@@ -33,7 +34,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["DIRECTION_EPS", "normalize_directions", "sample_directions", "check_directions",
-           "polarization"]
+           "polarization", "polarization_weights"]
 
 #: the ε in u = g / (‖g‖₂ + ε) (SPEC.md §1, the reference code's value)
 DIRECTION_EPS = 1e-12
@@ -59,7 +60,8 @@ def sample_directions(x: Tensor, n_dirs: int = 1, *, generator: Optional[torch.G
 
     Each set is one ``torch.randn(x.shape)`` call (with ``generator`` if given, else the global
     RNG), normalized per sample: u_b = g_b / (‖g_b‖₂ + 1e-12) (SPEC.md §1). ``dtype`` defaults to
-    ``x.dtype``.
+    ``x.dtype``. The numbers are drawn on the generator's device (a CPU generator works for CUDA
+    inputs) and moved to ``x.device``.
 
     Example::
 
@@ -71,15 +73,22 @@ def sample_directions(x: Tensor, n_dirs: int = 1, *, generator: Optional[torch.G
     if not isinstance(x, Tensor) or x.dim() < 1:
         raise ValueError("x must be a tensor with a batch dimension")
     dtype = dtype or (x.dtype if x.is_floating_point() else torch.get_default_dtype())
-    out = [torch.randn(tuple(x.shape), generator=generator, dtype=dtype, device=x.device)
+    dev = generator.device if generator is not None else x.device
+    out = [torch.randn(tuple(x.shape), generator=generator, dtype=dtype, device=dev)
            for _ in range(n_dirs)]
-    return normalize_directions(torch.stack(out), batch_dims=2)
+    return normalize_directions(torch.stack(out), batch_dims=2).to(x.device)
 
 
 def check_directions(u: Tensor, x: Tensor, *, name: str = "directions") -> Tensor:
     """Validate user-given directions: shape ``x.shape`` or ``(D, *x.shape)``, finite, and no
     sample with a zero direction (a zero direction gives zero derivatives of every order and
-    log 0 = −∞ in λ). Returns ``u`` as ``(D, *x.shape)`` in ``x``'s dtype and device."""
+    log 0 = −∞ in λ). Returns ``u`` as ``(D, *x.shape)`` in ``x``'s dtype and device.
+
+    Example::
+
+        >>> check_directions(torch.randn(8, 2), torch.randn(8, 2)).shape
+        torch.Size([1, 8, 2])
+    """
     if not isinstance(u, Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(u).__name__}")
     if tuple(u.shape) == tuple(x.shape):
@@ -100,22 +109,29 @@ def check_directions(u: Tensor, x: Tensor, *, name: str = "directions") -> Tenso
     return u
 
 
-def polarization(us: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
+def polarization(us: Sequence[Tensor], order: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """Directions and weights that turn pure-direction jets into the mixed derivative
-    Dⁿf[u_1,…,u_n] (SPEC.md §4).
+    Dᵐf[u_1,…,u_m] (SPEC.md §4), for every m ≤ n from the same 2^{n−1} directions.
 
-    Returns ``W`` of shape ``(2^{n−1}, *u.shape)`` with W_ε = u_1 + Σ_i ε_i u_{i+1}, and ``c`` of
-    shape ``(2^{n−1},)`` with c_ε = Π_i ε_i / 2^{n−1}, such that
+    Returns ``W`` of shape ``(2^{n−1}, *u.shape)`` with W_ε = u_1 + Σ_{i=2..n} ε_i u_i, and ``c`` of
+    shape ``(2^{n−1},)`` with c_ε = Π_{i=2..m} ε_i / 2^{n−1} (m = ``order``, default n), such that
 
-        Dⁿf[u_1,…,u_n] = Σ_ε c_ε · f_n(W_ε),   f_n(w) = Dⁿf[wⁿ] / n!  (normalized coefficient).
+        Dᵐf[u_1,…,u_m] = Σ_ε c_ε · f_m(W_ε),   f_m(w) = Dᵐf[wᵐ] / m!  (normalized coefficient).
 
-    ε runs over {±1}^{n−1} in ``itertools.product((1, -1), ...)`` order.
+    For m = n this is SPEC.md §4's formula. For m < n it holds because averaging
+    Π_{i=2..m} ε_i · Dᵐf[W_εᵐ] over all ε ∈ {±1}^{n−1} keeps only the multinomial terms in which
+    u_2..u_m appear an odd number of times and u_{m+1}..u_n an even number; with m slots in total
+    the only such term is m!·Dᵐf[u_1,…,u_m]. So the lower orders of the notebooks' loop (which
+    share u_1..u_m with the top order) cost no extra jets: orders 1..n need 2^{n−1} rows in all
+    (orders 2–3: 4 rows per sample, 1–4: 8). ε runs over {±1}^{n−1} in
+    ``itertools.product((1, -1), ...)`` order.
 
     Example::
 
         >>> W, c = polarization([u1, u2])        # W = [u1 + u2, u1 − u2], c = [1/2, −1/2]
         >>> f = curvrate_fast.jet(g, x.expand(2, *x.shape), W, order=2)[2]
         >>> mixed = (c[:, None] * f).sum(0)       # D²g[u1, u2]
+        >>> _, c1 = polarization([u1, u2], order=1)   # [1/2, 1/2]: Dg[u1] from the same rows
     """
     us = list(us)
     n = len(us)
@@ -125,19 +141,35 @@ def polarization(us: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
     for u in us[1:]:
         if u.shape != ref.shape:
             raise ValueError("all directions must have one shape")
-    signs = list(itertools.product((1.0, -1.0), repeat=n - 1))
     W: List[Tensor] = []
-    c: List[float] = []
-    for eps in signs:
+    for eps in itertools.product((1.0, -1.0), repeat=n - 1):
         w = ref
         for e, u in zip(eps, us[1:]):
             w = w + u if e > 0 else w - u
         W.append(w)
+    return torch.stack(W), polarization_weights(n, order, dtype=ref.dtype, device=ref.device)
+
+
+def polarization_weights(n: int, order: Optional[int] = None, *, dtype: torch.dtype = torch.float64,
+                         device: Optional[torch.device] = None) -> Tensor:
+    """The weights c_ε = Π_{i=2..m} ε_i / 2^{n−1} of :func:`polarization` (m = ``order``, default
+    n) for the 2^{n−1} rows W_ε, without building the rows.
+
+    Example::
+
+        >>> polarization_weights(3, order=2)
+        tensor([ 0.2500,  0.2500, -0.2500, -0.2500], dtype=torch.float64)
+    """
+    m = n if order is None else order
+    if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= n:
+        raise ValueError(f"order must be an int in 1..{n}, got {order!r}")
+    c = []
+    for eps in itertools.product((1.0, -1.0), repeat=n - 1):
         prod = 1.0
-        for e in eps:
+        for e in eps[: m - 1]:
             prod *= e
         c.append(prod / 2.0 ** (n - 1))
-    return torch.stack(W), torch.tensor(c, dtype=ref.dtype, device=ref.device)
+    return torch.tensor(c, dtype=dtype, device=device)
 
 
 def _check_positive_int(name: str, v) -> int:

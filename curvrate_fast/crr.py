@@ -1,0 +1,341 @@
+r"""Curvature Rate Regularization (CRR), SPEC.md §4.
+
+R = scale · reduce_{n ∈ orders} [ mean_k mean_b |d_n[k, b]| ],
+
+an L1 penalty on the directional derivatives d_n = Dⁿℓ_b(x_b)[u, …, u] of the per-sample loss with
+respect to the input (absolute value, not squared, no n!), averaged over the batch (or a random
+subset of it) and over ``n_dirs`` directions per sample; ``reduce`` is the mean over orders (the
+paper's notebooks) or the sum (the ``flatgrad`` package). The training loss is CE_mean + R and R is
+backpropagated to the parameters: everything here is differentiable, computed in ONE batched
+Taylor-mode pass over all directions (SPEC.md §2), with only first-order backward.
+
+Directions (SPEC.md §4 table):
+
+- ``"fixed"``: one direction per sample (and per k), the same at every order: d_n = Dⁿℓ[uⁿ]
+  (MNIST vs SAM, Table 2; ``flatgrad.compute_lambda_regularizer``).
+- ``"per_order"``: a fresh direction at every order, as the notebooks' nested loop does
+  (g_1 = ∇ℓ, d_1 = ⟨g_1, u_1⟩, g_2 = ∇Σd_1, d_2 = ⟨g_2, u_2⟩, …), i.e. the mixed derivative
+  d_n = Dⁿℓ[u_1, …, u_n] (Two Moons, MNIST sweep). It is computed exactly by polarization
+  (:func:`curvrate_fast.directions.polarization`) from 2^{N−1} pure-direction jets along
+  u_1 ± u_2 ± … ± u_N (N the highest order), which give every lower order too; all are rows of the
+  same batched pass (orders 2–3: 4 rows per sample and direction set; 1–4: 8).
+
+Example::
+
+    >>> crit = curvrate_fast.CRRLoss(orders=(2, 4), scale=200.0)        # CE + CRR 2–4
+    >>> for x, y in loader:
+    ...     opt.zero_grad(); crit(model, x, y).backward(); opt.step()
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .api import jet
+from .curvature import check_labels
+from .directions import (_check_positive_int, check_directions, polarization, polarization_weights,
+                         sample_directions)
+
+__all__ = ["crr_penalty", "CRRLoss", "parse_orders", "subset_indices"]
+
+OrdersLike = Union[int, Tuple[int, int], Sequence[int], range]
+DirectionsLike = Union[str, Tensor, Sequence[Tensor]]
+
+
+def _default_loss(logits: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def parse_orders(orders: OrdersLike) -> Tuple[int, ...]:
+    """The penalized orders.
+
+    - an int n: order n alone;
+    - a **tuple of two** ints (first, last): the inclusive range first..last, the paper's
+      notation "CRR 2–4" (``(2, 4)`` → 2, 3, 4; ``(1, 3)`` → 1, 2, 3);
+    - a list, range, set or longer tuple: exactly those orders (``[2, 4]`` → 2 and 4).
+
+    Example::
+
+        >>> parse_orders((2, 4)), parse_orders([2, 4]), parse_orders(3)
+        ((2, 3, 4), (2, 4), (3,))
+    """
+    if isinstance(orders, bool):
+        raise TypeError("orders must be an int, a (first, last) pair or a list of ints")
+    if isinstance(orders, int):
+        out = (orders,)
+    elif isinstance(orders, tuple) and len(orders) == 2:
+        a, b = orders
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (a, b)):
+            raise TypeError(f"orders (first, last) must be ints, got {orders!r}")
+        if b < a:
+            raise ValueError(f"orders (first, last) needs first ≤ last, got {orders!r}")
+        out = tuple(range(a, b + 1))
+    else:
+        try:
+            vals = list(orders)
+        except TypeError:
+            raise TypeError(f"orders must be an int, a (first, last) pair or a list of ints, "
+                            f"got {orders!r}") from None
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+            raise TypeError(f"orders must be ints, got {orders!r}")
+        out = tuple(sorted(set(vals)))
+    if not out:
+        raise ValueError("orders is empty")
+    if out[0] < 1:
+        raise ValueError(f"orders must be ≥ 1, got {out}")
+    return out
+
+
+def subset_indices(subset: Optional[Union[int, float]], B: int,
+                   generator: Optional[torch.Generator] = None,
+                   device: Optional[torch.device] = None) -> Optional[Tensor]:
+    """Indices of the random subset of a batch of B samples that CRR penalizes (SPEC.md §4:
+    "random 64 of each 128"): ``None`` → the whole batch (None returned); an int k → k samples; a
+    float in (0, 1] → round(frac·B) samples (at least 1). Drawn as ``torch.randperm(B)[:k]`` (with
+    ``generator`` if given); nothing is drawn when k ≥ B.
+
+    Example::
+
+        >>> subset_indices(64, 128, torch.Generator().manual_seed(0)).shape
+        torch.Size([64])
+    """
+    if subset is None:
+        return None
+    if isinstance(subset, bool):
+        raise TypeError("subset must be None, an int ≥ 1 or a fraction in (0, 1]")
+    if isinstance(subset, int):
+        if subset < 1:
+            raise ValueError(f"subset must be ≥ 1 samples, got {subset}")
+        k = subset
+    elif isinstance(subset, float):
+        if not (0.0 < subset <= 1.0):
+            raise ValueError(f"a fractional subset must lie in (0, 1], got {subset}")
+        k = max(1, int(round(subset * B)))
+    else:
+        raise TypeError(f"subset must be None, an int or a float, got {type(subset).__name__}")
+    if k >= B:
+        return None
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    idx = torch.randperm(B, generator=generator, device=gen_device)[:k]
+    return idx.to(device) if device is not None else idx
+
+
+def _loss_coefficients(model, x: Tensor, y, U: Tensor, order: int, loss_fn) -> Tensor:
+    """Normalized coefficients ℓ_0..ℓ_K of the per-sample loss along every direction, shape
+    (K + 1, D, B), in one jet pass over the D·B rows (coefficient 0 is the loss itself)."""
+    D, B = U.shape[0], x.shape[0]
+    rest = tuple(x.shape[1:])
+    X = x.unsqueeze(0).expand((D, B) + rest).reshape((D * B,) + rest)
+    UU = U.reshape((D * B,) + rest)
+    Y = y
+    if isinstance(y, Tensor) and y.dim() >= 1:
+        Y = y.unsqueeze(0).expand((D,) + tuple(y.shape)).reshape((D * B,) + tuple(y.shape[1:]))
+    fn = loss_fn or _default_loss
+    c = jet(lambda xj: fn(model(xj), Y), X, UU, order)
+    if tuple(c.shape[1:]) != (D * B,):
+        raise ValueError(f"loss_fn must return one loss per sample, shape ({D * B},), got "
+                         f"{tuple(c.shape[1:])}; for torch losses pass reduction='none' (e.g. "
+                         "lambda z, y: F.cross_entropy(z, y, reduction='none'))")
+    return c.reshape(order + 1, D, B)
+
+
+def _per_order_directions(directions, xs: Tensor, x_full: Tensor, idx: Optional[Tensor],
+                          N: int, n_dirs: int, generator) -> Tensor:
+    """u_1..u_N per direction set: shape (D, N, *xs.shape)."""
+    if isinstance(directions, str):
+        u = sample_directions(xs, n_dirs * N, generator=generator)
+        return u.reshape((n_dirs, N) + tuple(xs.shape))
+    us = list(directions)
+    if len(us) < N:
+        raise ValueError(f"per-order directions: orders up to {N} need {N} direction tensors "
+                         f"u_1..u_{N}, got {len(us)}")
+    checked = [check_directions(u, x_full, name=f"directions[{i}]") for i, u in enumerate(us[:N])]
+    D = checked[0].shape[0]
+    if any(u.shape[0] != D for u in checked):
+        raise ValueError("all per-order direction tensors must hold the same number of directions")
+    U = torch.stack(checked, dim=1)                        # (D, N, B, ...)
+    if idx is not None:
+        U = U[:, :, idx]
+    return U
+
+
+def _crr(model, x: Tensor, y, *, loss_fn, orders, n_dirs, directions, order_reduction, subset,
+         scale, generator) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """(penalty, per-order terms, per-sample losses at x of the penalized samples, subset idx)."""
+    ords = parse_orders(orders)
+    _check_positive_int("n_dirs", n_dirs)
+    if order_reduction not in ("mean", "sum"):
+        raise ValueError(f"order_reduction must be 'mean' or 'sum', got {order_reduction!r}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] < 1:
+        raise ValueError("x must be a tensor with a non-empty batch dimension")
+    B = x.shape[0]
+    check_labels(y, B, loss_fn)
+    per_order = isinstance(directions, (list, tuple)) or (isinstance(directions, str)
+                                                        and directions == "per_order")
+    if isinstance(directions, str) and directions not in ("fixed", "per_order"):
+        raise ValueError(f"directions must be 'fixed', 'per_order', a tensor (fixed directions) or a "
+                         f"list of tensors u_1..u_N (per-order directions), got {directions!r}")
+    if not isinstance(directions, (str, Tensor, list, tuple)):
+        raise TypeError(f"directions must be 'fixed', 'per_order', a tensor or a list of tensors, got "
+                        f"{type(directions).__name__}")
+    fixed_u = None
+    if isinstance(directions, Tensor):
+        fixed_u = check_directions(directions, x)
+    idx = subset_indices(subset, B, generator, x.device)
+    xs, ys = x, y
+    if idx is not None:
+        xs = x[idx]
+        if isinstance(y, Tensor) and y.dim() >= 1:
+            ys = y[idx.to(y.device)]
+    N = ords[-1]
+    if not per_order:
+        U = fixed_u[:, idx] if (fixed_u is not None and idx is not None) else fixed_u
+        if U is None:
+            U = sample_directions(xs, n_dirs, generator=generator)
+        c = _loss_coefficients(model, xs, ys, U, N, loss_fn)             # (N+1, D, B')
+        terms = torch.stack([c[n].abs().mean() * math.factorial(n) for n in ords])
+    else:
+        Us = _per_order_directions(directions, xs, x, idx, N, n_dirs, generator)  # (D, N, B', ...)
+        D = Us.shape[0]
+        # 2^{N−1} polarization rows per direction set serve every order n ≤ N (directions.py)
+        rows = [polarization(list(Us[k].unbind(0)))[0] for k in range(D)]
+        M = rows[0].shape[0]
+        c = _loss_coefficients(model, xs, ys, torch.cat(rows), N, loss_fn)   # (N+1, D·M, B')
+        terms_l = []
+        for n in ords:
+            w = polarization_weights(N, n, dtype=c.dtype, device=c.device)      # (M,), same for all k
+            mixed = (w.reshape(1, M, 1) * c[n].reshape(D, M, -1)).sum(1)        # Dⁿℓ[u_1..u_n]: (D, B')
+            terms_l.append(mixed.abs().mean())
+        terms = torch.stack(terms_l)
+    red = terms.mean() if order_reduction == "mean" else terms.sum()
+    return scale * red, terms, c[0, 0], idx
+
+
+def crr_penalty(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor], *,
+                loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+                orders: OrdersLike = (2, 4), n_dirs: int = 1, directions: DirectionsLike = "fixed",
+                order_reduction: str = "mean", subset: Optional[Union[int, float]] = None,
+                scale: float = 1.0, generator: Optional[torch.Generator] = None) -> Tensor:
+    r"""The CRR penalty R = scale · reduce_{n∈orders} mean_k mean_b |d_n[k, b]| (SPEC.md §4),
+    a 0-d tensor differentiable with respect to the model's parameters.
+
+    d_n[k, b] = Dⁿℓ_b(x_b)[u_{k,b}, …] is the n-th directional derivative of the per-sample loss
+    ℓ_b = ``loss_fn(model(x), y)[b]`` (default cross-entropy) along unit directions
+    u = randn/(‖randn‖₂ + 1e-12) per sample (SPEC.md §1), computed in one batched Taylor-mode pass.
+    The model is used in the mode it is in (the paper: train mode for Two Moons and Table 2, eval
+    for the MNIST sweep and ``flatgrad``).
+
+    Arguments:
+        orders: a (first, last) pair = the inclusive range (paper notation "2–4"), an int, or a
+            list of exact orders (see :func:`parse_orders`).
+        n_dirs: directions per sample, averaged.
+        directions: ``"fixed"`` (the same u at every order: d_n = Dⁿℓ[uⁿ]); ``"per_order"`` (a fresh
+            u_n at every order, the notebooks' mixed derivative Dⁿℓ[u_1,…,u_n], computed exactly
+            by polarization); a tensor of shape ``x.shape`` or ``(D, *x.shape)`` (explicit fixed
+            directions, used as given); or a list of N = max(orders) tensors u_1..u_N of those
+            shapes (explicit per-order directions). Explicit directions are given for the whole
+            batch and indexed with the subset; a zero direction is an error.
+        order_reduction: ``"mean"`` over orders (notebooks) or ``"sum"`` (``flatgrad`` package).
+        subset: None (whole batch), an int k or a fraction: penalize a random subset of the batch
+            (``torch.randperm``, drawn before the directions).
+        scale: the factor in front.
+        generator: a ``torch.Generator`` for the subset and the directions (else the global RNG).
+
+    Example::
+
+        >>> R = curvrate_fast.crr_penalty(model, x, y, orders=(2, 3), directions="per_order",
+        ...                              subset=64, scale=3e-3)
+        >>> (F.cross_entropy(model(x), y) + R).backward()
+    """
+    return _crr(model, x, y, loss_fn=loss_fn, orders=orders, n_dirs=n_dirs, directions=directions,
+                order_reduction=order_reduction, subset=subset, scale=scale, generator=generator)[0]
+
+
+class CRRLoss(nn.Module):
+    r"""Task loss + CRR penalty (SPEC.md §4), configured once: ``loss = crit(model, x, y)`` returns
+    mean_b ℓ_b + R with R from :func:`crr_penalty` and ℓ_b the per-sample ``loss_fn``
+    (default cross-entropy).
+
+    ``every=k`` adds the penalty only on every k-th call (calls 0, k, 2k, …, counted in
+    :attr:`step`), a cheap way to trade regularization strength for speed; other calls cost one
+    ordinary forward. When the penalty covers the whole batch, the task loss is read off the jet
+    pass (its coefficient 0 is the loss itself), so no second forward runs. In eval mode
+    (``crit.eval()``) the penalty is always added and :attr:`step` does not advance.
+
+    After each call: :attr:`last_task_loss`, :attr:`last_penalty` (None when skipped) and
+    :attr:`last_terms` (per-order mean |d_n|, before scale) hold detached values for logging.
+
+    Example::
+
+        >>> crit = curvrate_fast.CRRLoss(orders=(2, 3), directions="per_order", subset=64,
+        ...                              scale=3e-3, every=1)
+        >>> for x, y in loader:
+        ...     opt.zero_grad()
+        ...     loss = crit(model, x, y)
+        ...     loss.backward(); opt.step()
+        ...     print(crit.last_task_loss, crit.last_penalty)
+    """
+
+    def __init__(self, *, loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+                 orders: OrdersLike = (2, 4), n_dirs: int = 1, directions: DirectionsLike = "fixed",
+                 order_reduction: str = "mean", subset: Optional[Union[int, float]] = None,
+                 scale: float = 1.0, every: int = 1, generator: Optional[torch.Generator] = None):
+        super().__init__()
+        parse_orders(orders)
+        _check_positive_int("n_dirs", n_dirs)
+        _check_positive_int("every", every)
+        if order_reduction not in ("mean", "sum"):
+            raise ValueError(f"order_reduction must be 'mean' or 'sum', got {order_reduction!r}")
+        self.loss_fn = loss_fn
+        self.orders = orders
+        self.n_dirs = n_dirs
+        self.directions = directions
+        self.order_reduction = order_reduction
+        self.subset = subset
+        self.scale = float(scale)
+        self.every = every
+        self.generator = generator
+        self.step = 0
+        self.last_task_loss: Optional[Tensor] = None
+        self.last_penalty: Optional[Tensor] = None
+        self.last_terms: Optional[Tensor] = None
+
+    def penalty_due(self) -> bool:
+        """Whether the next call in train mode adds the penalty."""
+        return (not self.training) or self.step % self.every == 0
+
+    def _task(self, model, x, y) -> Tensor:
+        fn = self.loss_fn or _default_loss
+        losses = fn(model(x), y)
+        if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.shape[0] != x.shape[0]:
+            raise ValueError("loss_fn must return one loss per sample (reduction='none')")
+        return losses.mean()
+
+    def forward(self, model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor]) -> Tensor:
+        due = self.penalty_due()
+        if self.training:
+            self.step += 1
+        if not due or self.scale == 0.0:
+            task = self._task(model, x, y)
+            self.last_task_loss, self.last_penalty, self.last_terms = task.detach(), None, None
+            return task
+        R, terms, losses0, idx = _crr(model, x, y, loss_fn=self.loss_fn, orders=self.orders,
+                                      n_dirs=self.n_dirs, directions=self.directions,
+                                      order_reduction=self.order_reduction, subset=self.subset,
+                                      scale=self.scale, generator=self.generator)
+        task = losses0.mean() if idx is None else self._task(model, x, y)
+        self.last_task_loss, self.last_penalty = task.detach(), R.detach()
+        self.last_terms = terms.detach()
+        return task + R
+
+    def extra_repr(self) -> str:
+        return (f"orders={self.orders!r}, n_dirs={self.n_dirs}, directions={self.directions!r}, "
+                f"order_reduction={self.order_reduction!r}, subset={self.subset!r}, "
+                f"scale={self.scale}, every={self.every}")
