@@ -38,17 +38,13 @@ def activation_series_with_derivative(u: List[Tensor], kind: str, K: int,
                                       **params) -> Tuple[List[Tensor], List[Tensor]]:
     """(y, w): the jets of φ(u(t)) and φ′(u(t)), both to order K."""
     if kind == "tanh":
-        y = S.tanh(u, K)
-        w = [1 - y[0] * y[0]] + [-S.square_coefficient(y, k) for k in range(1, K + 1)]
-        return y, w
+        return S.tanh_with_derivative(u, K)
     if kind == "sigmoid":
-        y = S.sigmoid(u, K)
-        w = [y[0] * (1 - y[0])] + [y[k] - S.square_coefficient(y, k) for k in range(1, K + 1)]
-        return y, w
+        return S.sigmoid_with_derivative(u, K)
     if kind == "softplus":
         beta, threshold = float(params.get("beta", 1.0)), float(params.get("threshold", 20.0))
         bu = S.scale(u, beta, K) if beta != 1.0 else u
-        sig = S.sigmoid(bu, K)
+        sig = S.sigmoid_with_derivative(bu, K)[0]
         y = S.integrate(u, sig, K, torch.nn.functional.softplus(u[0], beta, threshold))
         lin = (beta * u[0]) > threshold
         if bool(lin.any()):
@@ -79,8 +75,7 @@ def activation_series_with_derivative(u: List[Tensor], kind: str, K: int,
         c, a = math.sqrt(2.0 / math.pi), 0.044715
         u2 = S.square(u, K)
         inner = S.scale(S.add(u, S.mul(u2, u, K), K, alpha=a), c, K)
-        T = S.tanh(inner, K)
-        sech2 = [1 - T[0] * T[0]] + [-S.square_coefficient(T, k) for k in range(1, K + 1)]
+        T, sech2 = S.tanh_with_derivative(inner, K)
         half = [0.5 * (1 + T[0])] + [0.5 * x for x in T[1:]]
         y = S.mul(u, half, K)
         y[0] = torch.nn.functional.gelu(u[0], approximate="tanh")

@@ -31,7 +31,7 @@ __all__ = ["available", "build", "activation_jet_cpp", "MAX_ORDER"]
 
 MAX_ORDER = 8
 _lock = threading.Lock()
-_state = {"loaded": False, "error": None}
+_state = {"loaded": False, "error": None, "prebuilt_checked": False}
 
 
 def _source() -> Path:
@@ -50,7 +50,11 @@ def _ops_registered() -> bool:
 
 
 def _try_prebuilt() -> bool:
-    """Load the library built by ``CURVRATE_BUILD_CPP=1 pip install …`` (curvrate_fast/_C*.so)."""
+    """Load the library built by ``CURVRATE_BUILD_CPP=1 pip install …`` (curvrate_fast/_C*.so).
+    Looked for once per process: this runs on the hot path of every activation rule."""
+    if _state["prebuilt_checked"]:
+        return False
+    _state["prebuilt_checked"] = True
     for lib in sorted(Path(__file__).resolve().parent.glob("_C*.so")):
         try:
             torch.ops.load_library(str(lib))
@@ -82,7 +86,9 @@ def build(verbose: bool = False) -> None:
 
 def available(build_if_missing: bool = False) -> bool:
     """Whether the C++ kernels are loaded (building them first if asked)."""
-    if _state["loaded"] or _ops_registered() or _try_prebuilt():
+    if _state["loaded"]:
+        return True
+    if _ops_registered() or _try_prebuilt():
         _state["loaded"] = True
         return True
     if build_if_missing:

@@ -24,7 +24,7 @@ Series = List[Tensor]
 
 __all__ = [
     "Series", "add", "sub", "neg", "scale", "mul", "square", "div", "reciprocal", "exp", "log",
-    "pow_scalar", "sqrt", "rsqrt", "tanh", "sigmoid", "sin_cos", "sin", "cos", "softplus", "erf",
+    "pow_scalar", "sqrt", "rsqrt", "tanh", "tanh_with_derivative", "sigmoid", "sigmoid_with_derivative", "sin_cos", "sin", "cos", "softplus", "erf",
     "gelu", "gelu_tanh", "silu", "elu", "mask_select", "compose_derivative", "log1p", "expm1",
     "atan", "integrate",
 ]
@@ -237,22 +237,45 @@ def rsqrt(u: Series, K: int) -> Series:
     return pow_scalar(u, -0.5, K, y0=torch.rsqrt(u[0]))
 
 
+def _self_integrate_with_g(u: Series, K: int, y0: Tensor, g_of) -> tuple:
+    """Like _self_integrate, and also return g to order K (it is φ′(u(t)) for the callers)."""
+    nu = _len(u, K)
+    ju = _scaled_terms(u, nu)
+    y = [y0]
+    g: Series = [g_of(y, 0)]
+    for k in range(1, K + 1):
+        acc = _dot((ju[j], g[k - j]) for j in range(1, min(k, nu - 1) + 1))
+        y.append(torch.zeros_like(y0) if acc is None else (acc if k == 1 else acc / k))
+        g.append(g_of(y, k))
+    return y, g
+
+
+def _tanh_z(y: Series, k: int) -> Tensor:
+    return 1 - y[0] * y[0] if k == 0 else -square_coefficient(y, k)
+
+
+def _sigmoid_w(s: Series, k: int) -> Tensor:
+    return s[0] * (1 - s[0]) if k == 0 else s[k] - square_coefficient(s, k)
+
+
 def tanh(u: Series, K: int) -> Series:
     """y = tanh u, z = 1 − y²: y_k = (1/k) Σ j u_j z_{k−j}, z_k = −Σ_j y_j y_{k−j} (SPEC.md §2)."""
-    def z_of(y: Series, k: int) -> Tensor:
-        if k == 0:
-            return 1 - y[0] * y[0]
-        return -square_coefficient(y, k)
-    return _self_integrate(u, K, torch.tanh(u[0]), z_of)
+    return _self_integrate(u, K, torch.tanh(u[0]), _tanh_z)
+
+
+def tanh_with_derivative(u: Series, K: int) -> tuple:
+    """(tanh u, 1 − tanh² u) jets, both to order K, from one recurrence."""
+    return _self_integrate_with_g(u, K, torch.tanh(u[0]), _tanh_z)
 
 
 def sigmoid(u: Series, K: int) -> Series:
     """s = σ(u), w = s(1 − s): s_k = (1/k) Σ j u_j w_{k−j}, w_k = s_k − Σ_j s_j s_{k−j} (SPEC.md §2)."""
-    def w_of(s: Series, k: int) -> Tensor:
-        if k == 0:
-            return s[0] * (1 - s[0])
-        return s[k] - square_coefficient(s, k)
-    return _self_integrate(u, K, torch.sigmoid(u[0]), w_of)
+    return _self_integrate(u, K, torch.sigmoid(u[0]), _sigmoid_w)
+
+
+def sigmoid_with_derivative(u: Series, K: int) -> tuple:
+    """(σ(u), σ(u)(1 − σ(u))) jets, both to order K, from one recurrence."""
+    return _self_integrate_with_g(u, K, torch.sigmoid(u[0]), _sigmoid_w)
 
 
 def sin_cos(u: Series, K: int):

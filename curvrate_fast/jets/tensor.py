@@ -143,8 +143,10 @@ def make_jet(coeffs, order: int, is_view: bool = False) -> JetTensor:
 def stack_series(series: Sequence[Optional[Tensor]]) -> Tensor:
     first = next(s for s in series if s is not None)
     items = [torch.zeros_like(first) if s is None else s for s in series]
-    shape = torch.broadcast_shapes(*[s.shape for s in items])
-    return torch.stack([s.expand(shape) for s in items])
+    if any(s.shape != first.shape for s in items):  # a constant term broadcast against the rest
+        shape = torch.broadcast_shapes(*[s.shape for s in items])
+        items = [s.expand(shape) for s in items]
+    return torch.stack(items)
 
 
 def pad_coeffs(c: Tensor, length: int) -> Tensor:
@@ -158,8 +160,17 @@ def primal(x: Any) -> Any:
     return x._coeffs[0] if isinstance(x, JetTensor) else x
 
 
+def _primal_leaf(a: Any) -> Any:
+    return a._coeffs[0] if isinstance(a, JetTensor) else a
+
+
 def primals(tree: Any) -> Any:
-    return tree_map(lambda a: a._coeffs[0] if isinstance(a, JetTensor) else a, tree)
+    """Jets replaced by their primal values (flat tuples/lists without pytree, the common case)."""
+    if isinstance(tree, (tuple, list)) and not any(isinstance(a, (list, tuple, dict)) for a in tree):
+        return type(tree)(_primal_leaf(a) for a in tree)
+    if isinstance(tree, dict) and not any(isinstance(a, (list, tuple, dict)) for a in tree.values()):
+        return {k: _primal_leaf(a) for k, a in tree.items()}
+    return tree_map(_primal_leaf, tree)
 
 
 def series_of(x: Any) -> List[Tensor]:
@@ -171,8 +182,17 @@ def series_of(x: Any) -> List[Tensor]:
     return [torch.as_tensor(x)]
 
 
+def _jets_in(trees: Any):
+    """The jets among the arguments: a flat scan first (the common case), pytree for nesting."""
+    for a in trees:
+        if isinstance(a, JetTensor):
+            yield a
+        elif isinstance(a, (list, tuple, dict)):
+            yield from (x for x in tree_flatten(a)[0] if isinstance(x, JetTensor))
+
+
 def order_of(*trees: Any) -> int:
-    orders = {a._order for a in tree_flatten(trees)[0] if isinstance(a, JetTensor)}
+    orders = {a._order for a in _jets_in(trees)}
     if not orders:
         raise JetError("no jet among the arguments")
     if len(orders) > 1:
@@ -259,7 +279,21 @@ def _never(*args, **kwargs) -> bool:
     return False
 
 
+# Metadata the wrapper itself answers correctly (its sizes, strides, dtype and device are those of
+# the primal): run without __torch_function__, the hottest calls in rule and model code.
+_WRAPPER_METADATA = {
+    torch.Tensor.dim, torch.Tensor.size, torch.Tensor.numel, torch.Tensor.ndimension,
+    torch.Tensor.nelement, torch.Tensor.is_floating_point, torch.Tensor.is_complex,
+    torch.Tensor.__len__, torch.Tensor.shape.__get__, torch.Tensor.dtype.__get__,
+    torch.Tensor.device.__get__, torch.Tensor.ndim.__get__, torch.Tensor.get_device,
+    torch.Tensor.is_cuda.__get__,
+}
+
+
 def dispatch(func: Any, args: Tuple, kwargs: Dict) -> Any:
+    if func in _WRAPPER_METADATA:
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
     rule = registry.lookup(func)
     if rule is not None:
         registry.record("rules", func)

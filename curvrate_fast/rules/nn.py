@@ -68,6 +68,11 @@ def _class_dim_gather(logp, target: Tensor):
 
 def _check_targets(input, target: Tensor, ignore_index: int) -> None:
     C = input.shape[1] if input.dim() >= 2 else input.shape[0]
+    if target.numel() == 0:
+        return
+    lo, hi = torch.aminmax(target)
+    if 0 <= int(lo) and int(hi) < C:  # one op in the common case
+        return
     valid = target != ignore_index
     if valid.any():
         t = target[valid]

@@ -70,21 +70,55 @@ def std(input, dim=None, unbiased=None, keepdim=False, *, correction=None, out=N
     return torch.sqrt(var(input, dim, unbiased, keepdim, correction=correction))
 
 
-def logsumexp_coeffs(input, dim, keepdim: bool = False):
-    """logsumexp jet along ``dim``: m = max of the primal (a constant, so exact), the exp jet of
-    x − m, the class sum (linear), the log jet, plus m (SPEC.md §2, cross-entropy)."""
-    K = input._order
-    c = input._coeffs
-    d = _dims(input, dim)
-    m = c[0].detach().amax(dim=tuple(x - 1 for x in d), keepdim=True)
+def _lse_and_softmax(c: Tensor, dims, K: int):
+    """The logsumexp jet over ``dims`` (keepdim) and the softmax jet p = e / Σe, both to order K.
+    m = max of the primal is a constant shift, so exact (SPEC.md §2, cross-entropy)."""
+    m = c[0].detach().amax(dim=dims, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    u = [c[0] - m] + list(c[1:].unbind(0))
-    e = S.exp(u, K)
-    s = [x.sum(dim=tuple(x_ - 1 for x_ in d), keepdim=True) for x in e]
+    e = S.exp([c[0] - m] + list(c[1:].unbind(0)), K)
+    s = [x.sum(dim=dims, keepdim=True) for x in e]
     y = S.log(s, K)
     y[0] = y[0] + m
+    return y, S.div(e, s, K)
+
+
+class _LogSumExpJet(torch.autograd.Function):
+    """logsumexp jet with the Toeplitz backward: since ∂lse/∂z_c = softmax_c(z), along the path
+    ∂lse_k/∂z_{c,j} = p_{c,k−j} with p the softmax jet, so ḡz_{c,j} = Σ_{k≥j} ḡlse_k · p_{c,k−j}
+    (the same structure as ``curvrate_fast.activation_jet``); only p is kept for the backward."""
+
+    @staticmethod
+    def forward(ctx, c: Tensor, dims: tuple, K: int) -> Tensor:
+        with torch.no_grad():
+            y, p = _lse_and_softmax(c, dims, K)
+        ctx.save_for_backward(*p)
+        ctx.n_in = c.shape[0]
+        return torch.stack(y)
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        p = ctx.saved_tensors
+        K = gy.shape[0] - 1
+        grads = []
+        for j in range(ctx.n_in):
+            acc = None
+            for k in range(j, K + 1):
+                acc = gy[k] * p[k - j] if acc is None else torch.addcmul(acc, gy[k], p[k - j])
+            grads.append(acc)
+        return torch.stack(grads), None, None
+
+
+def logsumexp_coeffs(input, dim, keepdim: bool = False):
+    """logsumexp jet along ``dim`` as a list of coefficients (see _lse_and_softmax)."""
+    K = input._order
+    c = input._coeffs
+    dims = tuple(x - 1 for x in _dims(input, dim))
+    if c.requires_grad and torch.is_grad_enabled():
+        y = list(_LogSumExpJet.apply(c, dims, K).unbind(0))
+    else:
+        y = _lse_and_softmax(c, dims, K)[0]
     if not keepdim:
-        y = [x.squeeze(tuple(x_ - 1 for x_ in d)) for x in y]
+        y = [x.squeeze(dims) for x in y]
     return y
 
 
