@@ -109,3 +109,12 @@ def test_unknown_backend(setup):
     model, x, _ = setup
     with pytest.raises(ValueError, match="backend must be one of"):
         cf.jet(model, x, torch.randn_like(x), 2, backend="cuda")
+
+
+def test_numpy_on_a_jet_raises():
+    def f(z):
+        import numpy as np
+        return torch.from_numpy(np.asarray(z.numpy()) ** 2)
+    x = torch.randn(3)
+    with pytest.raises(cf.JetError, match="leave torch"):
+        cf.jet(f, x, torch.ones_like(x), 2)

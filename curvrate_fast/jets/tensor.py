@@ -221,8 +221,10 @@ _CONSTANT_RESULT_NAMES = {
     "floor_divide", "__floordiv__", "__rfloordiv__", "is_nonzero", "data_ptr", "unique",
     "unique_consecutive", "is_same_size", "__hash__", "is_set_to", "untyped_storage",
     "dim_order", "_is_view", "is_inference", "is_shared", "is_pinned", "type",
-    "__reduce_ex__", "__deepcopy__", "__array__", "numpy", "__contains__", "histc", "bincount",
+    "__contains__", "histc", "bincount",
 }
+# Conversions that leave torch: the derivatives would be lost silently, so they raise.
+_LEAVES_TORCH = {"numpy", "__array__", "__reduce_ex__", "__deepcopy__", "__setstate__"}
 # Property getters (Tensor.shape.__get__ etc.) answered from the primal.
 _CONSTANT_GETTERS = {
     "shape", "dtype", "device", "ndim", "layout", "requires_grad", "is_cuda", "is_cpu", "is_leaf",
@@ -304,6 +306,11 @@ def dispatch(func: Any, args: Tuple, kwargs: Dict) -> Any:
         return func(*primals(args))
 
     name = _func_name(func)
+    if name in _LEAVES_TORCH:
+        raise JetError(
+            f"Tensor.{name} on a jet would leave torch and drop its Taylor coefficients (autograd "
+            "refuses this too for tensors that require grad); keep the computation in torch ops, or "
+            "call .detach() first to use the value as a constant")
     if name in _CONSTANT_RESULT_NAMES:
         return func(*primals(args), **primals(kwargs))
 
