@@ -25,17 +25,22 @@ Followed from the author's notebook ``notebooks-(temp)/crr_theoretical_validatio
   (SPEC.md §3 estimator A). Model in eval mode, float32.
 - seeds: data seed 42 + i, model seed 42 + i + 1000.
 
-``engine="ours"`` computes the derivatives with :func:`curvrate_fast.loss_directional_derivatives`
-(Taylor mode) and the penalty with :func:`curvrate_fast.crr_penalty`; ``engine="baseline"`` uses
-nested reverse mode (:mod:`curvrate_fast.baseline`, and :func:`nested_crr_penalty`, the
-notebook's regularizer). Both draw the λ directions from the same generator in the same order, so
-for the same trained model they give the same λ up to rounding.
+``engine="ours"`` measures λ with :func:`curvrate_fast.curvature.curvature_rate` and penalizes with
+:func:`curvrate_fast.crr.crr_penalty` (``directions="per_order"``: the mixed derivatives by
+polarization, one Taylor-mode pass); ``engine="baseline"`` uses nested reverse mode
+(:mod:`curvrate_fast.baseline` and :func:`nested_crr_penalty`, the notebook's regularizer). Both
+draw the λ directions, the CRR subsets and the CRR directions from the global generator in the
+notebook's order, so they see the same random numbers: for the same model the same λ up to
+rounding, and CRR runs that stay together up to rounding. One departure: when no test point is in
+the band, the 600 fallback points come in index order (``select_band``) rather than by distance,
+which pairs them with other (equally random) directions.
 """
 from __future__ import annotations
 
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -46,9 +51,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "ENGINES", "PAPER", "TwoMoonsData", "MLP", "BoundaryLambda", "EpochRecord", "TrainResult",
-    "make_moons", "train_test_split", "standardize", "make_data", "set_seed", "unit_directions",
-    "epoch_batches", "nested_crr_penalty", "crr_term", "boundary_subset", "boundary_lambda",
+    "ENGINES", "PAPER", "TwoMoonsData", "MLP", "EpochRecord", "TrainResult",
+    "make_moons", "train_test_split", "standardize", "make_data", "set_seed",
+    "epoch_batches", "nested_crr_penalty", "crr_term", "boundary_lambda",
     "expected_calibration_error", "test_metrics", "train_model", "resolve_device",
 ]
 
@@ -208,15 +213,6 @@ def resolve_device(device: Optional[str] = None) -> torch.device:
     return torch.device(device)
 
 
-def unit_directions(batch: int, shape: Sequence[int], *, device=None, dtype=torch.float32,
-                    generator: Optional[torch.Generator] = None) -> Tensor:
-    """``batch`` independent unit vectors of ``shape`` (normalized over all entries, + 1e-12),
-    drawn as ``torch.randn`` (SPEC.md §1)."""
-    u = torch.randn((batch,) + tuple(shape), device=device, dtype=dtype, generator=generator)
-    norm = u.reshape(batch, -1).norm(dim=1).reshape((batch,) + (1,) * len(shape))
-    return u / (norm + 1e-12)
-
-
 def epoch_batches(n: int, batch_size: int, generator: Optional[torch.Generator] = None
                   ) -> List[Tensor]:
     """The index batches of one epoch of ``DataLoader(..., batch_size, shuffle=True)``.
@@ -246,19 +242,20 @@ def nested_crr_penalty(model: nn.Module, x: Tensor, y: Tensor, *, orders: Tuple[
     g_n = ∂(Σ_b d_{n−1}[b])/∂x, d_n[b] = ⟨g_n[b], u_n[b]⟩ with a fresh unit direction u_n per
     order; returns ``scale · mean_{n=lo..hi} mean_b |d_n[b]|``. Orders are inclusive.
     """
+    from curvrate_fast.directions import sample_directions
     lo, hi = orders
     if not 1 <= lo <= hi:
         raise ValueError(f"orders must be (lo, hi) with 1 <= lo <= hi, got {orders}")
     if subset is not None and x.shape[0] > subset:
-        sel = torch.randperm(x.shape[0], generator=generator)[:subset]
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        sel = torch.randperm(x.shape[0], generator=generator, device=gen_device)[:subset]
         x, y = x[sel.to(x.device)], y[sel.to(y.device)]
     X = x.detach().clone().requires_grad_(True)
     s = F.cross_entropy(model(X), y, reduction="none").sum()
     terms = []
     for n in range(1, hi + 1):
         (g,) = torch.autograd.grad(s, X, create_graph=True)
-        u = unit_directions(X.shape[0], X.shape[1:], device=X.device, dtype=X.dtype,
-                            generator=generator)
+        u = sample_directions(X, 1, generator=generator)[0]
         d = (g * u).reshape(X.shape[0], -1).sum(1)
         if n >= lo:
             terms.append(d.abs().mean())
@@ -271,10 +268,10 @@ def crr_term(engine: str, model: nn.Module, x: Tensor, y: Tensor, *, scale: floa
              generator: Optional[torch.Generator] = None) -> Tensor:
     """The Two Moons CRR penalty (fresh direction per order, a random ``subset``) by ``engine``."""
     if engine == "ours":
-        import curvrate_fast as cf
-        return cf.crr_penalty(model, x, y, orders=orders, n_dirs=1, directions="per_order",
-                              order_reduction="mean", subset=subset, scale=scale,
-                              generator=generator)
+        from curvrate_fast.crr import crr_penalty
+        return crr_penalty(model, x, y, orders=orders, n_dirs=1, directions="per_order",
+                           order_reduction="mean", subset=subset, scale=scale,
+                           generator=generator)
     if engine == "baseline":
         return nested_crr_penalty(model, x, y, orders=orders, subset=subset, scale=scale,
                                   generator=generator)
@@ -285,81 +282,48 @@ def crr_term(engine: str, model: nn.Module, x: Tensor, y: Tensor, *, scale: floa
 # λ on the boundary band
 
 
-@dataclass
-class BoundaryLambda:
-    """λ (estimator A) on the boundary band and what it was computed from."""
-    value: float
-    mean_log: List[float]          # y_n = mean log|d_n|, n = 1..n_max
-    n_points: int                  # test points used
-    fallback: bool                 # True when no point was in the band (closest 600 used)
-    band: Tuple[float, float]
-    n_max: int
-    k_dirs: int
-
-
-def boundary_subset(model: nn.Module, x: Tensor, band: Tuple[float, float] = (0.45, 0.65),
-                    fallback_k: int = 600) -> Tuple[Tensor, bool]:
-    """Indices of the points of ``x`` whose max softmax probability is in ``band`` (inclusive);
-    when none is, the ``fallback_k`` points closest to 0.5. Returns (indices, fallback_used)."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        pmax = torch.softmax(model(x), dim=1).max(dim=1).values
-    model.train(was_training)
-    idx = torch.nonzero((pmax >= band[0]) & (pmax <= band[1])).flatten()
-    if idx.numel() > 0:
-        return idx, False
-    diffs = (pmax - 0.5).abs().cpu().numpy()
-    order = np.argsort(diffs)[:min(fallback_k, len(diffs))]
-    return torch.from_numpy(order).to(x.device), True
-
-
-def _slope(y: Sequence[float]) -> float:
-    n = np.arange(1, len(y) + 1, dtype=float)
-    y = np.asarray(y, dtype=float)
-    return float(((n - n.mean()) * (y - y.mean())).sum() / ((n - n.mean()) ** 2).sum())
-
-
 def boundary_lambda(model: nn.Module, x: Tensor, y: Tensor, *, engine: str = "ours",
                     n_max: int = 4, k_dirs: int = 2, band: Tuple[float, float] = (0.45, 0.65),
-                    fallback_k: int = 600, batch: int = 64,
-                    generator: Optional[torch.Generator] = None) -> BoundaryLambda:
-    """The notebook's λ (``near_boundary_subset`` + ``estimate_lambda_loss``), by ``engine``.
+                    batch: int = 64, generator: Optional[torch.Generator] = None):
+    """The notebook's λ (``near_boundary_subset`` + ``estimate_lambda_loss``) by ``engine``;
+    returns the library's :class:`~curvrate_fast.curvature.CurvatureRate` (estimator A).
 
-    Directions: for each batch of 64 band points, ``k_dirs`` unit directions drawn one after the
-    other from ``generator`` (the global generator when None, as in the notebook); both engines
-    draw them the same way, so they differentiate along the same directions.
+    The band (with the fallback to the 600 points closest to it) is
+    :func:`curvrate_fast.curvature.select_band`. Directions: for each batch of 64 band points,
+    ``k_dirs`` sets of unit directions drawn one after the other from ``generator`` (the global
+    generator when None), as the notebook draws them; both engines use the same directions, so
+    for the same model they give the same λ up to rounding. ``"ours"`` measures with
+    :func:`curvrate_fast.curvature.curvature_rate` (one Taylor-mode pass over all points and
+    directions), ``"baseline"`` with nested autograd and the same estimator.
     """
-    if n_max < 2:
-        raise ValueError("n_max must be >= 2 for a slope")
-    idx, fallback = boundary_subset(model, x, band, fallback_k)
-    xb_all, yb_all = x[idx], y[idx]
+    from curvrate_fast.curvature import (CurvatureWarning, curvature_rate,
+                                         estimate_from_derivatives, select_band)
+    from curvrate_fast.directions import sample_directions
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     was_training = model.training
     model.eval()
-    logs: List[List[Tensor]] = [[] for _ in range(n_max)]
     try:
-        for start in range(0, xb_all.shape[0], batch):
-            xb, yb = xb_all[start:start + batch], yb_all[start:start + batch]
-            u = torch.stack([unit_directions(xb.shape[0], xb.shape[1:], device=xb.device,
-                                             dtype=xb.dtype, generator=generator)
-                             for _ in range(k_dirs)])                    # (K, B, *shape)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CurvatureWarning)   # the fallback is reported below
+            sel = select_band(model, x, band)
+        idx = sel.indices.to(x.device)
+        xs, ys = x[idx], y[idx]
+        u = torch.cat([sample_directions(xs[s:s + batch], k_dirs, generator=generator)
+                       for s in range(0, xs.shape[0], batch)], dim=1)      # (K, N, *shape)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CurvatureWarning)   # clamped zeros: kept, as the paper
             if engine == "ours":
-                import curvrate_fast as cf
-                with torch.no_grad():
-                    d = cf.loss_directional_derivatives(model, xb, yb, u, order=n_max)
-            elif engine == "baseline":
-                from curvrate_fast import baseline
-                d = baseline.loss_directional_derivatives(model, xb, yb, u, order=n_max)
+                res = curvature_rate(model, xs, ys, max_order=n_max, directions=u)
             else:
-                raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-            d = d.detach()                                               # (n_max, K, B)
-            for n in range(n_max):
-                logs[n].append(torch.log(torch.clamp(d[n].abs(), min=1e-12)).flatten().cpu())
+                from curvrate_fast import baseline
+                d = baseline.loss_directional_derivatives(model, xs, ys, u, order=n_max)
+                res = estimate_from_derivatives(d.detach(), "slope")
     finally:
         model.train(was_training)
-    mean_log = [float(torch.cat(logs[n]).double().mean()) for n in range(n_max)]
-    return BoundaryLambda(_slope(mean_log), mean_log, int(xb_all.shape[0]), fallback,
-                          tuple(band), n_max, k_dirs)
+    res.band, res.band_fallback, res.indices = sel.band, sel.fallback, sel.indices
+    res.extra["n_in_band"] = sel.n_in_band
+    return res
 
 
 # --------------------------------------------------------------------------------------------
@@ -443,7 +407,7 @@ def train_model(data: TwoMoonsData, model_seed: int, *, epochs: int = 25, crr_sc
             lam = boundary_lambda(model, data.x_test, data.y_test, engine=engine,
                                   generator=track_generator)
             err = test_metrics(model, data)["test_error"]
-            result.history.append(EpochRecord(ep + 1, err, lam.value, lam.mean_log))
+            result.history.append(EpochRecord(ep + 1, err, lam.value, lam.log_norms.tolist()))
         if on_epoch is not None:
             on_epoch(ep + 1)
     model.eval()
