@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m curvrate_fast",
         description="curvrate-fast: Taylor-mode higher-order input derivatives, the curvature "
                     "rate λ and the CRR regularizer.")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,reproduce}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,reproduce,build-cpp}")
 
     d = sub.add_parser("demo", help="Two Moons without and with CRR: table, speed, figure",
                        description="Two Moons (30 % label noise, SPEC.md §6), trained once "
@@ -118,7 +118,26 @@ def build_parser() -> argparse.ArgumentParser:
                          description="The analytic validation (radius of convergence, spectral "
                                      "edge), ours beside the paper's numbers.")
     an.add_argument("--out", default=None, help="also write the table to <out>/analytic.md")
+
+    b = sub.add_parser("build-cpp", help="compile the C++ CPU kernels once (the 'cpp' backend)",
+                       description="Compile csrc/jet_activation.cpp with the system C++ compiler "
+                                   "and cache it; afterwards backend='auto' uses it on CPU.")
+    b.add_argument("--verbose", action="store_true", help="show the compiler's output")
     return parser
+
+
+def _cmd_build_cpp(args) -> int:
+    import time
+
+    from . import cpp_backend
+    t0 = time.perf_counter()
+    try:
+        cpp_backend.build(verbose=args.verbose)
+    except RuntimeError as e:
+        print(f"build failed: {e}", file=sys.stderr)
+        return 1
+    print(f"C++ kernels ready ({time.perf_counter() - t0:.1f} s); backend='auto' now uses them on CPU")
+    return 0
 
 
 def _setup_torch(args) -> None:
@@ -215,6 +234,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _cmd_demo(args)
+    if args.command == "build-cpp":
+        return _cmd_build_cpp(args)
     if args.command == "reproduce":
         if args.experiment == "two-moons":
             return _cmd_two_moons(args)

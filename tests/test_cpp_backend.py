@@ -66,3 +66,9 @@ def test_engine_with_cpp_backend_equals_reference():
     assert rel_err(a, b) < 1e-12
     for p, q in zip(ga, gb):
         assert rel_err(p, q) < 1e-12
+
+
+def test_cli_build_cpp(capsys):
+    from curvrate_fast.cli import main
+    assert main(["build-cpp"]) == 0
+    assert "C++ kernels ready" in capsys.readouterr().out
