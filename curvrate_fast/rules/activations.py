@@ -47,9 +47,26 @@ def use_cpp(x: torch.Tensor, order: int) -> bool:
     return cpp_backend.available(build_if_missing=(backend == "cpp"))
 
 
+def _piecewise_linear(x, kind: str, **params):
+    """ReLU / leaky ReLU: y_k = m·u_k with m = 1 or the slope by the sign of u_0 (SPEC.md §2).
+    The map is linear in the coefficients, so known-zero coefficients stay zero: a ReLU network
+    carries only (x, u) to the loss, and every conv/linear after a ReLU runs on 2 rows, not K+1."""
+    c = x._coeffs
+    pos = c[0] > 0
+    if kind == "relu":
+        m = pos.to(c.dtype)
+    else:
+        slope = float(params.get("negative_slope", 0.01))
+        m = torch.where(pos, torch.ones((), dtype=c.dtype, device=c.device),
+                        torch.full((), slope, dtype=c.dtype, device=c.device))
+    return make_jet(c * m, x._order)
+
+
 def activation(x, kind: str, **params):
     """The jet of an elementwise activation of the jet ``x`` through the best backend."""
     K = x._order
+    if kind in ("relu", "leaky_relu") and x._pending is None:
+        return _piecewise_linear(x, kind, **params)
     pending = x.take_pending_bias() if kind in _FUSED_KINDS and x._pending is not None else None
     if pending is not None:
         if use_triton(pending[0], K):  # linear/conv + activation epilogue in one kernel
