@@ -15,6 +15,11 @@ from .jets.tensor import JetTensor, is_jet, pad_coeffs
 
 __all__ = ["jet", "directional_derivatives", "loss_directional_derivatives", "input_jet"]
 
+# torch.compile cannot trace the jet wrapper subclass (dynamo does not know
+# _make_wrapper_subclass); the entry points run eagerly inside a compiled function (a graph break)
+# instead of failing, and the fused kernels inside them are torch.library ops either way.
+_eager = torch.compiler.disable
+
 
 def _check_order(order) -> int:
     if isinstance(order, bool) or not isinstance(order, int):
@@ -44,6 +49,7 @@ def _check_pair(x: Tensor, u: Tensor) -> None:
         raise ValueError(f"u is on {u.device} but x is on {x.device}")
 
 
+@_eager
 def input_jet(x: Tensor, u: Tensor, order: int) -> JetTensor:
     """The input jet (x, u, 0, …, 0) of order ``order``: only two coefficients are stored.
 
@@ -67,6 +73,7 @@ def _coefficients(out, order: int, what: str) -> Tensor:
     raise TypeError(f"{what} must return one tensor, got {type(out).__name__}")
 
 
+@_eager
 def jet(fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor, order: int, *,
         strict: Optional[bool] = None, backend: Optional[str] = None) -> Tensor:
     """Normalized Taylor coefficients f_0..f_K of t ↦ fn(x + t·u) at t = 0 (SPEC.md §1).
@@ -89,6 +96,7 @@ def jet(fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor, order: int, *,
     return _coefficients(out, order, "fn")
 
 
+@_eager
 def directional_derivatives(fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor, order: int, *,
                             strict: Optional[bool] = None, backend: Optional[str] = None) -> Tensor:
     """d_n = Dⁿfn(x)[u, …, u] = n!·f_n for n = 1..order, shape ``(order, *fn(x).shape)``.
@@ -109,6 +117,7 @@ def _default_loss(logits: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(logits, y, reduction="none")
 
 
+@_eager
 def loss_directional_derivatives(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, u: Tensor,
                                  order: int, loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
                                  *, strict: Optional[bool] = None, backend: Optional[str] = None,
