@@ -62,9 +62,9 @@ def instance_norm_primitive(input: Tensor, running_mean=None, running_var=None, 
 def sdpa_primitive(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                    dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
                    enable_gqa: bool = False) -> Tensor:
-    """softmax(q kᵀ · scale + mask) v in primitive ops (dropout_p must be 0)."""
-    if dropout_p != 0.0:
-        raise NotImplementedError("attention dropout in the oracle")
+    """softmax(q kᵀ · scale + mask) v in primitive ops. Works on plain tensors (the oracle) and on
+    jets (the Taylor rule of F.scaled_dot_product_attention is this function: each op meets its
+    rule). Attention dropout uses F.dropout on the weights (its own random draws)."""
     L, S = query.shape[-2], key.shape[-2]
     s = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     if enable_gqa and key.shape[-3] != query.shape[-3]:
@@ -80,7 +80,10 @@ def sdpa_primitive(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optiona
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask
-    return torch.matmul(torch.softmax(scores, dim=-1), value)
+    weights = torch.softmax(scores, dim=-1)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, dropout_p, True)
+    return torch.matmul(weights, value)
 
 
 @contextlib.contextmanager

@@ -129,9 +129,11 @@ def _scaled_terms(u: Series, nu: int) -> List[Optional[Tensor]]:
     return [None] + [u[j] if j == 1 else j * u[j] for j in range(1, nu)]
 
 
-def _self_integrate(u: Series, K: int, y0: Tensor, g_of: Callable[[Series, int], Tensor]) -> Series:
+def _self_integrate(u: Series, K: int, y0: Tensor, g_of: Callable[[Series, int], Tensor],
+                    with_g: bool = False):
     """y with y' = g(y)·u', where g_k depends on y_0..y_k only: interleave y and g coefficients.
-    y_k = (1/k) Σ_{j=1..k} j u_j g_{k−j} (SPEC.md §2, the pattern of exp, tanh, sigmoid)."""
+    y_k = (1/k) Σ_{j=1..k} j u_j g_{k−j} (SPEC.md §2, the pattern of exp, tanh, sigmoid).
+    ``with_g=True`` returns (y, g) with g to order K too (g is φ′(u(t)) for tanh and sigmoid)."""
     nu = _len(u, K)
     ju = _scaled_terms(u, nu)
     y = [y0]
@@ -139,9 +141,9 @@ def _self_integrate(u: Series, K: int, y0: Tensor, g_of: Callable[[Series, int],
     for k in range(1, K + 1):
         acc = _dot((ju[j], g[k - j]) for j in range(1, min(k, nu - 1) + 1))
         y.append(torch.zeros_like(y0) if acc is None else (acc if k == 1 else acc / k))
-        if k < K:
+        if k < K or with_g:
             g.append(g_of(y, k))
-    return y
+    return (y, g) if with_g else y
 
 
 def square_coefficient(y: Series, k: int) -> Tensor:
@@ -237,19 +239,6 @@ def rsqrt(u: Series, K: int) -> Series:
     return pow_scalar(u, -0.5, K, y0=torch.rsqrt(u[0]))
 
 
-def _self_integrate_with_g(u: Series, K: int, y0: Tensor, g_of) -> tuple:
-    """Like _self_integrate, and also return g to order K (it is φ′(u(t)) for the callers)."""
-    nu = _len(u, K)
-    ju = _scaled_terms(u, nu)
-    y = [y0]
-    g: Series = [g_of(y, 0)]
-    for k in range(1, K + 1):
-        acc = _dot((ju[j], g[k - j]) for j in range(1, min(k, nu - 1) + 1))
-        y.append(torch.zeros_like(y0) if acc is None else (acc if k == 1 else acc / k))
-        g.append(g_of(y, k))
-    return y, g
-
-
 def _tanh_z(y: Series, k: int) -> Tensor:
     return 1 - y[0] * y[0] if k == 0 else -square_coefficient(y, k)
 
@@ -265,7 +254,7 @@ def tanh(u: Series, K: int) -> Series:
 
 def tanh_with_derivative(u: Series, K: int) -> tuple:
     """(tanh u, 1 − tanh² u) jets, both to order K, from one recurrence."""
-    return _self_integrate_with_g(u, K, torch.tanh(u[0]), _tanh_z)
+    return _self_integrate(u, K, torch.tanh(u[0]), _tanh_z, with_g=True)
 
 
 def sigmoid(u: Series, K: int) -> Series:
@@ -275,7 +264,7 @@ def sigmoid(u: Series, K: int) -> Series:
 
 def sigmoid_with_derivative(u: Series, K: int) -> tuple:
     """(σ(u), σ(u)(1 − σ(u))) jets, both to order K, from one recurrence."""
-    return _self_integrate_with_g(u, K, torch.sigmoid(u[0]), _sigmoid_w)
+    return _self_integrate(u, K, torch.sigmoid(u[0]), _sigmoid_w, with_g=True)
 
 
 def sin_cos(u: Series, K: int):
