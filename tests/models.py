@@ -3,28 +3,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-class MnistCNN(nn.Module):
-    """The PyTorch MNIST example CNN of the paper (SPEC.md §6)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 32, 3, 1)
-        self.conv2 = nn.Conv2d(32, 64, 3, 1)
-        self.dropout1 = nn.Dropout(0.5)
-        self.dropout2 = nn.Dropout(0.5)
-        self.fc1 = nn.Linear(9216, 128)
-        self.fc2 = nn.Linear(128, 10)
-
-    def forward(self, x):
-        x = F.relu(self.conv1(x))
-        x = F.relu(self.conv2(x))
-        x = F.max_pool2d(x, 2)
-        x = self.dropout1(x)
-        x = torch.flatten(x, 1)
-        x = F.relu(self.fc1(x))
-        x = self.dropout2(x)
-        return self.fc2(x)
+from curvrate_fast.bench_suite import MnistCNN  # noqa: F401  (the paper's CNN, SPEC.md §6)
 
 
 class ResidualLN(nn.Module):

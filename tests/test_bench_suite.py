@@ -1,0 +1,96 @@
+"""Smoke test of the benchmark runner (curvrate_fast.bench_suite): tiny sizes, one repeat; checks
+that the rows, the JSON and the markdown are well-formed. Timings themselves are never asserted
+(DESIGN.md §5: benchmarks live under bench/, not in timed assertions)."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from curvrate_fast import bench_suite as bs
+
+TINY = dict(workloads=["two_moons"], methods=["baseline", "ours", "reference", "func_jvp"],
+            dirs=[1, 2], orders=[2], batch=6, repeats=(1, 1), budget_s=0.0, warmup=1,
+            crr_workloads=["two_moons_crr"], check=True, log=False)
+
+
+def _finite(v):
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def test_run_rows_well_formed():
+    rows = bs.run(dict(TINY))
+    kinds = {r["kind"] for r in rows}
+    assert {"check", "deriv", "crr"} <= kinds <= {"check", "deriv", "crr", "info"}
+    checks = [r for r in rows if r["kind"] == "check"]
+    assert {r["method"] for r in checks} == {"ours", "reference", "func_jvp"}
+    assert all(r["ok"] for r in checks), checks
+    deriv = [r for r in rows if r["kind"] == "deriv"]
+    assert len(deriv) == 2 * 4  # (1, 2 directions) × 4 methods
+    for r in deriv:
+        assert "error" not in r, r
+        assert r["workload"] == "two_moons" and r["order"] == 2 and r["batch"] == 6
+        assert r["reps"] == 1
+        assert _finite(r["median_ms"]) and r["median_ms"] > 0
+        assert r["q1_ms"] <= r["median_ms"] <= r["q3_ms"]
+        assert _finite(r["speedup"]) and r["speedup"] > 0
+        assert r["peak_mb"] is None or r["peak_mb"] >= 0
+        if r["method"] == "baseline":
+            assert r["speedup"] == pytest.approx(1.0)
+        else:
+            assert r["rel_err_vs_baseline"] < 1e-4
+    crr = [r for r in rows if r["kind"] == "crr"]
+    methods = [r["method"] for r in crr]
+    assert methods[0] == "plain" and methods[-1] == "baseline" and "ours" in methods
+    for r in crr:
+        assert "error" not in r, r
+        assert _finite(r["overhead_x"]) and r["overhead_x"] > 0
+        assert r["subset"] == 3  # 64 of 128 scaled down to half the tiny batch
+
+
+def test_main_writes_json_and_markdown(tmp_path, capsys):
+    argv = ["--workloads", "two_moons", "--methods", "baseline,ours", "--dirs", "1",
+            "--orders", "2", "--batch", "4", "--min-repeats", "1", "--max-repeats", "1",
+            "--budget", "0", "--no-crr", "--no-check", "--out-dir", str(tmp_path), "--tag", "smoke",
+            "--quiet"]
+    assert bs.main(argv) == 0
+    files = sorted(os.listdir(tmp_path))
+    assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".md")
+    assert all("smoke" in f for f in files)
+    if not torch.cuda.is_available():
+        assert all(f.startswith("bench_cpu_") for f in files)
+    with open(tmp_path / files[0]) as f:
+        data = json.load(f)
+    meta = data["meta"]
+    for key in ("device", "torch", "triton", "commit", "date"):
+        assert key in meta
+    assert meta["torch"] == torch.__version__
+    assert [r["method"] for r in data["rows"] if r["kind"] == "deriv"] == ["baseline", "ours"]
+    md = (tmp_path / files[1]).read_text()
+    assert md.startswith("# curvrate-fast benchmark")
+    assert meta["commit"] in md and "| two_moons | 2 | 1 | ours |" in md
+    table = [ln for ln in md.splitlines() if ln.startswith("| two_moons")]
+    header = next(ln for ln in md.splitlines() if ln.startswith("| workload | K |"))
+    assert all(ln.count("|") == header.count("|") for ln in table)
+    out = capsys.readouterr().out
+    assert "speedup" in out and "saved" in out
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        bs.run({"workloads": ["nope"], "log": False})
+    with pytest.raises(ValueError):
+        bs.run({"not_a_key": 1})
+    quick = bs.BenchConfig.from_any({"quick": True})
+    assert "compile" not in quick.methods and quick.repeats[1] <= 3
+
+
+def test_func_jvp_matches_baseline_float64():
+    model, x, y = bs.build_workload("two_moons", batch=5, dtype=torch.float64)
+    u = bs.make_directions(x, 3)
+    from curvrate_fast import baseline
+    d0 = baseline.loss_directional_derivatives(model, x, y, u, 3)
+    d1 = bs.func_jvp_derivatives(model, x, y, u, 3)
+    assert d1.shape == (3, 3, 5)
+    torch.testing.assert_close(d1, d0, rtol=1e-10, atol=1e-12)
