@@ -17,6 +17,8 @@ def pos(z):
     return z * z + 0.5  # strictly positive inputs for log, sqrt, pow
 
 
+_BILINEAR = nn.Bilinear(6, 6, 3, dtype=D64)
+
 CASES = {
     # arithmetic
     "add_const": lambda z: z + 1.5,
@@ -111,6 +113,8 @@ CASES = {
     "matmul_jets": lambda z: torch.tanh(z) @ z.t(),
     "bmm": lambda z: torch.bmm(z.reshape(2, 2, 6), torch.sin(z).reshape(2, 6, 2)),
     "einsum": lambda z: torch.einsum("bi,bi->b", z, torch.cos(z)),
+    "bilinear": lambda z: _BILINEAR(torch.tanh(z), z),
+    "bilinear_const": lambda z: _BILINEAR(z, torch.ones_like(z)),
     "einsum_const": lambda z: torch.einsum("bi,ij->bj", z, torch.eye(6, dtype=D64)[:, :3]),
 }
 

@@ -90,6 +90,24 @@ def addbmm(input, batch1, batch2, *, beta=1, alpha=1, out=None):
     return alpha * prod if beta == 0 else beta * input + alpha * prod
 
 
+@register(F.bilinear, torch.bilinear)
+def bilinear(input1, input2, weight, bias=None):
+    """y = x1ᵀ W x2 + b: bilinear in (x1, x2), so a Cauchy product of the two jets with the op
+    (a, b) ↦ F.bilinear(a, b, W); a jet weight joins through a second product; bias to coefficient 0."""
+    if is_jet(weight):  # three jet factors: through the einsum and product rules
+        y = (torch.einsum("...i,oij->...oj", input1, weight) * input2.unsqueeze(-2)).sum(-1)
+        return y if bias is None else y + bias
+    K = order_of(input1, input2, bias)
+
+    def op(a, b):
+        return torch.einsum("...i,oij,...j->...o", a, weight, b)
+    if is_jet(input1) and is_jet(input2):
+        y = make_jet(cauchy_op(op, input1, input2, K), K)
+    else:
+        y = per_coefficient(op, (input1, input2), {}, promote_constants=False)
+    return y if bias is None else y + bias
+
+
 def _conv_rule(conv_fn, transposed: bool, nd: int):
     def rule(input, weight, bias=None, *args, **kwargs):
         K = order_of(input, weight, bias)
