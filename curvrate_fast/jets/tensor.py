@@ -160,17 +160,13 @@ def primal(x: Any) -> Any:
     return x._coeffs[0] if isinstance(x, JetTensor) else x
 
 
-def _primal_leaf(a: Any) -> Any:
-    return a._coeffs[0] if isinstance(a, JetTensor) else a
-
-
 def primals(tree: Any) -> Any:
     """Jets replaced by their primal values (flat tuples/lists without pytree, the common case)."""
     if isinstance(tree, (tuple, list)) and not any(isinstance(a, (list, tuple, dict)) for a in tree):
-        return type(tree)(_primal_leaf(a) for a in tree)
+        return type(tree)(primal(a) for a in tree)
     if isinstance(tree, dict) and not any(isinstance(a, (list, tuple, dict)) for a in tree.values()):
-        return {k: _primal_leaf(a) for k, a in tree.items()}
-    return tree_map(_primal_leaf, tree)
+        return {k: primal(a) for k, a in tree.items()}
+    return tree_map(primal, tree)
 
 
 def series_of(x: Any) -> List[Tensor]:
