@@ -118,3 +118,14 @@ def test_numpy_on_a_jet_raises():
     x = torch.randn(3)
     with pytest.raises(cf.JetError, match="leave torch"):
         cf.jet(f, x, torch.ones_like(x), 2)
+
+
+def test_finite_check_can_be_switched_off(setup):
+    model, x, y = setup
+    u = torch.randn_like(x)
+    u[0, 0] = float("nan")
+    with cf.engine_settings(check_finite=False):
+        d = cf.loss_directional_derivatives(model, x, y, u, 2)
+    assert torch.isnan(d[:, 0]).all() and torch.isfinite(d[:, 1:]).all()  # per-sample: only row 0
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        cf.loss_directional_derivatives(model, x, y, u, 2)

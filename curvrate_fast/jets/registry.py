@@ -96,6 +96,9 @@ class _Settings(threading.local):
     def __init__(self) -> None:
         self.strict: bool = os.environ.get("CURVRATE_STRICT", "0") not in ("", "0", "false", "False")
         self.backend: str = os.environ.get("CURVRATE_BACKEND", "auto")
+        # NaN/Inf checks of x and u: one reduction each, and a device sync on CUDA
+        self.check_finite: bool = os.environ.get("CURVRATE_CHECK_FINITE", "1") not in (
+            "", "0", "false", "False")
         self.trackers: List[OpReport] = []
 
 
@@ -109,17 +112,28 @@ def _check_backend(backend: str) -> str:
 
 
 @contextlib.contextmanager
-def engine_settings(*, strict: Optional[bool] = None, backend: Optional[str] = None) -> Iterator[None]:
-    """Temporarily set the engine's strict mode and backend (``None`` keeps the current value)."""
-    old = (settings.strict, settings.backend)
+def engine_settings(*, strict: Optional[bool] = None, backend: Optional[str] = None,
+                    check_finite: Optional[bool] = None) -> Iterator[None]:
+    """Temporarily set the engine's strict mode, backend and input NaN/Inf checks (``None`` keeps
+    the current value). ``check_finite=False`` skips the NaN/Inf scan of x and u, which costs a
+    device sync per call on CUDA (env: ``CURVRATE_CHECK_FINITE=0``).
+
+    Example::
+
+        >>> with curvrate_fast.engine_settings(backend="reference", check_finite=False):
+        ...     loss = crit(model, x, y)
+    """
+    old = (settings.strict, settings.backend, settings.check_finite)
     try:
         if strict is not None:
             settings.strict = bool(strict)
         if backend is not None:
             settings.backend = _check_backend(backend)
+        if check_finite is not None:
+            settings.check_finite = bool(check_finite)
         yield
     finally:
-        settings.strict, settings.backend = old
+        settings.strict, settings.backend, settings.check_finite = old
 
 
 @contextlib.contextmanager
