@@ -37,12 +37,13 @@ which pairs them with other (equally random) directions.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import random
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -72,6 +73,19 @@ PAPER = {
 # data
 
 
+def _sklearn(module: str, name: str, use_sklearn: Optional[bool]):
+    """scikit-learn's ``module.name`` when it should be used (``use_sklearn`` True, or None and
+    installed), else None for the built-in replica; True without scikit-learn raises ImportError."""
+    if use_sklearn is False:
+        return None
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError:
+        if use_sklearn:
+            raise
+        return None
+
+
 def make_moons(n_samples: int = 3000, noise: float = 0.2, random_state: int = 0,
                use_sklearn: Optional[bool] = None) -> Tuple[np.ndarray, np.ndarray]:
     """``sklearn.datasets.make_moons(n_samples, noise=noise, random_state=random_state)``.
@@ -80,15 +94,10 @@ def make_moons(n_samples: int = 3000, noise: float = 0.2, random_state: int = 0,
     same algorithm and random draws (``RandomState(seed)``: shuffle, then Gaussian noise), which
     gives the same points. ``use_sklearn=False`` forces the replica.
     """
-    if use_sklearn is not False:
-        try:
-            from sklearn.datasets import make_moons as sk_make_moons
-        except ImportError:
-            if use_sklearn:
-                raise
-        else:
-            X, y = sk_make_moons(n_samples=n_samples, noise=noise, random_state=random_state)
-            return X, y.astype(np.int64)
+    sk_make_moons = _sklearn("sklearn.datasets", "make_moons", use_sklearn)
+    if sk_make_moons is not None:
+        X, y = sk_make_moons(n_samples=n_samples, noise=noise, random_state=random_state)
+        return X, y.astype(np.int64)
     rs = np.random.RandomState(random_state)
     n_out = n_samples // 2
     n_in = n_samples - n_out
@@ -105,14 +114,9 @@ def make_moons(n_samples: int = 3000, noise: float = 0.2, random_state: int = 0,
 
 def standardize(X: np.ndarray, use_sklearn: Optional[bool] = None) -> np.ndarray:
     """``StandardScaler().fit_transform(X)`` (population std; scikit-learn's when installed)."""
-    if use_sklearn is not False:
-        try:
-            from sklearn.preprocessing import StandardScaler
-        except ImportError:
-            if use_sklearn:
-                raise
-        else:
-            return StandardScaler().fit_transform(X)
+    scaler = _sklearn("sklearn.preprocessing", "StandardScaler", use_sklearn)
+    if scaler is not None:
+        return scaler().fit_transform(X)
     mean = X.mean(axis=0)
     std = X.std(axis=0)
     std[std == 0] = 1.0
@@ -123,15 +127,10 @@ def train_test_split(n_samples: int, test_size: float = 0.3, random_state: int =
                      use_sklearn: Optional[bool] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Train and test indices of ``sklearn.model_selection.train_test_split(..., test_size,
     random_state)``: test = the first ceil(test_size·n) of ``RandomState(seed).permutation(n)``."""
-    if use_sklearn is not False:
-        try:
-            from sklearn.model_selection import train_test_split as sk_split
-        except ImportError:
-            if use_sklearn:
-                raise
-        else:
-            tr, te = sk_split(np.arange(n_samples), test_size=test_size, random_state=random_state)
-            return tr, te
+    sk_split = _sklearn("sklearn.model_selection", "train_test_split", use_sklearn)
+    if sk_split is not None:
+        tr, te = sk_split(np.arange(n_samples), test_size=test_size, random_state=random_state)
+        return tr, te
     n_test = math.ceil(test_size * n_samples)
     perm = np.random.RandomState(random_state).permutation(n_samples)
     return perm[n_test:], perm[:n_test]
