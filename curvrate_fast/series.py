@@ -25,7 +25,7 @@ Series = List[Tensor]
 __all__ = [
     "Series", "add", "sub", "neg", "scale", "mul", "square", "div", "reciprocal", "exp", "log",
     "pow_scalar", "sqrt", "rsqrt", "tanh", "tanh_with_derivative", "sigmoid", "sigmoid_with_derivative", "sin_cos", "sin", "cos", "softplus", "erf",
-    "gelu", "gelu_tanh", "silu", "elu", "mask_select", "compose_derivative", "log1p", "expm1",
+    "gelu", "gelu_tanh", "silu", "elu", "log1p", "expm1",
     "atan", "integrate",
 ]
 
@@ -363,27 +363,3 @@ def elu(u: Series, K: int, alpha: float = 1.0, scale_: float = 1.0, input_scale:
         lin = torch.zeros_like(u[0]) if lin is None else lin
         out.append(scale_ * torch.where(pos, lin, alpha * ex[k]))
     return out
-
-
-def mask_select(u: Series, mask: Tensor, K: int, slope: float = 0.0) -> Series:
-    """Piecewise-linear rule (ReLU, leaky ReLU): y_k = u_k·[mask] + slope·u_k·[¬mask] for k ≥ 1."""
-    if slope == 0.0:
-        m = mask.to(u[0].dtype)
-    else:
-        m = torch.where(mask, torch.ones_like(u[0]), torch.full_like(u[0], slope))
-    return [x * m for x in u[1: K + 1]]
-
-
-def compose_derivative(u: Series, derivs: Sequence[Tensor], K: int) -> Series:
-    """Faà di Bruno for a scalar φ with derivatives φ′..φ^(K) at u_0, in closed form for K ≤ 4
-    (SPEC.md §2, "Closed form for any scalar φ"). Returns y_1..y_K (y_0 is the caller's φ(u_0))."""
-    if K > 4:
-        raise ValueError("compose_derivative has a closed form up to order 4 only")
-    z = torch.zeros_like(u[0])
-    u1, u2, u3, u4 = (_get(u, k) if _get(u, k) is not None else z for k in (1, 2, 3, 4))
-    d = list(derivs) + [z] * (4 - len(derivs))
-    out = [d[0] * u1,
-           d[0] * u2 + 0.5 * d[1] * u1 * u1,
-           d[0] * u3 + d[1] * u1 * u2 + d[2] * u1 ** 3 / 6,
-           d[0] * u4 + d[1] * (u1 * u3 + 0.5 * u2 * u2) + 0.5 * d[2] * u1 * u1 * u2 + d[3] * u1 ** 4 / 24]
-    return out[:K]

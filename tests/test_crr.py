@@ -3,7 +3,6 @@ parameter gradients, fixed and per-order (polarization) directions, subset, redu
 and CRRLoss with every-k-th-step application."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 from curvrate_fast.crr import CRRLoss, crr_penalty, parse_orders, subset_indices
 from curvrate_fast.directions import sample_directions
 
-from _curv_oracle import ce_none, data, nested_fixed, nested_mixed, tiny_mlp, unit
+from _curv_oracle import data, nested_fixed, nested_mixed, tiny_mlp, unit
 
 
 def _grads(model, value):

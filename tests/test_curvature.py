@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from curvrate_fast import baseline
 from curvrate_fast.curvature import (Band, CurvatureWarning, band_indices, curvature_rate,
                                      estimate_from_derivatives, model_mode, ols_slope, select_band)
-from curvrate_fast.directions import (check_directions, normalize_directions, polarization,
+from curvrate_fast.directions import (check_directions, polarization,
                                       sample_directions)
 
 from _curv_oracle import data, nested_fixed, tiny_mlp, unit

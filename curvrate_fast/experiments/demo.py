@@ -14,7 +14,6 @@ import copy
 import json
 import os
 import statistics
-import sys
 import time
 from typing import Dict, List, Optional
 

@@ -38,10 +38,6 @@ def lookup(func: object) -> Optional[Callable]:
         return None
 
 
-def registered_functions() -> List[object]:
-    return list(_RULES)
-
-
 def op_name(func: object) -> str:
     """A readable name for a torch function, method or property getter."""
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)

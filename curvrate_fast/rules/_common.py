@@ -11,8 +11,7 @@ from ..jets.tensor import (JetError, JetTensor, is_jet, make_jet, order_of, pad_
                            series_of, stored)
 
 __all__ = ["JetError", "JetTensor", "is_jet", "make_jet", "order_of", "pad_coeffs", "primal",
-           "series_of", "stored", "aliases", "per_coefficient", "wrap_like", "cauchy_op",
-           "constant_result"]
+           "series_of", "stored", "aliases", "per_coefficient", "cauchy_op"]
 
 
 def aliases(name: str, *, torch_fn: bool = True, method: bool = True, functional: bool = False,
@@ -66,10 +65,6 @@ def per_coefficient(func: Callable, args: tuple, kwargs: dict, *, is_view: bool 
     return _wrap(out, K, is_view)
 
 
-def wrap_like(out: Any, K: int, is_view: bool = False) -> Any:
-    return _wrap(out, K, is_view)
-
-
 def cauchy_op(op: Callable[[Tensor, Tensor], Tensor], a: Any, b: Any, K: int) -> List[Tensor]:
     """(a ⋆ b)_k = Σ_j op(a_j, b_{k−j}) for an op bilinear in (a, b) (SPEC.md §2, bilinear).
 
@@ -91,8 +86,3 @@ def cauchy_op(op: Callable[[Tensor, Tensor], Tensor], a: Any, b: Any, K: int) ->
         ib = torch.tensor([k - j for j in js], device=Ac.device)
         out.append(bop(Ac.index_select(0, ia), Bc.index_select(0, ib)).sum(0))
     return out
-
-
-def constant_result(func: Callable, args: tuple, kwargs: dict) -> Any:
-    from ..jets.tensor import primals
-    return func(*primals(args), **primals(kwargs))
