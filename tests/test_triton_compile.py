@@ -27,7 +27,8 @@ SCRIPT = textwrap.dedent(r"""
     from curvrate_fast.functions._backend import kernel_module
     A = kernel_module("activation_jet")
     CE = kernel_module("cross_entropy_jet")
-    assert not A.INTERPRET and not CE.INTERPRET
+    LJ = kernel_module("linear_jet")
+    assert not A.INTERPRET and not CE.INTERPRET and not LJ.INTERPRET
 
     act_fwd = {"x_ptr": "*bf16", "b_ptr": "*fp32", "y_ptr": "*bf16", "N": "i32", "sx": "i32", "sy": "i32",
                "C": "i32", "INNER": "i32", "p0": "fp32", "p1": "fp32", "N_BUCKET": "i32"}
@@ -50,6 +51,17 @@ SCRIPT = textwrap.dedent(r"""
         jobs.append((fn, sig, dict(K=4, NU=2, HAS_W=True, BLOCK_B=1, BLOCK_C=2048), 8, 90))
         jobs.append((fn, sig, dict(K=6, NU=7, HAS_W=False, BLOCK_B=128, BLOCK_C=16), 8, 90))
         jobs.append((fn, sig, dict(K=2, NU=3, HAS_W=False, BLOCK_B=2, BLOCK_C=1024), 8, 80))
+    gemm = {"x_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*fp32", "M": "i32", "N": "i32",
+            "D": "i32", "sxk": "i32", "sxm": "i32", "sxd": "i32", "swn": "i32", "swd": "i32", "syk": "i32",
+            "sym": "i32", "p0": "fp32", "p1": "fp32", "M_BUCKET": "i32"}
+    gemm16 = dict(gemm, x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", y_ptr="*bf16")
+    tiles = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, GROUP_M=8)
+    for sig, consts, warps, arch in (
+            (gemm, dict(ACT=0, K=4, NU=2, HAS_BIAS=True, DOT_PRECISION="ieee", UPCAST=False), 8, 90),
+            (gemm, dict(ACT=2, K=3, NU=2, HAS_BIAS=False, DOT_PRECISION="tf32", UPCAST=False), 8, 80),
+            (gemm16, dict(ACT=3, K=6, NU=7, HAS_BIAS=True, DOT_PRECISION="tf32", UPCAST=False), 8, 90),
+            (gemm16, dict(ACT=8, K=1, NU=2, HAS_BIAS=True, DOT_PRECISION="tf32", UPCAST=False), 4, 90)):
+        jobs.append((LJ.linear_act_jet_fused_kernel.fn, sig, dict(consts, **tiles), warps, arch))
     done = []
     for fn, sig, consts, warps, arch in jobs:
         s = dict(sig)
@@ -83,4 +95,4 @@ def test_kernels_compile_for_sm90_and_sm80(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     done = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(done) == 28
+    assert len(done) == 32

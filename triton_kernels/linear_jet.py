@@ -8,9 +8,17 @@ The epilogue (:func:`bias_act_epilogue`) is the activation-jet kernel of :mod:`.
 registers (the biased pre-activation is never written), applies the activation jet and writes the
 K+1 output rows once. With ``kind=None`` (or "identity") it is the bare bias epilogue.
 
-A single Triton GEMM with this epilogue fused is possible (the pre-activation tile would never reach
-HBM) but is not implemented: cuBLAS + one fused elementwise pass is the default, as DESIGN.md §2 asks
-to fuse only where it measures faster (see bench/bench_kernels.py for the measurement).
+Fused alternative for linear layers (:func:`linear_act_jet_fused`): ONE Triton GEMM whose epilogue
+adds the bias to coefficient 0 and applies the activation jet on the accumulator tiles in registers,
+so the pre-activation never reaches memory. A program owns a BLOCK_M × BLOCK_N output tile and keeps
+one fp32 accumulator per stored input coefficient (NU of them; rows NU..K of the pre-activation are
+known zeros, since the map is linear):  acc_j = X_j W^T  (X_j: (M, D), W: (N, D)),  the weight tile is
+loaded once per reduction step and reused by all NU coefficient tiles. Then u = (acc_0 + b, acc_1, …,
+acc_{NU−1}, 0, …, 0) goes through the same activation-jet recurrences as the elementwise kernel (SPEC.md
+§2) and the K+1 output tiles are written once. Which of the two paths is faster depends on the shape
+(DESIGN.md §2: fuse only where it measures faster); ``curvrate_fast.functions.linear`` measures both per
+shape on the GPU and keeps the winner. Its backward recomputes the pre-activation with one cuBLAS GEMM
+and runs the activation kernel's one-pass backward (nothing but the input jet is saved).
 """
 from __future__ import annotations
 
@@ -19,10 +27,14 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
 
-from .activation_jet import activation_jet_fwd
+from .activation_jet import INTERPRET, MAX_ORDER, _activation_jet, activation_code, activation_jet_fwd
 
-__all__ = ["channel_layout", "bias_act_epilogue", "linear_pre", "conv_pre", "linear_act_jet", "conv_act_jet"]
+__all__ = ["channel_layout", "bias_act_epilogue", "linear_pre", "conv_pre", "linear_act_jet", "conv_act_jet",
+           "linear_act_jet_fused", "linear_act_jet_fused_kernel", "GEMM_CONFIGS", "dot_precision"]
 
 
 def channel_layout(shape: Sequence[int], channel_dim: int) -> Tuple[int, int]:
@@ -86,3 +98,151 @@ def conv_act_jet(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     broadcast over spatial positions, coefficient 0 only)."""
     pre = conv_pre(x, weight, stride, padding, dilation, groups)
     return bias_act_epilogue(pre, bias, kind, order, 1, p0, p1)
+
+
+# -- fused GEMM + activation-jet epilogue ----------------------------------------------------------
+# Compute-bound main loop, register-heavy epilogue: the K+1 output tiles, the K+1 tiles of the jet of
+# φ' and the input tiles are all live at once, so tiles stay small enough that the epilogue fits in
+# registers (BLOCK_M·BLOCK_N / (32·warps) fp32 values per tile and thread).
+_GEMM_GPU_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_D, warps, stages)
+    (32, 64, 32, 4, 4), (64, 64, 32, 8, 3), (32, 128, 32, 8, 3), (64, 128, 32, 8, 3),
+    (16, 64, 64, 4, 4), (128, 64, 32, 8, 3),
+]
+_GEMM_INTERPRET_CONFIGS = [(32, 32, 16, 1, 1)]
+
+
+def _gemm_configs():
+    space = _GEMM_INTERPRET_CONFIGS if INTERPRET else _GEMM_GPU_CONFIGS
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": d, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for m, n, d, w, s in space]
+
+
+GEMM_CONFIGS = _gemm_configs()
+
+
+@triton.jit
+def _gemm_tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped program order: GROUP_M consecutive row tiles sweep the column tiles together, so the
+    weight tiles they share stay in L2."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group_m
+    pid_n = (pid % in_group) // group_m
+    return pid_m, pid_n
+
+
+@triton.autotune(configs=GEMM_CONFIGS, key=["ACT", "K", "NU", "HAS_BIAS", "M_BUCKET", "N", "D"])
+@triton.jit(do_not_specialize=["M_BUCKET"])
+def linear_act_jet_fused_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, D, sxk, sxm, sxd, swn, swd, syk, sym,
+                                p0, p1, M_BUCKET,
+                                ACT: tl.constexpr, K: tl.constexpr, NU: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                                BLOCK_N: tl.constexpr,
+                                BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr):
+    """y = φ(X Wᵀ + b) as jets in one GEMM: X (NU, M, D) strides (sxk, sxm, sxd), W (N, D) strides
+    (swn, swd), y (K+1, M, N) strides (syk, sym, 1). Coefficient j < NU of the pre-activation is
+    acc_j = X_j Wᵀ (SPEC.md §2, linear maps; the bias joins coefficient 0 only), rows NU..K are zeros;
+    the epilogue is the activation-jet recurrence of :mod:`.activation_jet` on the register tiles.
+    UPCAST: fp32 operands for ``tl.dot`` (only the interpreter needs it, for bf16, which it cannot
+    multiply; on a GPU fp16/bf16 go to the tensor cores as they are)."""
+    pid_m, pid_n = _gemm_tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rd = tl.arange(0, BLOCK_D)
+    m_ok = rm < M
+    n_ok = rn < N
+    xp = x_ptr + rm[:, None] * sxm + rd[None, :] * sxd
+    wp = w_ptr + rd[:, None] * swd + rn[None, :] * swn  # the Wᵀ tile (BLOCK_D, BLOCK_N)
+    acc = (tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),)
+    for j in tl.static_range(1, NU):
+        acc = acc + (tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),)
+    for d0 in range(0, D, BLOCK_D):
+        d_ok = (d0 + rd) < D
+        w = tl.load(wp, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            w = w.to(tl.float32)
+        step = ()
+        for j in tl.static_range(NU):
+            xj = tl.load(xp + j * sxk, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+            if UPCAST:
+                xj = xj.to(tl.float32)
+            step = step + (tl.dot(xj, w, acc[j], input_precision=DOT_PRECISION),)
+        acc = step
+        xp += BLOCK_D * sxd
+        wp += BLOCK_D * swd
+    u0 = acc[0]
+    if HAS_BIAS:
+        u0 += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    u = (u0,)
+    for k in tl.static_range(1, K + 1):
+        if k < NU:
+            u = u + (acc[k],)
+        else:
+            u = u + (tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),)
+    y, _g = _activation_jet(u, ACT, K, NU, p0, p1)
+    q = y_ptr + rm[:, None] * sym + rn[None, :]
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    for k in tl.static_range(K + 1):
+        tl.store(q, y[k].to(y_ptr.dtype.element_ty), mask=out_ok)
+        q += syk
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision matching what cuBLAS does for ``F.linear`` here: tf32 for fp32 only
+    when ``torch.backends.cuda.matmul.allow_tf32`` allows it, else exact fp32 products ("ieee");
+    fp16/bf16 operands always run on the tensor cores (the option is ignored for them)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def linear_act_jet_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], kind: Optional[str],
+                         order: int, p0: float = 0.0, p1: float = 0.0,
+                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """φ(x Wᵀ + b) as a jet by ONE fused Triton GEMM: x (n+1, *batch, D) with n+1 ≤ order+1 stored
+    coefficients, weight (N, D), bias (N,) or None → (order+1, *batch, N); ``kind=None``: no
+    activation (bias only). Forward only (the autograd binding is in ``curvrate_fast.functions``).
+    ``out``: an optional contiguous (order+1, *batch, N) destination (tests pass NaN-poisoned ones)."""
+    if not (0 <= order <= MAX_ORDER):
+        raise ValueError(f"order must be in 0..{MAX_ORDER} for the fused kernel, got {order}")
+    if x.dim() < 2:
+        raise ValueError(f"x needs shape (n+1, *batch, in), got {tuple(x.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"weight must have shape (out, {x.shape[-1]}), got {tuple(weight.shape)}")
+    if weight.dtype != x.dtype or weight.device != x.device:
+        raise ValueError(f"weight is {weight.dtype} on {weight.device}, x is {x.dtype} on {x.device}: "
+                         "the fused GEMM needs one dtype and device")
+    N, D = weight.shape
+    if bias is not None and (bias.shape != (N,) or bias.device != x.device):
+        raise ValueError(f"bias must have shape ({N},) on {x.device}, got {tuple(bias.shape)} on {bias.device}")
+    x = x[: order + 1]
+    nu = x.shape[0]
+    batch = tuple(x.shape[1:-1])
+    x3 = x.reshape(nu, -1, D)  # a view whenever the batch axes can merge
+    M = x3.shape[1]
+    shape = (order + 1,) + batch + (N,)
+    if out is None:
+        y = torch.empty(shape, dtype=x.dtype, device=x.device)
+    else:
+        if tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {shape} on {x.device}")
+        y = out
+    if M == 0 or N == 0:
+        return y
+    y3 = y.view(order + 1, M, N)
+    b = bias.contiguous() if bias is not None else weight  # dummy pointer when HAS_BIAS is False
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    wrap_triton(linear_act_jet_fused_kernel)[grid](
+        x_ptr=x3, w_ptr=weight, b_ptr=b, y_ptr=y3, M=M, N=N, D=D, sxk=x3.stride(0), sxm=x3.stride(1),
+        sxd=x3.stride(2), swn=weight.stride(0), swd=weight.stride(1), syk=y3.stride(0), sym=y3.stride(1),
+        p0=float(p0), p1=float(p1), M_BUCKET=max(M - 1, 0).bit_length(), ACT=activation_code(kind or "identity"),
+        K=order, NU=nu, HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x.dtype),
+        UPCAST=INTERPRET and x.dtype == torch.bfloat16)
+    return y

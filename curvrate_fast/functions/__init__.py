@@ -6,7 +6,9 @@ Public helpers (each takes the pure-PyTorch reference path of :mod:`curvrate_fas
 - :func:`activation_jet` (c, kind, order, **params) → (order+1, *S)
 - :func:`bias_activation_jet` (pre, bias, kind, order, channel_dim, **params) → (order+1, *S)
 - :func:`cross_entropy_jet` (z, target, order, ignore_index=-100, weight=None) → (order+1, B)
-- :func:`linear_activation_jet`, :func:`conv_activation_jet`: one GEMM / conv + the fused epilogue
+- :func:`linear_activation_jet`: cuBLAS GEMM + the fused epilogue, or one Triton GEMM with the
+  epilogue fused (``impl=``; "auto" measures both per shape on the GPU)
+- :func:`conv_activation_jet`: one cuDNN convolution + the fused epilogue
 - :func:`triton_available` (t) → bool
 
 Importing this package does not import triton; the kernels load on first use.
@@ -15,7 +17,8 @@ from ._backend import triton_available
 from .activation import (KINDS, ActivationJetFunction, activation_jet, bias_activation_jet,
                          reference_activation_jet)
 from .cross_entropy import CrossEntropyJetFunction, cross_entropy_jet, reference_cross_entropy_jet
-from .linear import conv_activation_jet, linear_activation_jet
+from .linear import (LinearActivationJetFunction, choose_linear_impl, conv_activation_jet, linear_activation_jet,
+                     linear_impl_choices)
 
 
 def _register_if_useful() -> None:
@@ -35,4 +38,5 @@ _register_if_useful()
 
 __all__ = ["triton_available", "activation_jet", "bias_activation_jet", "cross_entropy_jet",
            "linear_activation_jet", "conv_activation_jet", "reference_activation_jet",
-           "reference_cross_entropy_jet", "ActivationJetFunction", "CrossEntropyJetFunction", "KINDS"]
+           "reference_cross_entropy_jet", "ActivationJetFunction", "CrossEntropyJetFunction",
+           "LinearActivationJetFunction", "choose_linear_impl", "linear_impl_choices", "KINDS"]

@@ -13,6 +13,7 @@ The ops are forward-only building blocks; the autograd Functions of this package
     torch.ops.curvrate_fast_triton.activation_jet_bwd(x, bias, grad_y, kind, order, p0, p1, channels, inner)
     torch.ops.curvrate_fast_triton.cross_entropy_jet_fwd(z, target, weight, order, ignore_index) -> (loss, lse)
     torch.ops.curvrate_fast_triton.cross_entropy_jet_bwd(z, target, weight, lse, grad_loss, order, ignore_index)
+    torch.ops.curvrate_fast_triton.linear_act_jet_fused(x, weight, bias, kind, order, p0, p1)
 """
 from __future__ import annotations
 
@@ -31,9 +32,11 @@ _MODE = None  # "triton_op" or "custom_op" once registered
 
 
 def _register() -> str:
-    """Register the four operators once; returns "triton_op" or "custom_op"."""
+    """Register the operators once; returns "triton_op" or "custom_op"."""
     act = kernel_module("activation_jet")
     ce = kernel_module("cross_entropy_jet")
+    lin = kernel_module("linear_jet")
+    _lin_fused = lin.linear_act_jet_fused
     _act_fwd = act.activation_jet_fwd
     _act_bwd = act.activation_jet_bwd
     _ce_fwd = ce.cross_entropy_jet_fwd
@@ -55,8 +58,13 @@ def _register() -> str:
                               order: int, ignore_index: int) -> Tensor:
         return _ce_bwd(z, target, lse, grad_loss, order, ignore_index, weight)
 
+    def linear_act_jet_fused(x: Tensor, weight: Tensor, bias: Optional[Tensor], kind: str, order: int, p0: float,
+                             p1: float) -> Tensor:
+        return _lin_fused(x, weight, bias, kind, order, p0, p1)
+
     impls = {"activation_jet_fwd": activation_jet_fwd, "activation_jet_bwd": activation_jet_bwd,
-             "cross_entropy_jet_fwd": cross_entropy_jet_fwd, "cross_entropy_jet_bwd": cross_entropy_jet_bwd}
+             "cross_entropy_jet_fwd": cross_entropy_jet_fwd, "cross_entropy_jet_bwd": cross_entropy_jet_bwd,
+             "linear_act_jet_fused": linear_act_jet_fused}
 
     if not interpreting():
         for name, fn in impls.items():
@@ -77,8 +85,12 @@ def _register() -> str:
     def fake_ce_bwd(z, target, weight, lse, grad_loss, order, ignore_index):
         return z[: order + 1].new_empty(z[: order + 1].shape)
 
+    def fake_lin_fused(x, weight, bias, kind, order, p0, p1):
+        return x.new_empty((order + 1,) + tuple(x.shape[1:-1]) + (weight.shape[0],))
+
     fakes = {"activation_jet_fwd": fake_act_fwd, "activation_jet_bwd": fake_act_bwd,
-             "cross_entropy_jet_fwd": fake_ce_fwd, "cross_entropy_jet_bwd": fake_ce_bwd}
+             "cross_entropy_jet_fwd": fake_ce_fwd, "cross_entropy_jet_bwd": fake_ce_bwd,
+             "linear_act_jet_fused": fake_lin_fused}
     for name, fn in impls.items():
         op = torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=())
         op.register_fake(fakes[name])

@@ -13,11 +13,16 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional
 
-__all__ = ["register", "lookup", "settings", "engine_settings", "OpReport", "track_ops", "BACKENDS"]
+__all__ = ["register", "lookup", "settings", "engine_settings", "OpReport", "track_ops", "BACKENDS",
+           "LINEAR_IMPLS"]
 
 _RULES: Dict[object, Callable] = {}
 
 BACKENDS = ("auto", "reference", "triton", "cpp")
+#: how a linear layer followed by an activation runs on the Triton backend: "auto" measures both per
+#: shape on the GPU and keeps the faster; "cublas": one cuBLAS GEMM + the fused bias/activation kernel;
+#: "fused": one Triton GEMM with the bias and activation jet in its epilogue
+LINEAR_IMPLS = ("auto", "cublas", "fused")
 
 
 def register(*funcs: object) -> Callable[[Callable], Callable]:
@@ -95,6 +100,7 @@ class _Settings(threading.local):
         # NaN/Inf checks of x and u: one reduction each, and a device sync on CUDA
         self.check_finite: bool = os.environ.get("CURVRATE_CHECK_FINITE", "1") not in (
             "", "0", "false", "False")
+        self.linear_impl: str = os.environ.get("CURVRATE_LINEAR_IMPL", "auto")
         self.trackers: List[OpReport] = []
 
 
@@ -107,19 +113,30 @@ def _check_backend(backend: str) -> str:
     return backend
 
 
+def check_linear_impl(impl: str) -> str:
+    if impl not in LINEAR_IMPLS:
+        raise ValueError(f"linear_impl must be one of {LINEAR_IMPLS}, got {impl!r} "
+                         "(from the argument or CURVRATE_LINEAR_IMPL)")
+    return impl
+
+
 @contextlib.contextmanager
 def engine_settings(*, strict: Optional[bool] = None, backend: Optional[str] = None,
-                    check_finite: Optional[bool] = None) -> Iterator[None]:
-    """Temporarily set the engine's strict mode, backend and input NaN/Inf checks (``None`` keeps
-    the current value). ``check_finite=False`` skips the NaN/Inf scan of x and u, which costs a
-    device sync per call on CUDA (env: ``CURVRATE_CHECK_FINITE=0``).
+                    check_finite: Optional[bool] = None, linear_impl: Optional[str] = None) -> Iterator[None]:
+    """Temporarily set the engine's strict mode, backend, input NaN/Inf checks and linear+activation
+    implementation (``None`` keeps the current value). ``check_finite=False`` skips the NaN/Inf scan
+    of x and u, which costs a device sync per call on CUDA (env: ``CURVRATE_CHECK_FINITE=0``).
+    ``linear_impl`` (env ``CURVRATE_LINEAR_IMPL``): on the Triton backend, a linear layer followed by
+    an activation runs as one cuBLAS GEMM + one fused bias/activation kernel ("cublas"), as one
+    Triton GEMM with the bias and activation jet in its epilogue ("fused"), or as whichever of the
+    two measured faster for that shape on this GPU ("auto", the default).
 
     Example::
 
         >>> with curvrate_fast.engine_settings(backend="reference", check_finite=False):
         ...     loss = crit(model, x, y)
     """
-    old = (settings.strict, settings.backend, settings.check_finite)
+    old = (settings.strict, settings.backend, settings.check_finite, settings.linear_impl)
     try:
         if strict is not None:
             settings.strict = bool(strict)
@@ -127,9 +144,11 @@ def engine_settings(*, strict: Optional[bool] = None, backend: Optional[str] = N
             settings.backend = _check_backend(backend)
         if check_finite is not None:
             settings.check_finite = bool(check_finite)
+        if linear_impl is not None:
+            settings.linear_impl = check_linear_impl(linear_impl)
         yield
     finally:
-        settings.strict, settings.backend, settings.check_finite = old
+        settings.strict, settings.backend, settings.check_finite, settings.linear_impl = old
 
 
 @contextlib.contextmanager

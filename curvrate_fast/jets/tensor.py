@@ -50,25 +50,51 @@ class JetTensor(torch.Tensor):
         r._data = coeffs
         r._order = int(order)
         r._is_view = is_view
-        # (bias, channel_dim, shared): a bias still to be added to coefficient 0. A linear or conv
-        # rule on the Triton path leaves it pending so that a following activation can add it
-        # inside its fused kernel; any other reader materializes it here.
-        r._pending = None if pending_bias is None else (pending_bias[0], pending_bias[1], False)
+        # Deferred work on the coefficients, so that a following activation can do it inside its
+        # fused kernel; any other reader materializes it (``_coeffs``):
+        #   ("bias", bias, channel_dim, shared): a bias still to be added to coefficient 0 (a linear
+        #       or conv rule on the Triton path);
+        #   ("linear", x_coeffs, weight, bias, grad_enabled): the whole GEMM x Wᵀ (+ b) not yet run
+        #       (a linear rule on the Triton path: the activation may run it as ONE Triton GEMM
+        #       with the activation jet in its epilogue).
+        r._pending = None if pending_bias is None else ("bias", pending_bias[0], pending_bias[1], False)
+        return r
+
+    @classmethod
+    def deferred_linear(cls, x_coeffs: Tensor, weight: Tensor, bias: Optional[Tensor], order: int) -> "JetTensor":
+        """The jet of ``F.linear(x, weight, bias)`` for stored input coefficients ``x_coeffs``
+        (n+1, *batch, in), with the GEMM deferred until someone reads the coefficients (then one
+        GEMM of all n+1 rows, bias on coefficient 0: SPEC.md §2) or an activation takes it whole."""
+        shape = tuple(x_coeffs.shape[1:-1]) + (weight.shape[0],)
+        r = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=x_coeffs.dtype, device=x_coeffs.device,
+                                                requires_grad=False)
+        r._data = None
+        r._order = int(order)
+        r._is_view = False
+        r._pending = ("linear", x_coeffs, weight, bias, torch.is_grad_enabled())
         return r
 
     @property
     def _coeffs(self) -> Tensor:
         if self._pending is not None:
-            bias, channel_dim, shared = self._pending
-            self._pending = None
-            d = self._data
-            nd = d.dim() - 1
-            cd = channel_dim % nd
-            b = bias.reshape((-1,) + (1,) * (nd - cd - 1))
-            if shared:  # a fused kernel saved the raw data for its backward: do not modify it
-                self._data = torch.cat([(d[0] + b).unsqueeze(0), d[1:]])
-            else:       # a fresh GEMM/conv output nobody else holds: add in place
-                d.select(0, 0).add_(b)
+            pending, self._pending = self._pending, None
+            if pending[0] == "linear":
+                _, x, weight, bias, grad_enabled = pending
+                with torch.set_grad_enabled(grad_enabled):  # as if it had run where the model called it
+                    out = torch.nn.functional.linear(x, weight)
+                    if bias is not None:
+                        out.select(0, 0).add_(bias)  # a fresh GEMM output nobody else holds
+                self._data = out
+            else:
+                _, bias, channel_dim, shared = pending
+                d = self._data
+                nd = d.dim() - 1
+                cd = channel_dim % nd
+                b = bias.reshape((-1,) + (1,) * (nd - cd - 1))
+                if shared:  # a fused kernel saved the raw data for its backward: do not modify it
+                    self._data = torch.cat([(d[0] + b).unsqueeze(0), d[1:]])
+                else:       # a fresh GEMM/conv output nobody else holds: add in place
+                    d.select(0, 0).add_(b)
         return self._data
 
     @_coeffs.setter
@@ -79,11 +105,18 @@ class JetTensor(torch.Tensor):
     def take_pending_bias(self) -> Optional[Tuple[Tensor, Tensor, int]]:
         """(raw coefficients, bias, channel_dim) for a fused bias+activation kernel, or None.
         The raw tensor is marked shared, so a later materialization copies instead of writing."""
-        if self._pending is None:
+        if self._pending is None or self._pending[0] != "bias":
             return None
-        bias, channel_dim, _ = self._pending
-        self._pending = (bias, channel_dim, True)
+        _, bias, channel_dim, _ = self._pending
+        self._pending = ("bias", bias, channel_dim, True)
         return self._data, bias, channel_dim
+
+    def take_pending_linear(self) -> Optional[Tuple[Tensor, Tensor, Optional[Tensor]]]:
+        """(x coefficients, weight, bias) of a deferred linear layer for a fused linear+activation,
+        or None. The jet stays deferred: a later reader of the pre-activation runs the GEMM then."""
+        if self._pending is None or self._pending[0] != "linear":
+            return None
+        return self._pending[1:4]
 
     # -- access -------------------------------------------------------------------------------
     @property

@@ -67,9 +67,14 @@ def activation(x, kind: str, **params):
     K = x._order
     if kind in ("relu", "leaky_relu") and x._pending is None:
         return _piecewise_linear(x, kind, **params)
-    pending = x.take_pending_bias() if kind in _FUSED_KINDS and x._pending is not None else None
-    if pending is not None:
-        if use_triton(pending[0], K):  # linear/conv + activation epilogue in one kernel
+    if kind in _FUSED_KINDS and x._pending is not None:
+        deferred = x.take_pending_linear()
+        if deferred is not None:  # linear + activation: one fused Triton GEMM or cuBLAS + one epilogue
+            from ..functions import linear_activation_jet
+            x_coeffs, weight, bias = deferred
+            return make_jet(linear_activation_jet(x_coeffs, weight, bias, kind, K, **params), K)
+        pending = x.take_pending_bias()
+        if pending is not None and use_triton(pending[0], K):  # conv + bias + activation in one epilogue
             from ..functions import bias_activation_jet
             raw, bias, channel_dim = pending
             return make_jet(bias_activation_jet(raw, bias, kind, K, channel_dim, **params), K)

@@ -33,10 +33,13 @@ def linear(input, weight, bias=None):
         y = make_jet(cauchy_op(lambda a, w: F.linear(a, w), input, weight, K), K)
         return y + bias if bias is not None else y
     # (n+1, *, in) rows through one GEMM; an unbatched (in,) input stacks to (n+1, in) rows.
-    out = F.linear(input._coeffs, weight)
-    if bias is not None and use_triton(out, K):  # a following activation fuses the bias add
-        return JetTensor(out, K, pending_bias=(bias, -1))
-    return make_jet(_add_bias0(out, bias), K)
+    x = input._coeffs
+    if use_triton(x, K) and x.dtype == weight.dtype and x.device == weight.device:
+        # Deferred: a following activation runs GEMM + bias + activation jet as one fused Triton
+        # GEMM or as cuBLAS + one fused epilogue (whichever measured faster for this shape); any
+        # other reader runs the GEMM then.
+        return JetTensor.deferred_linear(x, weight, bias, K)
+    return make_jet(_add_bias0(F.linear(x, weight), bias), K)
 
 
 def _matmul_one_jet(op, a, b, K):
