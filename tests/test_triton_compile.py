@@ -40,6 +40,11 @@ SCRIPT = textwrap.dedent(r"""
     ce_bwd = {"z_ptr": "*fp32", "t_ptr": "*i32", "w_ptr": "*fp32", "lse_ptr": "*fp32", "gl_ptr": "*fp32",
               "gz_ptr": "*fp32", "B": "i32", "C": "i32", "szk": "i64", "szb": "i64", "sek": "i32", "sgk": "i32",
               "sgzk": "i64", "sgzb": "i64", "ignore_index": "i32"}
+    ce_part = {"z_ptr": "*bf16", "ws_ptr": "*fp32", "B": "i32", "C": "i32", "szk": "i64", "szb": "i64",
+               "swk": "i32", "swb": "i32"}
+    ce_comb = {"ws_ptr": "*fp32", "z_ptr": "*bf16", "t_ptr": "*i64", "w_ptr": "*fp32", "loss_ptr": "*bf16",
+               "lse_ptr": "*fp32", "B": "i32", "C": "i32", "NS": "i32", "szk": "i64", "szb": "i64", "swk": "i32",
+               "swb": "i32", "slk": "i32", "sek": "i32", "ignore_index": "i32"}
     jobs = []
     for act in sorted(A.ACTIVATIONS.values()):
         for fn, sig in ((A.activation_jet_fwd_kernel.fn, act_fwd), (A.activation_jet_bwd_kernel.fn, act_bwd)):
@@ -51,6 +56,13 @@ SCRIPT = textwrap.dedent(r"""
         jobs.append((fn, sig, dict(K=4, NU=2, HAS_W=True, BLOCK_B=1, BLOCK_C=2048), 8, 90))
         jobs.append((fn, sig, dict(K=6, NU=7, HAS_W=False, BLOCK_B=128, BLOCK_C=16), 8, 90))
         jobs.append((fn, sig, dict(K=2, NU=3, HAS_W=False, BLOCK_B=2, BLOCK_C=1024), 8, 80))
+    # the split-over-classes path (few rows, many classes): partial sums, then the combine
+    jobs.append((CE.ce_jet_partial_kernel, ce_part, dict(K=4, NU=2, BLOCK_B=1, BLOCK_C=2048), 8, 90))
+    jobs.append((CE.ce_jet_partial_kernel, ce_part, dict(K=6, NU=7, BLOCK_B=128, BLOCK_C=16), 8, 90))
+    jobs.append((CE.ce_jet_partial_kernel, ce_part, dict(K=2, NU=3, BLOCK_B=2, BLOCK_C=1024), 8, 80))
+    jobs.append((CE.ce_jet_combine_kernel, ce_comb, dict(K=4, NU=2, HAS_W=True, BLOCK_B=8, BLOCK_S=16), 4, 90))
+    jobs.append((CE.ce_jet_combine_kernel, ce_comb, dict(K=6, NU=7, HAS_W=False, BLOCK_B=1, BLOCK_S=2048), 8, 90))
+    jobs.append((CE.ce_jet_combine_kernel, ce_comb, dict(K=2, NU=3, HAS_W=True, BLOCK_B=64, BLOCK_S=32), 8, 80))
     gemm = {"x_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": "*fp32", "M": "i32", "N": "i32",
             "D": "i32", "sxk": "i32", "sxm": "i32", "sxd": "i32", "swn": "i32", "swd": "i32", "syk": "i32",
             "sym": "i32", "p0": "fp32", "p1": "fp32", "M_BUCKET": "i32"}
@@ -95,4 +107,4 @@ def test_kernels_compile_for_sm90_and_sm80(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     done = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(done) == 32
+    assert len(done) == 38
