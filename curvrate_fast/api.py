@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import rules  # noqa: F401  (registers every rule)
-from .jets.registry import engine_settings, settings
+from .jets.registry import engine_settings, settings, tracing
 from .jets.tensor import JetTensor, is_jet, pad_coeffs
 
 __all__ = ["jet", "directional_derivatives", "loss_directional_derivatives", "input_jet"]
@@ -35,7 +35,7 @@ def _check_tensor(name: str, t) -> None:
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor (derivatives along x + t·u need real "
                         f"inputs), got dtype {t.dtype}; convert it with .float() or .double()")
-    if settings.check_finite and not bool(torch.isfinite(t).all()):
+    if settings.check_finite and not tracing() and not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name} contains {bad} NaN or Inf value(s)")
 

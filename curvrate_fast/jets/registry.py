@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional
 
 __all__ = ["register", "lookup", "settings", "engine_settings", "OpReport", "track_ops", "BACKENDS",
-           "LINEAR_IMPLS"]
+           "LINEAR_IMPLS", "tracing"]
 
 _RULES: Dict[object, Callable] = {}
 
@@ -111,6 +111,15 @@ def _check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     return backend
+
+
+def tracing() -> bool:
+    """True while torch.compile (dynamo) or make_fx/AOT tracing records the ops. Checks that read
+    tensor values in Python (NaN/Inf scans, label ranges) cannot run then and are skipped."""
+    import torch
+    if torch.compiler.is_compiling():
+        return True
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None
 
 
 def check_linear_impl(impl: str) -> str:

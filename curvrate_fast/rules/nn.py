@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import series as S
+from ..jets import registry
 from ..jets.registry import register
 from ._common import aliases, is_jet, make_jet, primal
 from .activations import use_triton
@@ -68,7 +69,7 @@ def _class_dim_gather(logp, target: Tensor):
 
 def _check_targets(input, target: Tensor, ignore_index: int) -> None:
     C = input.shape[1] if input.dim() >= 2 else input.shape[0]
-    if target.numel() == 0:
+    if target.numel() == 0 or registry.tracing():  # a trace cannot read the labels' values
         return
     lo, hi = torch.aminmax(target)
     if 0 <= int(lo) and int(hi) < C:  # one op in the common case
@@ -115,7 +116,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
         wl = logp if weight is None else logp * weight.reshape((-1,) + (1,) * (input.dim() - cdim - 1))
         smooth = -wl.sum(dim=cdim) / C
         nll = (1 - label_smoothing) * nll + label_smoothing * smooth
-    if not bool(valid.all()):
+    # skipping the where when every label is valid saves one op per coefficient; a trace cannot ask
+    if registry.tracing() or not bool(valid.all()):
         nll = torch.where(valid, nll, torch.zeros((), dtype=nll.dtype, device=nll.device))
     denom = w_t.sum() if w_t is not None else valid.sum().to(nll.dtype)
     return _reduce(nll, reduction, denom)
