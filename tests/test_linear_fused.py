@@ -90,6 +90,19 @@ def test_fused_kernel_writes_every_output_and_takes_strided_inputs():
     assert y is out
     ref = reference("silu", order, {})
     assert_jet_close(y, ref(x.double(), W.double(), b.double()), ref(x, W, b), rtol=2e-5, what="strided")
+    # the backward kernel: ∂L/∂pre for a non-contiguous grad_y, into a poisoned buffer
+    gy = torch.randn(M, order + 1, N, generator=gen, dtype=torch.float64).float().to(DEV).transpose(0, 1)
+    gu = torch.full((nu, M, N), float("nan"), device=DEV)
+    assert LJ.linear_act_jet_fused_bwd(x, W, b, gy, "silu", order, out=gu) is gu
+
+    def pre_grad(x, W, b):
+        pre = torch.stack([xi @ W.T for xi in x])
+        pre = torch.cat([(pre[0] + b).unsqueeze(0), pre[1:]]).detach().requires_grad_(True)
+        return torch.autograd.grad(reference_activation_jet(pre, "silu", order), pre, gy.to(pre.dtype))[0]
+    assert_jet_close(gu, pre_grad(x.double(), W.double(), b.double()), pre_grad(x, W, b), rtol=2e-5,
+                     what="fused bwd kernel")
+    with pytest.raises(ValueError, match="grad_y has shape"):
+        LJ.linear_act_jet_fused_bwd(x, W, b, gy[:, :5], "silu", order)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float16, 4e-3), (torch.bfloat16, 3e-2)])

@@ -74,6 +74,13 @@ SCRIPT = textwrap.dedent(r"""
             (gemm16, dict(ACT=3, K=6, NU=7, HAS_BIAS=True, DOT_PRECISION="tf32", UPCAST=False), 8, 90),
             (gemm16, dict(ACT=8, K=1, NU=2, HAS_BIAS=True, DOT_PRECISION="tf32", UPCAST=False), 4, 90)):
         jobs.append((LJ.linear_act_jet_fused_kernel.fn, sig, dict(consts, **tiles), warps, arch))
+    gemm_bwd = dict(gemm, gy_ptr="*fp32", gu_ptr="*fp32", sgyk="i32", sgym="i32", sguk="i32", sgum="i32")
+    del gemm_bwd["y_ptr"], gemm_bwd["syk"], gemm_bwd["sym"]
+    gemm_bwd16 = dict(gemm_bwd, x_ptr="*bf16", w_ptr="*bf16", b_ptr="*bf16", gy_ptr="*bf16", gu_ptr="*bf16")
+    for sig, consts, warps, arch in (
+            (gemm_bwd, dict(ACT=0, K=4, NU=2, HAS_BIAS=True, DOT_PRECISION="ieee", UPCAST=False), 8, 90),
+            (gemm_bwd16, dict(ACT=3, K=6, NU=7, HAS_BIAS=True, DOT_PRECISION="tf32", UPCAST=False), 8, 80)):
+        jobs.append((LJ.linear_act_jet_fused_bwd_kernel.fn, sig, dict(consts, **tiles), warps, arch))
     done = []
     for fn, sig, consts, warps, arch in jobs:
         s = dict(sig)
@@ -107,4 +114,4 @@ def test_kernels_compile_for_sm90_and_sm80(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     done = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(done) == 38
+    assert len(done) == 40

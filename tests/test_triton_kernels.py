@@ -385,7 +385,7 @@ def test_registered_ops_and_torch_compile():
     assert mode == ("custom_op" if os.environ.get("TRITON_INTERPRET") == "1" else "triton_op")
     ns = torch.ops.curvrate_fast_triton
     for name in ("activation_jet_fwd", "activation_jet_bwd", "cross_entropy_jet_fwd", "cross_entropy_jet_bwd",
-                 "linear_act_jet_fused"):
+                 "linear_act_jet_fused", "linear_act_jet_fused_bwd"):
         assert hasattr(ns, name)
     gen = torch.Generator().manual_seed(2)
     pre = rand_jet(2, (5, 6), gen)

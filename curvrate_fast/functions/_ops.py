@@ -14,6 +14,7 @@ The ops are forward-only building blocks; the autograd Functions of this package
     torch.ops.curvrate_fast_triton.cross_entropy_jet_fwd(z, target, weight, order, ignore_index) -> (loss, lse)
     torch.ops.curvrate_fast_triton.cross_entropy_jet_bwd(z, target, weight, lse, grad_loss, order, ignore_index)
     torch.ops.curvrate_fast_triton.linear_act_jet_fused(x, weight, bias, kind, order, p0, p1)
+    torch.ops.curvrate_fast_triton.linear_act_jet_fused_bwd(x, weight, bias, grad_y, kind, order, p0, p1)
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def _register() -> str:
     ce = kernel_module("cross_entropy_jet")
     lin = kernel_module("linear_jet")
     _lin_fused = lin.linear_act_jet_fused
+    _lin_fused_bwd = lin.linear_act_jet_fused_bwd
     _act_fwd = act.activation_jet_fwd
     _act_bwd = act.activation_jet_bwd
     _ce_fwd = ce.cross_entropy_jet_fwd
@@ -62,9 +64,13 @@ def _register() -> str:
                              p1: float) -> Tensor:
         return _lin_fused(x, weight, bias, kind, order, p0, p1)
 
+    def linear_act_jet_fused_bwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], grad_y: Tensor, kind: str,
+                                 order: int, p0: float, p1: float) -> Tensor:
+        return _lin_fused_bwd(x, weight, bias, grad_y, kind, order, p0, p1)
+
     impls = {"activation_jet_fwd": activation_jet_fwd, "activation_jet_bwd": activation_jet_bwd,
              "cross_entropy_jet_fwd": cross_entropy_jet_fwd, "cross_entropy_jet_bwd": cross_entropy_jet_bwd,
-             "linear_act_jet_fused": linear_act_jet_fused}
+             "linear_act_jet_fused": linear_act_jet_fused, "linear_act_jet_fused_bwd": linear_act_jet_fused_bwd}
 
     if not interpreting():
         for name, fn in impls.items():
@@ -88,9 +94,12 @@ def _register() -> str:
     def fake_lin_fused(x, weight, bias, kind, order, p0, p1):
         return x.new_empty((order + 1,) + tuple(x.shape[1:-1]) + (weight.shape[0],))
 
+    def fake_lin_fused_bwd(x, weight, bias, grad_y, kind, order, p0, p1):
+        return x.new_empty((min(x.shape[0], order + 1),) + tuple(x.shape[1:-1]) + (weight.shape[0],))
+
     fakes = {"activation_jet_fwd": fake_act_fwd, "activation_jet_bwd": fake_act_bwd,
              "cross_entropy_jet_fwd": fake_ce_fwd, "cross_entropy_jet_bwd": fake_ce_bwd,
-             "linear_act_jet_fused": fake_lin_fused}
+             "linear_act_jet_fused": fake_lin_fused, "linear_act_jet_fused_bwd": fake_lin_fused_bwd}
     for name, fn in impls.items():
         op = torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=())
         op.register_fake(fakes[name])

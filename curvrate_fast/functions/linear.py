@@ -9,8 +9,9 @@ reads the weight once):
   pass (the pre-activation is written once and read once);
 - "fused": one Triton GEMM whose epilogue adds the bias and applies the activation jet on the
   accumulator tiles (``triton_kernels/linear_jet.py``): the pre-activation never reaches memory, one
-  launch instead of two. Its backward recomputes the pre-activation (one cuBLAS GEMM), runs the
-  activation kernel's one-pass backward, and forms ∂x = ∂pre·W, ∂W = Σ_j ∂pre_jᵀ x_j, ∂b = Σ ∂pre_0.
+  launch instead of two. Its backward is one more fused kernel that recomputes the pre-activation
+  tiles and writes ∂L/∂pre (the activation's transposed Cauchy product in the epilogue), then
+  ∂x = ∂pre·W, ∂W = Σ_j ∂pre_jᵀ x_j (cuBLAS) and ∂b = Σ ∂pre_0.
 
 Which is faster depends on the shape and the GPU (DESIGN.md §2: fuse only where it measures faster),
 so ``impl="auto"`` (the default, or ``engine_settings(linear_impl=...)`` / ``CURVRATE_LINEAR_IMPL``)
@@ -56,10 +57,8 @@ class LinearActivationJetFunction(torch.autograd.Function):
         x, weight, bias = ctx.saved_tensors
         kind, order, p0, p1 = ctx.args
         N, D = weight.shape
-        # the pre-activation was never stored: recompute it (one GEMM over the n+1 stored rows)
-        pre = F.linear(x, weight)
-        gpre = torch.ops.curvrate_fast_triton.activation_jet_bwd(pre, bias, grad_y.contiguous(), kind, order, p0,
-                                                                 p1, N, 1)
+        # ∂L/∂pre by one fused kernel that recomputes the pre-activation tiles (never stored)
+        gpre = torch.ops.curvrate_fast_triton.linear_act_jet_fused_bwd(x, weight, bias, grad_y, kind, order, p0, p1)
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gx = gpre.matmul(weight)
