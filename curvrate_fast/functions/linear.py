@@ -178,8 +178,8 @@ def linear_activation_jet(x: Tensor, weight: Tensor, bias: Optional[Tensor], kin
     x = x[: order + 1]
     if impl != "cublas" and _fused_possible(x, weight, bias, order):
         if impl == "auto":
-            if torch.compiler.is_compiling():
-                impl = "cublas"  # no timing inside a trace; force "fused" to compile it in
+            if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+                impl = "cublas"  # no timing inside a trace or a CUDA-graph capture; "fused" can be forced
             else:
                 need_grad = torch.is_grad_enabled() and any(
                     t is not None and t.requires_grad for t in (x, weight, bias))
