@@ -70,7 +70,8 @@ def _pad(out: List[Tensor], order: int, like: Tensor) -> Tensor:
 def reference_activation_jet(c: Tensor, kind: str, order: int, p0: float = 0.0, p1: float = 0.0) -> Tensor:
     """The jet of ``kind`` by the recurrences of :mod:`curvrate_fast.series` (SPEC.md §2), with the
     Toeplitz backward of :mod:`curvrate_fast.activation_jet` (the engine's reference path)."""
-    c = c[: order + 1]
+    if c.shape[0] > order + 1:  # slicing only when needed: a no-op slice still adds a backward copy
+        c = c[: order + 1]
     if kind == "identity":
         return _pad(list(c.unbind(0)), order, c[0])
     params = ({"beta": p0, "threshold": p1} if kind == "softplus" else
@@ -126,7 +127,8 @@ def activation_jet(c: Tensor, kind: str, order: int, **params) -> Tensor:
     kind, p0, p1 = activation_params(kind, params)
     if c.dim() < 1:
         raise ValueError("c needs a leading coefficient axis")
-    c = c[: order + 1]
+    if c.shape[0] > order + 1:  # slicing only when needed: a no-op slice still adds a backward copy
+        c = c[: order + 1]
     if not _use_kernel(c, order):
         return reference_activation_jet(c, kind, order, p0, p1)
     ensure_registered()
@@ -142,7 +144,8 @@ def bias_activation_jet(pre: Tensor, bias: Optional[Tensor], kind: Optional[str]
     kind, p0, p1 = activation_params(kind, params)
     if pre.dim() < 1:
         raise ValueError("pre needs a leading coefficient axis")
-    pre = pre[: order + 1]
+    if pre.shape[0] > order + 1:  # slicing only when needed: a no-op slice still adds a backward copy
+        pre = pre[: order + 1]
     shape = tuple(pre.shape[1:])
     channels, inner = 1, 1
     if bias is not None:

@@ -85,7 +85,8 @@ def cross_entropy_jet(z: Tensor, target: Tensor, order: int, ignore_index: int =
     if target.is_floating_point():
         raise NotImplementedError("probability (floating-point) targets are not supported by cross_entropy_jet; "
                                   "use the reference rule")
-    z = z[: order + 1]
+    if z.shape[0] > order + 1:  # slicing only when needed: a no-op slice still adds a backward copy
+        z = z[: order + 1]
     if weight is not None and weight.shape != (z.shape[2],):
         raise ValueError(f"weight must have shape ({z.shape[2]},), got {tuple(weight.shape)}")
     # the kernel has no gradient w.r.t. class weights: a trainable weight takes the reference path

@@ -175,7 +175,8 @@ def linear_activation_jet(x: Tensor, weight: Tensor, bias: Optional[Tensor], kin
     impl = check_linear_impl(settings.linear_impl if impl is None else impl)
     if x.dim() < 2:
         raise ValueError(f"x must have shape (n+1, *batch, in), got {tuple(x.shape)}")
-    x = x[: order + 1]
+    if x.shape[0] > order + 1:  # slicing only when needed: a no-op slice still adds a backward copy
+        x = x[: order + 1]
     if impl != "cublas" and _fused_possible(x, weight, bias, order):
         if impl == "auto":
             if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
