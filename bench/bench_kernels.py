@@ -188,13 +188,18 @@ class Ctx:
         None in smoke mode (GPU-only statistic)."""
         if self.smoke:
             return None
-        torch = self.m.torch
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
+        from curvrate_fast.bench_suite import peak_memory_mb
+        return peak_memory_mb(fn, self.dev)
+
+    def finish(self, d: dict, fwd: Callable, ref: Callable) -> None:
+        """The derived columns of a kernel case: speedups over the reference chain (forward, and the
+        autograd backwards), peak memory of one forward of each, bandwidths."""
+        d["speedup_vs_reference"] = d["reference_ms"] / d["ms"]
+        d["backward_speedup"] = d["reference_backward_ms"] / d["autograd_backward_ms"]
+        d["peak_MiB"] = self.peak_mem(fwd)
+        d["reference_peak_MiB"] = self.peak_mem(ref)
+        self.bandwidth(d)
+        self.bandwidth(d, "backward_")
 
     def bandwidth(self, d: dict, prefix: str = "") -> None:
         """Add ``<prefix>GB/s``, ``<prefix>of_copy`` and ``<prefix>L2x`` (bytes over the L2 size) from
@@ -352,12 +357,7 @@ def _activation_case(ctx: Ctx, dt, N: int, nu: int, stored: str, kind: str) -> l
     if ctx.compile_wanted():
         d["compiled_reference_ms"], d["compile_s"] = _compiled_ms(
             ctx, lambda t: m.reference_activation_jet(t, kind_n, K, p0, p1), c, kind)
-    d["speedup_vs_reference"] = d["reference_ms"] / d["ms"]
-    d["backward_speedup"] = d["reference_backward_ms"] / d["autograd_backward_ms"]
-    d["peak_MiB"] = ctx.peak_mem(fwd)
-    d["reference_peak_MiB"] = ctx.peak_mem(ref)
-    ctx.bandwidth(d)
-    ctx.bandwidth(d, "backward_")
+    ctx.finish(d, fwd, ref)
     print(f"act {kind:9s} {d['dtype']:8s} {stored:15s} fwd {d['ms']:8.3f} ms ({_pct(d.get('of_copy'))} of copy) "
           f"bwd {d['backward_ms']:8.3f} ms ({_pct(d.get('backward_of_copy'))})  ref {d['reference_ms']:8.3f} ms "
           f"(x{d['speedup_vs_reference']:.1f})  autograd bwd x{d['backward_speedup']:.1f} vs ref"
@@ -561,12 +561,7 @@ def _ce_case(ctx: Ctx, dt, B: int, C: int, nu: int) -> list:
     d["autograd_backward_ms"] = _autograd_backward_ms(ctx, z, gl, lambda zz: CF.cross_entropy_jet(zz, t, K))
     d["reference_backward_ms"] = _autograd_backward_ms(
         ctx, z, gl, lambda zz: m.reference_cross_entropy_jet(zz, t, K))
-    d["speedup_vs_reference"] = d["reference_ms"] / d["ms"]
-    d["backward_speedup"] = d["reference_backward_ms"] / d["autograd_backward_ms"]
-    d["peak_MiB"] = ctx.peak_mem(fwd)
-    d["reference_peak_MiB"] = ctx.peak_mem(ref)
-    ctx.bandwidth(d)
-    ctx.bandwidth(d, "backward_")
+    ctx.finish(d, fwd, ref)
     print(f"CE B={B} C={C} {d['dtype']:8s} stored {nu}: fwd {d['ms']:.3f} ms ({_pct(d.get('of_copy'))} of copy)  "
           f"bwd {d['backward_ms']:.3f} ms ({_pct(d.get('backward_of_copy'))})  ref {d['reference_ms']:.3f} ms "
           f"(x{d['speedup_vs_reference']:.1f})  autograd bwd x{d['backward_speedup']:.1f} vs ref  "

@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from test_triton_kernels import DEV, assert_jet_close, rand_jet
+from test_triton_kernels import DEV, _ce_inputs, assert_jet_close, rand_jet  # noqa: E402
 
 from curvrate_fast.functions import _backend
 from curvrate_fast.functions.cross_entropy import reference_cross_entropy_jet
@@ -39,15 +39,7 @@ SPLIT_CASES = [
 ]
 
 
-def _inputs(order, B, C, nu, weighted, ignore_index, seed):
-    gen = torch.Generator().manual_seed(seed)
-    z = rand_jet(nu, (B, C), gen, u0_scale=3.0)
-    t = torch.randint(0, C, (B,), generator=gen)
-    if B > 2:
-        t[1::3] = ignore_index
-    w = (torch.rand(C, generator=gen) + 0.5).to(DEV) if weighted else None
-    gl = torch.randn(order + 1, B, generator=gen, dtype=torch.float64).to(DEV)
-    return z, t.to(DEV), w, gl
+_inputs = _ce_inputs  # the same random problems as the one-pass tests
 
 
 def _reference(z, t, w, gl, order, ii):

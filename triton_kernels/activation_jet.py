@@ -283,6 +283,16 @@ def _activation_jet(u, ACT: tl.constexpr, K: tl.constexpr, NU: tl.constexpr, p0,
 
 
 @triton.jit
+def _input_coeff_grad(gy, g, j: tl.constexpr, K: tl.constexpr):
+    """∂L/∂u_j = Σ_{k=j..K} (∂L/∂y_k)·g_{k−j}: the transposed Cauchy product of the backward
+    (∂y_k/∂u_j = g_{k−j}, g the jet of φ'(u); module docstring)."""
+    acc = gy[j] * g[0]
+    for k in tl.static_range(j + 1, K + 1):
+        acc += gy[k] * g[k - j]
+    return acc
+
+
+@triton.jit
 def _load_input_jet(x_ptr, b_ptr, sx, offs, mask, C, INNER, K: tl.constexpr, NU: tl.constexpr,
                     HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """Rows 0..NU−1 of x (row stride sx) as fp32, zeros for rows NU..K, bias added to row 0."""
@@ -347,10 +357,7 @@ def activation_jet_bwd_kernel(x_ptr, b_ptr, gy_ptr, gx_ptr, N, sx, sgy, sgx, C, 
         gy = gy + (tl.load(q, mask=mask, other=0.0).to(tl.float32),)
     o = gx_ptr + offs
     for j in tl.static_range(NU):
-        acc = gy[j] * g[0]
-        for k in tl.static_range(j + 1, K + 1):
-            acc += gy[k] * g[k - j]
-        tl.store(o, acc.to(gx_ptr.dtype.element_ty), mask=mask)
+        tl.store(o, _input_coeff_grad(gy, g, j, K).to(gx_ptr.dtype.element_ty), mask=mask)
         o += sgx
 
 

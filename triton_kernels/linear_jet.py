@@ -32,7 +32,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .activation_jet import INTERPRET, MAX_ORDER, _activation_jet, activation_code, activation_jet_fwd
+from .activation_jet import (INTERPRET, MAX_ORDER, _activation_jet, _input_coeff_grad, activation_code,
+                             activation_jet_fwd)
 
 __all__ = ["channel_layout", "bias_act_epilogue", "linear_pre", "conv_pre", "linear_act_jet", "conv_act_jet",
            "linear_act_jet_fused", "linear_act_jet_fused_bwd", "linear_act_jet_fused_kernel",
@@ -236,10 +237,7 @@ def linear_act_jet_fused_bwd_kernel(x_ptr, w_ptr, b_ptr, gy_ptr, gu_ptr, M, N, D
         gy = gy + (tl.load(q, mask=out_ok, other=0.0).to(tl.float32),)
     o = gu_ptr + rm[:, None] * sgum + rn[None, :]
     for j in tl.static_range(NU):
-        acc = gy[j] * g[0]
-        for k in tl.static_range(j + 1, K + 1):
-            acc += gy[k] * g[k - j]
-        tl.store(o, acc.to(gu_ptr.dtype.element_ty), mask=out_ok)
+        tl.store(o, _input_coeff_grad(gy, g, j, K).to(gu_ptr.dtype.element_ty), mask=out_ok)
         o += sguk
 
 
@@ -280,6 +278,17 @@ def _gemm_meta(x3: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tens
                 DOT_PRECISION=dot_precision(x3.dtype), UPCAST=INTERPRET and x3.dtype == torch.bfloat16)
 
 
+def _destination(out: Optional[torch.Tensor], shape, like: torch.Tensor) -> torch.Tensor:
+    """A new (shape) tensor like ``like``, or the caller's ``out`` once checked (contiguous: the
+    kernels write rows of unit column stride)."""
+    if out is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or out.device != like.device \
+            or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {like.dtype} tensor of shape {tuple(shape)} on {like.device}")
+    return out
+
+
 def _gemm_grid(M: int, N: int):
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
@@ -294,13 +303,7 @@ def linear_act_jet_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     activation (bias only). Forward only (the autograd binding is in ``curvrate_fast.functions``).
     ``out``: an optional contiguous (order+1, *batch, N) destination (tests pass NaN-poisoned ones)."""
     x3, batch, M, N, D = _gemm_operands(x, weight, bias, order)
-    shape = (order + 1,) + batch + (N,)
-    if out is None:
-        y = torch.empty(shape, dtype=x.dtype, device=x.device)
-    else:
-        if tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {shape} on {x.device}")
-        y = out
+    y = _destination(out, (order + 1,) + batch + (N,), x)
     if M == 0 or N == 0:
         return y
     y3 = y.view(order + 1, M, N)
@@ -319,13 +322,7 @@ def linear_act_jet_fused_bwd(x: torch.Tensor, weight: torch.Tensor, bias: Option
     nu = x3.shape[0]
     if tuple(grad_y.shape) != (order + 1,) + batch + (N,):
         raise ValueError(f"grad_y has shape {tuple(grad_y.shape)}, expected {(order + 1,) + batch + (N,)}")
-    shape = (nu,) + batch + (N,)
-    if out is None:
-        gu = torch.empty(shape, dtype=x.dtype, device=x.device)
-    else:
-        if tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {shape} on {x.device}")
-        gu = out
+    gu = _destination(out, (nu,) + batch + (N,), x)
     if M == 0 or N == 0:
         return gu
     gy3 = grad_y.reshape(order + 1, M, N)
