@@ -87,3 +87,21 @@ def test_triton_backend_matches_reference(make, shape, classes, linear_acts, lin
     for a, b in zip(g_tri, g_ref):
         assert rel_err(a, b) < 1e-4
     assert len(ran) == (linear_acts if linear_impl == "fused" else 0), ran
+
+
+@pytest.mark.parametrize("linear_impl", ["cublas", "fused"])
+def test_relu_after_linear_or_conv_keeps_the_short_series(linear_impl):
+    """ReLU maps known-zero coefficients to zero, so on the fused path too the jet after
+    linear/conv + ReLU stores only the input's 2 rows (not K+1), and the values are exact."""
+    import curvrate_fast as cf
+    from curvrate_fast.jets.tensor import JetTensor
+    torch.manual_seed(3)
+    lin, conv = nn.Linear(5, 6), nn.Conv2d(2, 3, 3)
+    for layer, shape in ((lin, (4, 5)), (conv, (2, 2, 5, 5))):
+        x, u = torch.randn(*shape), torch.randn(*shape)
+        with cf.engine_settings(backend="triton", linear_impl=linear_impl):
+            y = F.relu(layer(JetTensor(torch.stack([x, u]), 4)))
+        assert y.coeffs.shape[0] == 2, (layer, y.coeffs.shape)
+        with cf.engine_settings(backend="reference"):
+            r = F.relu(layer(JetTensor(torch.stack([x, u]), 4)))
+        torch.testing.assert_close(y.coeffs, r.coeffs[:2], rtol=1e-6, atol=1e-6)

@@ -67,17 +67,22 @@ def activation(x, kind: str, **params):
     K = x._order
     if kind in ("relu", "leaky_relu") and x._pending is None:
         return _piecewise_linear(x, kind, **params)
+    # ReLU/leaky ReLU keep known-zero coefficients zero (y_k = m·u_k): the fused kernels then write
+    # only the stored rows, so a ReLU network still carries (x, u) alone to the loss
+    piecewise = kind in ("relu", "leaky_relu")
     if kind in _FUSED_KINDS and x._pending is not None:
         deferred = x.take_pending_linear()
         if deferred is not None:  # linear + activation: one fused Triton GEMM or cuBLAS + one epilogue
             from ..functions import linear_activation_jet
             x_coeffs, weight, bias = deferred
-            return make_jet(linear_activation_jet(x_coeffs, weight, bias, kind, K, **params), K)
+            out_order = min(K, x_coeffs.shape[0] - 1) if piecewise else K
+            return make_jet(linear_activation_jet(x_coeffs, weight, bias, kind, out_order, **params), K)
         pending = x.take_pending_bias()
         if pending is not None and use_triton(pending[0], K):  # conv + bias + activation in one epilogue
             from ..functions import bias_activation_jet
             raw, bias, channel_dim = pending
-            return make_jet(bias_activation_jet(raw, bias, kind, K, channel_dim, **params), K)
+            out_order = min(K, raw.shape[0] - 1) if piecewise else K
+            return make_jet(bias_activation_jet(raw, bias, kind, out_order, channel_dim, **params), K)
     if kind in _FUSED_KINDS and use_triton(x._coeffs, K):
         from ..functions import activation_jet
         return make_jet(activation_jet(x._coeffs, kind, K, **params), K)
