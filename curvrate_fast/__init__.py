@@ -10,8 +10,9 @@ Example::
     >>> d = curvrate_fast.loss_directional_derivatives(model, x, y, u, order=4)   # (4, 128)
 """
 from .api import directional_derivatives, input_jet, jet, loss_directional_derivatives
-from .jets import (JetError, JetTensor, OpReport, RuleMissingError, engine_settings, register,
-                   track_ops)
+from .jets import (JetError, JetTensor, OpReport, RuleMissingError, RuleRegistrationError,
+                   configure, engine_settings, register, track_ops, unregister)
+from .jets import kit
 from .rules import SampleMixingError
 from .calibration import expected_calibration_error, hard_fraction_accuracy, reliability_bins
 from .crr import CRRLoss, crr_penalty
@@ -25,8 +26,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "jet", "directional_derivatives", "loss_directional_derivatives", "input_jet",
-    "JetTensor", "JetError", "RuleMissingError", "SampleMixingError", "OpReport", "track_ops",
-    "engine_settings", "register", "__version__",
+    "JetTensor", "JetError", "RuleMissingError", "RuleRegistrationError", "SampleMixingError",
+    "OpReport", "track_ops", "engine_settings", "configure", "register", "unregister", "kit",
+    "__version__",
 ]
 __all__ += [
     "curvature_rate", "CurvatureRate", "CurvatureWarning", "estimate_from_derivatives", "ols_slope",

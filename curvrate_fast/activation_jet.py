@@ -7,7 +7,7 @@ Toeplitz,
     ∂y_k/∂u_j = w_{k−j},    w = the Taylor coefficients of φ′(u(t)),
 
 and the backward of the whole jet is  ḡu_j = Σ_{k=j..K} ḡy_k · w_{k−j}  (K²/2 fused multiply-adds).
-The forward runs the recurrences of SPEC.md §2 (``curvrate_fast.series``) without recording a graph
+The forward runs the recurrences of docs/math.md §2 (``curvrate_fast.series``) without recording a graph
 and keeps only w; autograd through the recurrence would record and replay every intermediate.
 The w series come with the recurrences: tanh w = 1 − y², sigmoid w = s(1 − s), softplus w = σ(βu),
 SiLU w = σ(1 + u(1 − σ)), GELU w = Φ(u) + u·ϕ(u), tanh-GELU by the product rule.
@@ -23,10 +23,9 @@ import torch
 from torch import Tensor
 
 from . import series as S
+from .activation_kinds import KINDS  # the one table of activation kinds
 
 __all__ = ["activation_jet_reference", "activation_series_with_derivative", "KINDS"]
-
-KINDS = ("tanh", "sigmoid", "softplus", "gelu", "gelu_tanh", "silu", "relu", "leaky_relu")
 
 
 def _pad(a: List[Tensor], n: int) -> List[Tensor]:
@@ -106,6 +105,8 @@ class _ActivationJet(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy: Tensor):
         w = ctx.saved_tensors
+        if w and w[0].is_complex():  # autograd's convention for holomorphic maps: ḡu = conj(∂y/∂u)·ḡy
+            w = [x.conj() for x in w]
         K = gy.shape[0] - 1
         grads = []
         for j in range(ctx.n_in):  # only the stored input coefficients need a gradient

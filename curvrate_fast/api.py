@@ -1,5 +1,5 @@
 """The public derivative functions: ``jet``, ``directional_derivatives`` and
-``loss_directional_derivatives`` (SPEC.md §1, §3)."""
+``loss_directional_derivatives`` (docs/math.md §1, §3)."""
 from __future__ import annotations
 
 import math
@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import rules  # noqa: F401  (registers every rule)
+from .jets.dispatcher import model_call
 from .jets.registry import engine_settings, settings, tracing
 from .jets.tensor import JetTensor, is_jet, pad_coeffs
 
@@ -76,12 +77,12 @@ def _coefficients(out, order: int, what: str) -> Tensor:
 @_eager
 def jet(fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor, order: int, *,
         strict: Optional[bool] = None, backend: Optional[str] = None) -> Tensor:
-    """Normalized Taylor coefficients f_0..f_K of t ↦ fn(x + t·u) at t = 0 (SPEC.md §1).
+    """Normalized Taylor coefficients f_0..f_K of t ↦ fn(x + t·u) at t = 0 (docs/math.md §1).
 
     Returns a tensor of shape ``(order + 1, *fn(x).shape)``; coefficient 0 equals ``fn(x)``. The
     result is differentiable with respect to everything ``fn`` uses (e.g. model parameters).
-    ``strict=True`` raises for an op without a Taylor rule instead of using the exact generic
-    fallback; ``backend`` forces "reference" (pure PyTorch) or "triton" kernels ("auto": Triton on
+    ``strict`` is deprecated and has no effect (an op without a Taylor rule always raises);
+    ``backend`` forces "reference" (pure PyTorch) or "triton" kernels ("auto": Triton on
     CUDA tensors). Use :func:`curvrate_fast.track_ops` to see which ops used rules.
 
     Example::
@@ -91,7 +92,7 @@ def jet(fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor, order: int, *,
         >>> c = curvrate_fast.jet(f, x, u, order=4)    # (5, 5, 1): f_0..f_4
     """
     xj = input_jet(x, u, order)
-    with engine_settings(strict=strict, backend=backend):
+    with engine_settings(strict=strict, backend=backend), model_call():
         out = fn(xj)
     return _coefficients(out, order, "fn")
 
@@ -122,7 +123,7 @@ def loss_directional_derivatives(model: Callable[[Tensor], Tensor], x: Tensor, y
                                  order: int, loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
                                  *, strict: Optional[bool] = None, backend: Optional[str] = None,
                                  normalize: Optional[str] = None) -> Tensor:
-    """Per-sample derivatives of the per-sample loss along per-sample directions (SPEC.md §3):
+    """Per-sample derivatives of the per-sample loss along per-sample directions (docs/math.md §3):
     d_n[b] = dⁿ/dtⁿ loss_fn(model(x + t·u), y)[b] at t = 0, for n = 1..order.
 
     ``u`` of shape ``x.shape`` gives a result of shape ``(order, B)``; ``u`` of shape
@@ -165,7 +166,7 @@ def loss_directional_derivatives(model: Callable[[Tensor], Tensor], x: Tensor, y
         Y = y.unsqueeze(0).expand((D,) + tuple(y.shape)).reshape((D * B,) + tuple(y.shape[1:]))
     loss_fn = loss_fn or _default_loss
     xj = JetTensor(torch.stack([X, U]), order)
-    with engine_settings(strict=strict, backend=backend):
+    with engine_settings(strict=strict, backend=backend), model_call():
         losses = loss_fn(model(xj), Y)
     rows = X.shape[0]
     if not isinstance(losses, Tensor) or tuple(losses.shape) != (rows,):

@@ -1,9 +1,9 @@
-"""Nested reverse-mode autograd: the test oracle and the benchmark baseline (SPEC.md §3).
+"""Nested reverse-mode autograd: the test oracle and the benchmark baseline (docs/math.md §3).
 
 This is the method of the paper's code: derivatives of order n by n nested
 ``torch.autograd.grad(create_graph=True)`` calls. It is exact where PyTorch's higher derivatives are
 right, but about 3× more expensive per order. PyTorch's higher derivatives are wrong or missing for
-LayerNorm, instance norm and scaled-dot-product attention (SPEC.md §2); inside
+LayerNorm, instance norm and scaled-dot-product attention (docs/math.md §2); inside
 :func:`primitive_ops` (on by default here) those functions are replaced by the same math written in
 primitive operations (mean, subtraction, square, sqrt, division, matmul, softmax), so the oracle
 is right on them too.
@@ -144,7 +144,7 @@ def _per_sample_ce(logits: Tensor, y: Tensor) -> Tensor:
 def loss_directional_derivatives(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, u: Tensor,
                                  order: int, loss_fn: Optional[Callable] = None,
                                  primitive: bool = True) -> Tensor:
-    """The paper's method (SPEC.md §3): s_0 = Σ_b ℓ_b; g_n = ∂s_{n−1}/∂X (create_graph);
+    """The paper's method (docs/math.md §3): s_0 = Σ_b ℓ_b; g_n = ∂s_{n−1}/∂X (create_graph);
     d_n[b] = ⟨g_n[b], u[b]⟩; s_n = Σ_b d_n[b]. ``u`` of shape x.shape gives (order, B); of shape
     (D, *x.shape) gives (order, D, B), looping over the D directions as the reference code does."""
     loss_fn = loss_fn or _per_sample_ce

@@ -1,4 +1,4 @@
-"""Taylor arithmetic on truncated series of normalized coefficients (SPEC.md §1–2).
+"""Taylor arithmetic on truncated series of normalized coefficients (docs/math.md §1–2).
 
 A series is a Python list ``a = [a_0, a_1, ..., a_n]`` of tensors of one shape, standing for
 ``a(t) = Σ_k a_k t^k``; coefficients past the end of the list are known to be zero (the input jet
@@ -8,7 +8,7 @@ at most ``K + 1`` coefficients; where the result is known to have fewer non-zero
 
 These are the pure-PyTorch reference rules: differentiable, any device, any float dtype. They are
 the CPU backend, the oracle of the fused kernels, and the building blocks of the composite rules.
-The recurrences are those of SPEC.md §2 (Griewank & Walther, *Evaluating Derivatives*, ch. 13);
+The recurrences are those of docs/math.md §2 (Griewank & Walther, *Evaluating Derivatives*, ch. 13);
 sums skip the terms that are known to be zero, which makes the common case of an input jet with
 two coefficients cheap.
 """
@@ -24,7 +24,7 @@ Series = List[Tensor]
 
 __all__ = [
     "Series", "add", "sub", "neg", "scale", "mul", "square", "div", "reciprocal", "exp", "log",
-    "pow_scalar", "sqrt", "rsqrt", "tanh", "tanh_with_derivative", "sigmoid", "sigmoid_with_derivative", "sin_cos", "sin", "cos", "softplus", "erf",
+    "pow_scalar", "pow_int", "pow_tensor", "sqrt", "rsqrt", "tanh", "tanh_with_derivative", "sigmoid", "sigmoid_with_derivative", "sin_cos", "sin", "cos", "softplus", "erf",
     "gelu", "gelu_tanh", "silu", "elu", "log1p", "expm1",
     "atan", "integrate",
 ]
@@ -67,7 +67,7 @@ def scale(a: Series, c, K: int) -> Series:
 
 
 def mul(a: Series, b: Series, K: int) -> Series:
-    """Cauchy product (ab)_k = Σ_{j=0..k} a_j b_{k−j} (SPEC.md §2, bilinear)."""
+    """Cauchy product (ab)_k = Σ_{j=0..k} a_j b_{k−j} (docs/math.md §2, bilinear)."""
     na, nb = _len(a, K), _len(b, K)
     n = min(K + 1, na + nb - 1)
     return [_dot((a[j], b[k - j]) for j in range(max(0, k - nb + 1), min(k, na - 1) + 1))
@@ -82,7 +82,7 @@ def square(a: Series, K: int) -> Series:
 
 
 def div(a: Series, b: Series, K: int) -> Series:
-    """y = a/b: y_k = (a_k − Σ_{j=1..k} b_j y_{k−j}) / b_0 (SPEC.md §2, division)."""
+    """y = a/b: y_k = (a_k − Σ_{j=1..k} b_j y_{k−j}) / b_0 (docs/math.md §2, division)."""
     nb = _len(b, K)
     inv0 = 1.0 / b[0]
     y: Series = []
@@ -132,7 +132,7 @@ def _scaled_terms(u: Series, nu: int) -> List[Optional[Tensor]]:
 def _self_integrate(u: Series, K: int, y0: Tensor, g_of: Callable[[Series, int], Tensor],
                     with_g: bool = False):
     """y with y' = g(y)·u', where g_k depends on y_0..y_k only: interleave y and g coefficients.
-    y_k = (1/k) Σ_{j=1..k} j u_j g_{k−j} (SPEC.md §2, the pattern of exp, tanh, sigmoid).
+    y_k = (1/k) Σ_{j=1..k} j u_j g_{k−j} (docs/math.md §2, the pattern of exp, tanh, sigmoid).
     ``with_g=True`` returns (y, g) with g to order K too (g is φ′(u(t)) for tanh and sigmoid)."""
     nu = _len(u, K)
     ju = _scaled_terms(u, nu)
@@ -159,7 +159,7 @@ def square_coefficient(y: Series, k: int) -> Tensor:
 
 
 def exp(u: Series, K: int) -> Series:
-    """y = e^u: y_0 = e^{u_0}, y_k = (1/k) Σ_{j=1..k} j u_j y_{k−j} (SPEC.md §2)."""
+    """y = e^u: y_0 = e^{u_0}, y_k = (1/k) Σ_{j=1..k} j u_j y_{k−j} (docs/math.md §2)."""
     return _self_integrate(u, K, torch.exp(u[0]), lambda y, k: y[k])
 
 
@@ -169,7 +169,7 @@ def expm1(u: Series, K: int) -> Series:
 
 
 def log(u: Series, K: int) -> Series:
-    """y = ln u: y_k = (u_k − (1/k) Σ_{j=1..k−1} j y_j u_{k−j}) / u_0 (SPEC.md §2)."""
+    """y = ln u: y_k = (u_k − (1/k) Σ_{j=1..k−1} j y_j u_{k−j}) / u_0 (docs/math.md §2)."""
     nu = _len(u, K)
     inv0 = 1.0 / u[0]
     y = [torch.log(u[0])]
@@ -195,7 +195,7 @@ def log1p(u: Series, K: int) -> Series:
 
 
 def pow_scalar(u: Series, r: float, K: int, y0: Optional[Tensor] = None) -> Series:
-    """y = u^r: y_k = (1/(k·u_0)) Σ_{j=0..k−1} (r(k−j) − j) u_{k−j} y_j (SPEC.md §2, power).
+    """y = u^r: y_k = (1/(k·u_0)) Σ_{j=0..k−1} (r(k−j) − j) u_{k−j} y_j (docs/math.md §2, power).
 
     Integer r ≥ 0 uses repeated Cauchy products instead (exact at u_0 = 0, e.g. x² at 0).
     """
@@ -231,6 +231,37 @@ def pow_scalar(u: Series, r: float, K: int, y0: Optional[Tensor] = None) -> Seri
     return y
 
 
+def pow_int(u: Series, e: int, K: int) -> Series:
+    """y = u^e for an integer e ≥ 0 by binary exponentiation with Cauchy products: exact at
+    u_0 = 0, where the recurrence of :func:`pow_scalar` would divide by zero."""
+    if e == 0:
+        return [torch.ones_like(u[0])]
+    result: Optional[Series] = None
+    base = list(u[: K + 1])
+    while e:
+        if e & 1:
+            result = base if result is None else mul(result, base, K)
+        e >>= 1
+        if e:
+            base = square(base, K)
+    return result  # type: ignore[return-value]
+
+
+def pow_tensor(u: Series, r: Tensor, K: int) -> Series:
+    """y = u^r for a tensor of exponents r (elementwise, u_0 ≠ 0): the recurrence of
+    :func:`pow_scalar`, y_k = (1/(k·u_0)) Σ_{j=0..k−1} (r(k−j) − j) u_{k−j} y_j."""
+    nu = _len(u, K)
+    inv0 = 1.0 / u[0]
+    y = [torch.pow(u[0], r)]
+    for k in range(1, K + 1):
+        acc = None
+        for j in range(max(0, k - nu + 1), k):
+            term = ((r * (k - j) - j) * u[k - j]) * y[j]
+            acc = term if acc is None else acc + term
+        y.append(torch.zeros_like(y[0]) if acc is None else acc * inv0 / k)
+    return y
+
+
 def sqrt(u: Series, K: int) -> Series:
     return pow_scalar(u, 0.5, K, y0=torch.sqrt(u[0]))
 
@@ -248,7 +279,7 @@ def _sigmoid_w(s: Series, k: int) -> Tensor:
 
 
 def tanh(u: Series, K: int) -> Series:
-    """y = tanh u, z = 1 − y²: y_k = (1/k) Σ j u_j z_{k−j}, z_k = −Σ_j y_j y_{k−j} (SPEC.md §2)."""
+    """y = tanh u, z = 1 − y²: y_k = (1/k) Σ j u_j z_{k−j}, z_k = −Σ_j y_j y_{k−j} (docs/math.md §2)."""
     return _self_integrate(u, K, torch.tanh(u[0]), _tanh_z)
 
 
@@ -258,7 +289,7 @@ def tanh_with_derivative(u: Series, K: int) -> tuple:
 
 
 def sigmoid(u: Series, K: int) -> Series:
-    """s = σ(u), w = s(1 − s): s_k = (1/k) Σ j u_j w_{k−j}, w_k = s_k − Σ_j s_j s_{k−j} (SPEC.md §2)."""
+    """s = σ(u), w = s(1 − s): s_k = (1/k) Σ j u_j w_{k−j}, w_k = s_k − Σ_j s_j s_{k−j} (docs/math.md §2)."""
     return _self_integrate(u, K, torch.sigmoid(u[0]), _sigmoid_w)
 
 
@@ -268,7 +299,7 @@ def sigmoid_with_derivative(u: Series, K: int) -> tuple:
 
 
 def sin_cos(u: Series, K: int):
-    """s_k = (1/k) Σ j u_j c_{k−j}, c_k = −(1/k) Σ j u_j s_{k−j} (SPEC.md §2)."""
+    """s_k = (1/k) Σ j u_j c_{k−j}, c_k = −(1/k) Σ j u_j s_{k−j} (docs/math.md §2)."""
     nu = _len(u, K)
     s, c = [torch.sin(u[0])], [torch.cos(u[0])]
     for k in range(1, K + 1):
@@ -293,7 +324,7 @@ def cos(u: Series, K: int) -> Series:
 
 
 def softplus(u: Series, K: int, beta: float = 1.0, threshold: float = 20.0) -> Series:
-    """y = (1/β) log(1 + e^{βu}): y_k = (1/k) Σ j u_j σ(βu)_{k−j} (SPEC.md §2).
+    """y = (1/β) log(1 + e^{βu}): y_k = (1/k) Σ j u_j σ(βu)_{k−j} (docs/math.md §2).
 
     Like torch, the function is the identity where β·u_0 > threshold (all coefficients pass).
     """
@@ -307,7 +338,7 @@ def softplus(u: Series, K: int, beta: float = 1.0, threshold: float = 20.0) -> S
 
 
 def erf(u: Series, K: int) -> Series:
-    """g = exp(−u²), e_k = (2/√π)(1/k) Σ j u_j g_{k−j} (SPEC.md §2)."""
+    """g = exp(−u²), e_k = (2/√π)(1/k) Σ j u_j g_{k−j} (docs/math.md §2)."""
     if K == 0:
         return [torch.erf(u[0])]
     g = exp(neg(square(u, K - 1), K - 1), K - 1)
@@ -325,7 +356,7 @@ def atan(u: Series, K: int) -> Series:
 
 
 def gelu(u: Series, K: int) -> Series:
-    """GELU = u·Φ(u), Φ = ½(1 + erf(u/√2)) (SPEC.md §2)."""
+    """GELU = u·Φ(u), Φ = ½(1 + erf(u/√2)) (docs/math.md §2)."""
     e = erf(scale(u, 1.0 / math.sqrt(2.0), K), K)
     phi = [0.5 * (1 + e[0])] + [0.5 * x for x in e[1:]]
     y = mul(u, phi, K)
@@ -334,7 +365,7 @@ def gelu(u: Series, K: int) -> Series:
 
 
 def gelu_tanh(u: Series, K: int) -> Series:
-    """tanh-GELU = ½u(1 + tanh(√(2/π)(u + 0.044715u³))) (SPEC.md §2)."""
+    """tanh-GELU = ½u(1 + tanh(√(2/π)(u + 0.044715u³))) (docs/math.md §2)."""
     c = math.sqrt(2.0 / math.pi)
     cube = mul(square(u, K), u, K)
     inner = scale(add(u, cube, K, alpha=0.044715), c, K)
@@ -346,7 +377,7 @@ def gelu_tanh(u: Series, K: int) -> Series:
 
 
 def silu(u: Series, K: int) -> Series:
-    """SiLU = u·σ(u) (SPEC.md §2, Cauchy product with the sigmoid jet)."""
+    """SiLU = u·σ(u) (docs/math.md §2, Cauchy product with the sigmoid jet)."""
     y = mul(u, sigmoid(u, K), K)
     y[0] = torch.nn.functional.silu(u[0])
     return y
@@ -363,3 +394,24 @@ def elu(u: Series, K: int, alpha: float = 1.0, scale_: float = 1.0, input_scale:
         lin = torch.zeros_like(u[0]) if lin is None else lin
         out.append(scale_ * torch.where(pos, lin, alpha * ex[k]))
     return out
+
+
+def sinh_cosh(u: Series, K: int):
+    """sh_k = (1/k) Σ_{j=1..k} j u_j ch_{k−j}, ch_k = (1/k) Σ j u_j sh_{k−j} from sinh(u_0),
+    cosh(u_0): no cancellation near u_0 = 0 (unlike (e^u − e^{−u})/2)."""
+    nu = _len(u, K)
+    ju = _scaled_terms(u, nu)
+    s, c = [torch.sinh(u[0])], [torch.cosh(u[0])]
+    for k in range(1, K + 1):
+        sa = _dot((ju[j], c[k - j]) for j in range(1, min(k, nu - 1) + 1))
+        ca = _dot((ju[j], s[k - j]) for j in range(1, min(k, nu - 1) + 1))
+        zero = torch.zeros_like(s[0])
+        s.append(zero if sa is None else sa / k)
+        c.append(zero if ca is None else ca / k)
+    return s, c
+
+
+def tan(u: Series, K: int) -> Series:
+    """y = tan u: y′ = (1 + y²)·u′, g_k = [k = 0] + (y²)_k interleaved with y (docs/math.md §2)."""
+    return _self_integrate(u, K, torch.tan(u[0]),
+                           lambda y, k: 1 + y[0] * y[0] if k == 0 else square_coefficient(y, k))

@@ -1,9 +1,9 @@
-"""Small models used across the tests (the paper's MNIST CNN, SPEC.md §6, among them)."""
+"""Small models used across the tests (the paper's MNIST CNN, docs/math.md §6, among them)."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from curvrate_fast.bench_suite import MnistCNN  # noqa: F401  (the paper's CNN, SPEC.md §6)
+from curvrate_fast.bench_suite import MnistCNN  # noqa: F401  (the paper's CNN, docs/math.md §6)
 
 
 class ResidualLN(nn.Module):
@@ -30,8 +30,8 @@ class EncoderClassifier(nn.Module):
         return self.head(self.enc(x).mean(1))
 
 
-class NoRuleModel(nn.Module):
-    """Uses ops without Taylor rules (lgamma, i0): they take the exact generic fallback."""
+class SpecialFunctionModel(nn.Module):
+    """Uses special functions (lgamma, i0), whose rules come from their derivative identities."""
 
     def __init__(self):
         super().__init__()

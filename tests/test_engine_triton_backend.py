@@ -1,6 +1,6 @@
 """The engine on the Triton backend (interpreter on CPU): linear/conv + activation epilogue
 fusion, the cross-entropy kernel, and a pending bias read by a non-activation op, against the
-reference backend in float32 (DESIGN.md §4)."""
+reference backend in float32 (docs/design.md §4)."""
 import pytest
 import torch
 import torch.nn as nn

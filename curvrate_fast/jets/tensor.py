@@ -2,24 +2,21 @@
 
 A jet of order K of a tensor-valued quantity along the path t ↦ x + t·u is stored as one stacked
 tensor ``coeffs`` of shape ``(n + 1, *shape)`` with n ≤ K: the normalized coefficients g_0..g_n
-(SPEC.md §1); g_{n+1}..g_K are known to be zero (the input jet has n = 1, and linear maps keep n).
+(docs/math.md §1); g_{n+1}..g_K are known to be zero (the input jet has n = 1, and linear maps keep n).
 To the model the jet looks like a tensor of shape ``shape`` (its primal g_0): every torch function
-that meets it is routed by ``__torch_function__`` to a Taylor rule, to a decomposition of a Python
-function into ops that have rules, or to the exact generic fallback.
+that meets it is routed by ``__torch_function__`` to the dispatcher (``dispatcher.py``): a Taylor
+rule, an exact decomposition into ops that have rules, or a clear error.
 """
 from __future__ import annotations
 
-import types
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
-from . import registry
-
-__all__ = ["JetTensor", "is_jet", "make_jet", "primal", "series_of", "order_of", "JetError",
-           "RuleMissingError"]
+__all__ = ["JetTensor", "is_jet", "make_jet", "primal", "primals", "series_of", "order_of", "lift",
+           "JetError", "RuleMissingError", "install_dispatcher"]
 
 
 class JetError(RuntimeError):
@@ -27,7 +24,21 @@ class JetError(RuntimeError):
 
 
 class RuleMissingError(JetError):
-    """Raised in strict mode for an op without a Taylor rule."""
+    """An op that meets a jet has no Taylor rule (and is not a Python function made of ops that
+    have one)."""
+
+
+def _no_dispatcher(func, args, kwargs):
+    raise JetError("the jet dispatcher is not installed (import curvrate_fast.jets)")
+
+
+# The dispatcher lives in its own module (``dispatcher.py``), which installs itself here when it
+# is imported: the tensor type does not import the engine that routes its ops.
+_dispatcher: List[Callable] = [_no_dispatcher]
+
+
+def install_dispatcher(fn: Callable) -> None:
+    _dispatcher[0] = fn
 
 
 class JetTensor(torch.Tensor):
@@ -64,7 +75,7 @@ class JetTensor(torch.Tensor):
     def deferred_linear(cls, x_coeffs: Tensor, weight: Tensor, bias: Optional[Tensor], order: int) -> "JetTensor":
         """The jet of ``F.linear(x, weight, bias)`` for stored input coefficients ``x_coeffs``
         (n+1, *batch, in), with the GEMM deferred until someone reads the coefficients (then one
-        GEMM of all n+1 rows, bias on coefficient 0: SPEC.md §2) or an activation takes it whole."""
+        GEMM of all n+1 rows, bias on coefficient 0: docs/math.md §2) or an activation takes it whole."""
         shape = tuple(x_coeffs.shape[1:-1]) + (weight.shape[0],)
         r = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=x_coeffs.dtype, device=x_coeffs.device,
                                                 requires_grad=False)
@@ -157,7 +168,7 @@ class JetTensor(torch.Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types_, args=(), kwargs=None):
-        return dispatch(func, args, kwargs or {})
+        return _dispatcher[0](func, args, kwargs or {})
 
 
 # -- helpers used by rules -----------------------------------------------------------------------
@@ -187,6 +198,17 @@ def pad_coeffs(c: Tensor, length: int) -> Tensor:
         return c[:length]
     z = c.new_zeros((length - c.shape[0],) + tuple(c.shape[1:]))
     return torch.cat([c, z], 0)
+
+
+def lift(c: Tensor, ndim: int) -> Tensor:
+    """Stacked coefficients (n+1, *shape) with singleton axes inserted after the coefficient axis,
+    so that they broadcast against a constant of rank ``ndim`` as the primal would: the one
+    alignment every rule that combines stacked coefficients with a constant goes through (a
+    constant of higher rank than the jet would otherwise meet the coefficient axis)."""
+    extra = ndim - (c.dim() - 1)
+    if extra <= 0:
+        return c
+    return c.reshape((c.shape[0],) + (1,) * extra + tuple(c.shape[1:]))
 
 
 def primal(x: Any) -> Any:
@@ -232,155 +254,3 @@ def order_of(*trees: Any) -> int:
 def stored(x: Any) -> int:
     """Number of stored coefficients (1 for a constant)."""
     return x._coeffs.shape[0] if isinstance(x, JetTensor) else 1
-
-
-# -- the dispatcher ------------------------------------------------------------------------------
-
-# Functions whose result does not depend differentiably on the values (metadata, comparisons,
-# integer-valued results): evaluated on the primal; the result is a constant along the path.
-_CONSTANT_RESULT_NAMES = {
-    "size", "dim", "ndimension", "numel", "nelement", "__len__", "is_floating_point", "is_complex",
-    "is_contiguous", "stride", "element_size", "get_device", "storage_offset", "is_signed",
-    "argmax", "argmin", "argsort", "eq", "ne", "lt", "le", "gt", "ge", "__eq__", "__ne__", "__lt__",
-    "__le__", "__gt__", "__ge__", "isnan", "isinf", "isfinite", "isposinf", "isneginf", "isreal",
-    "sign", "sgn", "signbit", "floor", "ceil", "round", "trunc", "any", "all", "nonzero", "item",
-    "tolist", "__bool__", "__int__", "__float__", "__index__", "count_nonzero", "equal", "allclose",
-    "isclose", "bucketize", "searchsorted", "logical_and", "logical_or", "logical_not", "logical_xor",
-    "__and__", "__or__", "__xor__", "__invert__", "bitwise_not", "bitwise_and", "bitwise_or",
-    "floor_divide", "__floordiv__", "__rfloordiv__", "is_nonzero", "data_ptr", "unique",
-    "unique_consecutive", "is_same_size", "__hash__", "is_set_to", "untyped_storage",
-    "dim_order", "_is_view", "is_inference", "is_shared", "is_pinned", "type",
-    "__contains__", "histc", "bincount",
-}
-# Conversions that leave torch: the derivatives would be lost silently, so they raise.
-_LEAVES_TORCH = {"numpy", "__array__", "__reduce_ex__", "__deepcopy__", "__setstate__"}
-# Property getters (Tensor.shape.__get__ etc.) answered from the primal.
-_CONSTANT_GETTERS = {
-    "shape", "dtype", "device", "ndim", "layout", "requires_grad", "is_cuda", "is_cpu", "is_leaf",
-    "is_sparse", "is_quantized", "is_meta", "is_mps", "is_xpu", "grad_fn", "names", "is_nested",
-    "itemsize", "nbytes", "_version", "is_mkldnn", "output_nr", "_base", "grad",
-}
-
-
-def _getter_name(func: Any) -> Optional[str]:
-    self_obj = getattr(func, "__self__", None)
-    if type(func).__name__ == "method-wrapper" and getattr(func, "__name__", "") == "__get__":
-        return getattr(self_obj, "__name__", None)
-    return None
-
-
-def _func_name(func: Any) -> str:
-    return getattr(func, "__name__", "") or ""
-
-
-def _is_inplace(func: Any) -> Optional[str]:
-    """The out-of-place method name for an in-place Tensor method or operator, else None."""
-    name = _func_name(func)
-    if name.startswith("__i") and name.endswith("__") and hasattr(torch.Tensor, "__" + name[3:]):
-        return "__" + name[3:]
-    if name.endswith("_") and not name.startswith("_") and not name.endswith("__"):
-        base = name[:-1]
-        if hasattr(torch.Tensor, base) or hasattr(torch, base):
-            return base
-    return None
-
-
-_DECOMPOSED: Dict[Any, Callable] = {}
-
-
-def _decomposable(func: Any) -> Optional[Callable]:
-    """For a Python function that guards itself with ``has_torch_function``, a copy whose guard
-    answers False: its body then runs op by op, and each op meets the jets and their rules."""
-    if func in _DECOMPOSED:
-        return _DECOMPOSED[func]
-    fn = None
-    code = getattr(func, "__code__", None)
-    if isinstance(func, types.FunctionType) and code is not None \
-            and "handle_torch_function" in code.co_names:
-        g = dict(func.__globals__)
-        for name in ("has_torch_function", "has_torch_function_unary", "has_torch_function_variadic"):
-            g[name] = _never
-        fn = types.FunctionType(code, g, func.__name__, func.__defaults__, func.__closure__)
-        fn.__kwdefaults__ = func.__kwdefaults__
-    _DECOMPOSED[func] = fn
-    return fn
-
-
-def _never(*args, **kwargs) -> bool:
-    return False
-
-
-# Metadata the wrapper itself answers correctly (its sizes, strides, dtype and device are those of
-# the primal): run without __torch_function__, the hottest calls in rule and model code.
-_WRAPPER_METADATA = {
-    torch.Tensor.dim, torch.Tensor.size, torch.Tensor.numel, torch.Tensor.ndimension,
-    torch.Tensor.nelement, torch.Tensor.is_floating_point, torch.Tensor.is_complex,
-    torch.Tensor.__len__, torch.Tensor.shape.__get__, torch.Tensor.dtype.__get__,
-    torch.Tensor.device.__get__, torch.Tensor.ndim.__get__, torch.Tensor.get_device,
-    torch.Tensor.is_cuda.__get__,
-}
-
-
-def dispatch(func: Any, args: Tuple, kwargs: Dict) -> Any:
-    if func in _WRAPPER_METADATA:
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
-    rule = registry.lookup(func)
-    if rule is not None:
-        registry.record("rules", func)
-        return rule(*args, **kwargs)
-
-    getter = _getter_name(func)
-    if getter is not None and getter in _CONSTANT_GETTERS:
-        return func(*primals(args))
-
-    name = _func_name(func)
-    if name in _LEAVES_TORCH:
-        raise JetError(
-            f"Tensor.{name} on a jet would leave torch and drop its Taylor coefficients (autograd "
-            "refuses this too for tensors that require grad); keep the computation in torch ops, or "
-            "call .detach() first to use the value as a constant")
-    if name in _CONSTANT_RESULT_NAMES:
-        return func(*primals(args), **primals(kwargs))
-
-    base = _is_inplace(func)
-    if base is not None:
-        return _inplace(func, base, args, kwargs)
-
-    fn = _decomposable(func)
-    if fn is not None:
-        registry.record("decomposed", func)
-        return fn(*args, **kwargs)
-
-    if registry.settings.strict:
-        raise RuleMissingError(
-            f"no Taylor rule for {registry.op_name(func)} and strict mode is on; turn strict off to "
-            "use the exact (slower) generic fallback, or register a rule with "
-            "curvrate_fast.jets.register")
-    from .fallback import generic_jet  # late import: fallback imports this module
-    registry.record("fallbacks", func)
-    return generic_jet(func, args, kwargs)
-
-
-def _inplace(func: Any, base: str, args: Tuple, kwargs: Dict) -> Any:
-    target = args[0]
-    out_of_place = getattr(torch.Tensor, base, None)
-    if out_of_place is None:
-        out_of_place = getattr(torch, base)
-    if not isinstance(target, JetTensor):
-        raise JetError(
-            f"in-place {_func_name(func)} writes a jet into a plain tensor; Taylor coefficients cannot "
-            "be stored there. Use the out-of-place form (e.g. torch.cat / torch.where) instead.")
-    if target._is_view:
-        raise JetError(
-            f"in-place {_func_name(func)} on a view of a jet (from view/reshape/indexing) would not "
-            "reach the tensor it views; use the out-of-place form, e.g. `x = x + y` or `F.relu(x)`.")
-    result = dispatch(out_of_place, args, kwargs)
-    if isinstance(result, JetTensor):
-        if result.shape != target.shape:
-            raise JetError(f"in-place {_func_name(func)} would change the jet's shape")
-        target._coeffs = result._coeffs.to(target.dtype)
-    else:  # the in-place op turned the jet into a constant (e.g. x.zero_())
-        target._coeffs = torch.as_tensor(result, dtype=target.dtype, device=target.device).expand(
-            target.shape).unsqueeze(0).clone()
-    return target

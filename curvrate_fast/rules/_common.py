@@ -1,16 +1,17 @@
 """Helpers shared by the Taylor rules."""
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, List, Sequence
 
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..jets.tensor import (JetError, JetTensor, is_jet, make_jet, order_of, pad_coeffs, primal,
-                           series_of, stored)
+from ..jets.tensor import (JetError, JetTensor, is_jet, lift, make_jet, order_of, pad_coeffs,
+                           primal, series_of, stored)
 
-__all__ = ["JetError", "JetTensor", "is_jet", "make_jet", "order_of", "pad_coeffs", "primal",
+__all__ = ["JetError", "JetTensor", "is_jet", "lift", "make_jet", "order_of", "pad_coeffs", "primal",
            "series_of", "stored", "aliases", "per_coefficient", "cauchy_op"]
 
 
@@ -44,12 +45,15 @@ def per_coefficient(func: Callable, args: tuple, kwargs: dict, *, is_view: bool 
     """Apply an op that is linear jointly in all its floating tensor arguments to every coefficient,
     batched over the coefficient axis with ``torch.vmap`` (one call for all coefficients).
 
-    A floating tensor that is not a jet is a constant: coefficient 0 is itself, the others zero.
+    A floating or complex tensor that is not a jet is a constant: coefficient 0 is itself, the
+    others zero.
     """
     K = order_of(args, kwargs)
     flat, spec = tree_flatten((args, kwargs))
+    # complex constants too: a complex tensor is as much a value on the path as a real one
     pos = [i for i, a in enumerate(flat)
-           if is_jet(a) or (promote_constants and isinstance(a, Tensor) and a.is_floating_point())]
+           if is_jet(a) or (promote_constants and isinstance(a, Tensor)
+                            and (a.is_floating_point() or a.is_complex()))]
     n = max(stored(flat[i]) for i in pos)
     stacks = [pad_coeffs(flat[i]._coeffs if is_jet(flat[i]) else flat[i].unsqueeze(0), n)
               for i in pos]
@@ -61,12 +65,16 @@ def per_coefficient(func: Callable, args: tuple, kwargs: dict, *, is_view: bool 
         a, kw = tree_unflatten(vals, spec)
         return func(*a, **kw)
 
-    out = torch.vmap(apply)(*stacks)
+    with warnings.catch_warnings():
+        # vmap's note that an op has no batching rule and runs in a loop: a speed remark about
+        # rare ops (the *_copy variants), not something a user of the engine can act on
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+        out = torch.vmap(apply)(*stacks)
     return _wrap(out, K, is_view)
 
 
 def cauchy_op(op: Callable[[Tensor, Tensor], Tensor], a: Any, b: Any, K: int) -> List[Tensor]:
-    """(a ⋆ b)_k = Σ_j op(a_j, b_{k−j}) for an op bilinear in (a, b) (SPEC.md §2, bilinear).
+    """(a ⋆ b)_k = Σ_j op(a_j, b_{k−j}) for an op bilinear in (a, b) (docs/math.md §2, bilinear).
 
     All the products one order needs run as one batched call over the pairs (j, k − j).
     """

@@ -1,4 +1,4 @@
-"""Taylor rules for elementwise activations (SPEC.md §2: tanh, sigmoid, GELU both forms, SiLU,
+"""Taylor rules for elementwise activations (docs/math.md §2: tanh, sigmoid, GELU both forms, SiLU,
 softplus, ELU family, ReLU and leaky ReLU, and the smooth ones built from them).
 
 On CUDA tensors (or when the Triton backend is forced) the fused one-pass kernels of
@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from .. import series as S
 from ..jets import registry
 from ..jets.registry import register
-from ..activation_jet import KINDS, activation_jet_reference
-from ._common import aliases, make_jet
+from ..activation_jet import activation_jet_reference
+from ..activation_kinds import ACTIVATIONS, KINDS, MAX_KERNEL_ORDER
+from ._common import aliases, is_jet, make_jet, primal
 
-_FUSED_KINDS = {"tanh", "sigmoid", "gelu", "gelu_tanh", "silu", "softplus", "relu", "leaky_relu"}
+_FUSED_KINDS = frozenset(KINDS)
 
 
 def use_triton(x: torch.Tensor, order: int) -> bool:
@@ -32,7 +34,7 @@ def use_triton(x: torch.Tensor, order: int) -> bool:
         return False
     if backend == "triton":
         return True
-    return x.is_cuda and triton_available(x) and order <= 6
+    return x.is_cuda and triton_available(x) and order <= MAX_KERNEL_ORDER
 
 
 def use_cpp(x: torch.Tensor, order: int) -> bool:
@@ -42,13 +44,13 @@ def use_cpp(x: torch.Tensor, order: int) -> bool:
     if x.device.type != "cpu" or backend not in ("cpp", "auto"):
         return False
     from .. import cpp_backend
-    if order > cpp_backend.MAX_ORDER or x.dtype not in (torch.float32, torch.float64):
+    if order > MAX_KERNEL_ORDER or x.dtype not in (torch.float32, torch.float64):
         return False
     return cpp_backend.available(build_if_missing=(backend == "cpp"))
 
 
 def _piecewise_linear(x, kind: str, **params):
-    """ReLU / leaky ReLU: y_k = m·u_k with m = 1 or the slope by the sign of u_0 (SPEC.md §2).
+    """ReLU / leaky ReLU: y_k = m·u_k with m = 1 or the slope by the sign of u_0 (docs/math.md §2).
     The map is linear in the coefficients, so known-zero coefficients stay zero: a ReLU network
     carries only (x, u) to the loss, and every conv/linear after a ReLU runs on 2 rows, not K+1."""
     c = x._coeffs
@@ -129,20 +131,35 @@ def leaky_relu(input, negative_slope: float = 0.01, inplace: bool = False):
     return activation(input, "leaky_relu", negative_slope=float(negative_slope))
 
 
-@register(F.relu6)
+@register(F.relu6, torch._C._nn.relu6)
 def relu6(input, inplace: bool = False):
-    return torch.clamp(input, 0.0, 6.0)
+    """relu6 = hardtanh(·, 0, 6)."""
+    return hardtanh(input, 0.0, 6.0, inplace)
 
 
 @register(F.hardtanh, torch._C._nn.hardtanh)
 def hardtanh(input, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False):
-    return torch.clamp(input, min_val, max_val)
+    """y_0 = clamp(u_0), y_k = u_k strictly inside (min, max), else 0: autograd's convention at
+    the corners (hardtanh_backward passes the gradient only for min < u < max; unlike clamp)."""
+    x0 = input._coeffs[0]
+    inside = (x0 > min_val) & (x0 < max_val)
+    return _writeback(input, piecewise_quadratic(input, torch.clamp(x0, min_val, max_val), inside),
+                      inplace)
 
 
-@register(F.elu, torch._C._nn.elu)
+@register(F.elu)
 def elu(input, alpha: float = 1.0, inplace: bool = False):
+    """ELU: u for u_0 > 0, α(e^u − 1) otherwise (the exp jet; autograd's branch at u_0 = 0)."""
     K = input._order
-    return make_jet(S.elu(input.series(), K, alpha=alpha), K)
+    return _writeback(input, make_jet(S.elu(input.series(), K, alpha=alpha), K), inplace)
+
+
+@register(torch._C._nn.elu)
+def elu_aten(input, alpha: float = 1.0, scale: float = 1.0, input_scale: float = 1.0):
+    """ATen's elu: scale·u for u > 0, scale·α·(e^{input_scale·u} − 1) otherwise."""
+    K = input._order
+    return make_jet(S.elu(input.series(), K, alpha=float(alpha), scale_=float(scale),
+                          input_scale=float(input_scale)), K)
 
 
 _SELU_ALPHA = 1.6732632423543772848170429916717
@@ -151,12 +168,14 @@ _SELU_SCALE = 1.0507009873554804934193349852946
 
 @register(F.selu, *aliases("selu"))
 def selu(input, inplace: bool = False):
+    """SELU = scale·ELU(u, α) with the fixed SELU constants."""
     K = input._order
     return make_jet(S.elu(input.series(), K, alpha=_SELU_ALPHA, scale_=_SELU_SCALE), K)
 
 
 @register(F.celu, *aliases("celu"))
 def celu(input, alpha: float = 1.0, inplace: bool = False):
+    """CELU = α(e^{u/α} − 1) for u_0 ≤ 0, u above."""
     K = input._order
     return make_jet(S.elu(input.series(), K, alpha=alpha, input_scale=1.0 / alpha), K)
 
@@ -171,16 +190,145 @@ def mish(input, inplace: bool = False):
 
 @register(F.logsigmoid, torch._C._nn.log_sigmoid)
 def logsigmoid(input):
-    """log σ(u) = −softplus(−u)."""
+    """y = log σ(u): y' = σ(−u)·u', so y_k = (1/k) Σ_j j·u_j·s_{k−j} with s the jet of σ(−u)
+    (no softplus threshold: exact for every u_0)."""
     K = input._order
-    return make_jet(S.neg(S.softplus(S.neg(input.series(), K), K), K), K)
+    x0 = input._coeffs[0]
+    y0 = F.logsigmoid(x0)
+    if K == 0 or input._coeffs.shape[0] == 1:
+        return make_jet(y0.unsqueeze(0), K)
+    s = S.sigmoid(S.neg(input.series(), K - 1), K - 1)
+    return make_jet(S.integrate(input.series(), s, K, y0), K)
 
 
 @register(F.softsign)
 def softsign(input):
+    """u / (1 + |u|) (|u| with sign(0) = 0, as autograd)."""
     return input / (1 + torch.abs(input))
 
 
 @register(F.tanhshrink)
 def tanhshrink(input):
+    """u − tanh u."""
     return input - torch.tanh(input)
+
+
+# -- piecewise-polynomial activations (hard*, shrinks, threshold) and gated/parametric ones ------
+
+def piecewise_quadratic(x, y0, d1, d2=None):
+    """The jet of a function that is a polynomial of degree ≤ 2 on the piece holding each primal
+    element: y(t) = y_0 + d1·δ(t) + (d2/2)·δ(t)², δ = x(t) − x_0, with y_0, d1 = φ′(x_0) and
+    d2 = φ″(x_0) chosen per element by the primal (masks; booleans count as 0/1). Without d2 the
+    map is linear in the coefficients, so known-zero coefficients stay zero (like ReLU)."""
+    c = x._coeffs
+    K = x._order
+    d1 = d1.to(c.dtype) if isinstance(d1, Tensor) else d1
+    if c.requires_grad:
+        # the value from torch's kernel, its gradient the exact slope of the piece (some kernels'
+        # backward keeps constants such as 1/6 in float32, which float64 training would inherit)
+        y0 = y0.detach() + d1 * (c[0] - c[0].detach())
+    rest = c[1:] * d1
+    if d2 is None or c.shape[0] == 1:
+        return make_jet(torch.cat([y0.unsqueeze(0).to(c.dtype), rest]), K)
+    delta = [torch.zeros_like(c[0])] + list(c[1:].unbind(0))
+    sq = S.square(delta, K)
+    half = 0.5 * (d2.to(c.dtype) if isinstance(d2, Tensor) else d2)
+    n = len(sq)
+    out = [y0.to(c.dtype)]
+    for k in range(1, n):
+        term = half * sq[k]
+        out.append(term + rest[k - 1] if k - 1 < rest.shape[0] else term)
+    return make_jet(out, K)
+
+
+def _writeback(input, out, inplace: bool):
+    """``inplace=True`` of the functional form: the jet itself takes the result (not possible
+    for a view of another jet: then only the returned value carries it, as for F.relu here)."""
+    if inplace and is_jet(input) and not input._is_view:
+        input._coeffs = out._coeffs
+        return input
+    return out
+
+
+@register(F.hardsigmoid, torch._C._nn.hardsigmoid)
+def hardsigmoid(input, inplace: bool = False):
+    """hardsigmoid = clamp(u/6 + 1/2, 0, 1): slope 1/6 for −3 < u_0 < 3, else 0 (autograd's
+    hardsigmoid_backward convention at the corners)."""
+    x0 = input._coeffs[0]
+    d1 = ((x0 > -3.0) & (x0 < 3.0)).to(x0.dtype) / 6.0
+    return _writeback(input, piecewise_quadratic(input, F.hardsigmoid(x0), d1), inplace)
+
+
+@register(F.hardswish, torch._C._nn.hardswish)
+def hardswish(input, inplace: bool = False):
+    """hardswish = u·relu6(u + 3)/6: 0 for u ≤ −3, (u² + 3u)/6 on (−3, 3), u from 3 on. Degree ≤ 2
+    on each piece, so y = y_0 + φ′δ + φ″δ²/2 exactly; at u_0 = ±3 the outer pieces (autograd's
+    hardswish_backward: φ′(−3) = 0, φ′(3) = 1, φ″ = 0)."""
+    x0 = input._coeffs[0]
+    mid = (x0 > -3.0) & (x0 < 3.0)
+    d1 = torch.where(mid, (2.0 * x0 + 3.0) / 6.0, (x0 >= 3.0).to(x0.dtype))
+    d2 = mid.to(x0.dtype) / 3.0
+    return _writeback(input, piecewise_quadratic(input, F.hardswish(x0), d1, d2), inplace)
+
+
+@register(*aliases("hardshrink"))
+def hardshrink(input, lambd: float = 0.5):
+    """u where |u_0| > λ, else 0: y_k = u_k·[|u_0| > λ] (autograd: zero on [−λ, λ])."""
+    x0 = input._coeffs[0]
+    return piecewise_quadratic(input, torch.hardshrink(x0, lambd), (x0 < -lambd) | (x0 > lambd))
+
+
+@register(F.softshrink, torch._C._nn.softshrink)
+def softshrink(input, lambd: float = 0.5):
+    """u ∓ λ where |u_0| > λ, else 0: y_k = u_k·[|u_0| > λ] for k ≥ 1."""
+    x0 = input._coeffs[0]
+    return piecewise_quadratic(input, F.softshrink(x0, lambd), (x0 < -lambd) | (x0 > lambd))
+
+
+@register(F.threshold, torch.threshold)
+def threshold(input, threshold: float, value: float, inplace: bool = False):
+    """u where u_0 > threshold, else the constant value: y_k = u_k·[u_0 > threshold]."""
+    x0 = input._coeffs[0]
+    out = piecewise_quadratic(input, torch.threshold(x0, threshold, value), x0 > threshold)
+    return _writeback(input, out, inplace)
+
+
+@register(F.glu, torch._C._nn.glu)
+def glu(input, dim: int = -1):
+    """glu(u) = a·σ(b) with (a, b) the two halves of u along ``dim`` (sigmoid jet, Cauchy product)."""
+    if input.dim() == 0:
+        raise RuntimeError("glu does not support scalars because halving size must be even")
+    d = dim % input.dim()
+    n = input.shape[d]
+    if n % 2:
+        raise RuntimeError(f"Halving dimension must be even, but dimension {d} is size {n}")
+    a, b = torch.narrow(input, d, 0, n // 2), torch.narrow(input, d, n // 2, n // 2)
+    return a * torch.sigmoid(b)
+
+
+@register(*aliases("prelu"), torch._prelu_kernel)
+def prelu(input, weight):
+    """prelu(u, w) = u where u_0 > 0, else w·u (a Cauchy product when w is a jet too; autograd's
+    convention at u_0 = 0: the w·u branch). w is per channel: dim 1, or dim 0 of a 1-d input."""
+    x0 = primal(input)
+    torch.prelu(x0, primal(weight))  # PyTorch's own checks of the weight's size
+    w = weight
+    if w.numel() == 1:
+        w = w.reshape(())
+    elif x0.dim() >= 2 and w.dim() == 1:
+        w = w.reshape((-1,) + (1,) * (x0.dim() - 2))
+    return torch.where(x0 > 0, input, w * input)
+
+
+def _inplace_form(rule):
+    def inplace(input, *args, **kwargs):
+        return _writeback(input, rule(input, *args, **kwargs), True)
+    inplace.__doc__ = f"the in-place form of {rule.__name__}: the jet takes the result."
+    return inplace
+
+
+for _name, _rule in (("hardtanh_", hardtanh), ("hardsigmoid_", hardsigmoid),
+                     ("hardswish_", hardswish), ("relu6_", relu6), ("elu_", elu_aten)):
+    _fn = getattr(torch._C._nn, _name, None)
+    if _fn is not None:
+        register(_fn)(_inplace_form(_rule))

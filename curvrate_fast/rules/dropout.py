@@ -1,4 +1,4 @@
-"""Taylor rules for dropout: one mask for all coefficients (SPEC.md §2: dropout with a fixed mask
+"""Taylor rules for dropout: one mask for all coefficients (docs/math.md §2: dropout with a fixed mask
 is linear), so train mode works. The mask is drawn by running the same dropout function on a
 tensor of ones shaped like the primal: it consumes the random number generator exactly as the
 plain model would, so a seeded run draws the same mask as nested autograd does."""
@@ -40,3 +40,9 @@ def _torch_feature_dropout(input, p: float, train: bool):
     x0 = input._coeffs[0]
     mask = torch.feature_dropout(torch.ones_like(x0), p, True)
     return make_jet(input._coeffs * mask, input._order)
+
+
+@register(torch.ops.aten.native_dropout_backward)
+def _native_dropout_backward(grad_output, mask, scale: float):
+    """dropout's vector-Jacobian product g ⊙ mask · scale: linear in g (the mask is constant)."""
+    return grad_output * (mask.to(grad_output.dtype) * scale)

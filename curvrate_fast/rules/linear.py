@@ -1,5 +1,5 @@
 """Taylor rules for linear and bilinear maps: linear, matmul/mm/bmm/einsum, conv and transposed
-conv (SPEC.md §2). A linear map with a constant weight runs all stored coefficients through ONE
+conv (docs/math.md §2). A linear map with a constant weight runs all stored coefficients through ONE
 call, stacked along the batch axis ((n+1)·B rows in one GEMM or convolution, so the weight is read
 once); the bias joins coefficient 0 only. When both operands are jets (attention's q·kᵀ, a
 hypernetwork's weight) the result is the Cauchy product (ab)_k = Σ_j a_j b_{k−j}."""
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..jets.registry import register
-from ._common import JetTensor, aliases, cauchy_op, is_jet, make_jet, order_of, per_coefficient
+from ._common import JetTensor, aliases, cauchy_op, is_jet, lift, make_jet, order_of, per_coefficient
 from .activations import use_triton
 
 
@@ -46,7 +46,8 @@ def _matmul_one_jet(op, a, b, K):
     return per_coefficient(op, (a, b), {}, promote_constants=False)
 
 
-@register(*aliases("matmul"), torch.Tensor.__matmul__, *aliases("mm"), *aliases("bmm"))
+@register(*aliases("matmul"), torch.Tensor.__matmul__, *aliases("mm"), *aliases("bmm"),
+          torch.linalg.matmul)
 def matmul(input, other, *, out=None):
     K = order_of(input, other)
     if is_jet(input) and is_jet(other):
@@ -54,9 +55,9 @@ def matmul(input, other, *, out=None):
     if is_jet(input) and input.dim() >= 2 and not is_jet(other):
         # (n+1, ..., M, N) @ (N, P) broadcasts over the coefficient axis: one GEMM.
         if other.dim() >= 2:
-            return make_jet(torch.matmul(input._coeffs, other), K)
+            return make_jet(torch.matmul(lift(input._coeffs, other.dim()), other), K)
     if is_jet(other) and other.dim() >= 2 and not is_jet(input) and input.dim() >= 2:
-        return make_jet(torch.matmul(input, other._coeffs), K)
+        return make_jet(torch.matmul(input, lift(other._coeffs, input.dim())), K)
     return _matmul_one_jet(torch.matmul, input, other, K)
 
 
@@ -130,7 +131,7 @@ def _conv_rule(conv_fn, transposed: bool, nd: int):
             return JetTensor(out, K, pending_bias=(bias, 1 if batched else 0))
         return make_jet(_add_bias0(out, bias, (-1,) + (1,) * nd), K)
     rule.__doc__ = (f"Jet of {conv_fn.__name__}: every stored coefficient through one convolution "
-                    "(stacked on the batch axis), bias on coefficient 0 (SPEC.md §2, linear maps).")
+                    "(stacked on the batch axis), bias on coefficient 0 (docs/math.md §2, linear maps).")
     return rule
 
 

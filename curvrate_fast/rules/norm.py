@@ -1,7 +1,7 @@
 """Taylor rules for normalization layers: layer_norm, rms_norm, group_norm, instance_norm and
-eval-mode batch_norm (SPEC.md §2: compose mean, centring, mean of squares (Cauchy), rsqrt (power
+eval-mode batch_norm (docs/math.md §2: compose mean, centring, mean of squares (Cauchy), rsqrt (power
 rule) and a product; eval-mode BatchNorm is an affine map). PyTorch's own nested derivatives of
-layer_norm and instance_norm are wrong from order 2–3 (SPEC.md §2); these rules are exact.
+layer_norm and instance_norm are wrong from order 2–3 (docs/math.md §2); these rules are exact.
 
 Train-mode batch_norm normalizes with batch statistics, so one sample's output depends on the
 others and per-sample derivatives are not defined: it raises ``SampleMixingError``."""
@@ -123,3 +123,67 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
             "defined. Call model.eval() (BatchNorm then uses its running statistics) before "
             "computing derivatives.")
     return _batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
+
+
+# -- the ATen-level forms (reached when called directly, e.g. by PyTorch's op database) ----------
+
+def _stats(x, dims, eps: float):
+    """(mean, rstd) jets over ``dims`` (kept), rstd = 1/sqrt(var + eps) with the biased variance."""
+    mu = x.mean(dim=dims, keepdim=True)
+    var = torch.square(x - mu).mean(dim=dims, keepdim=True)
+    return mu, torch.rsqrt(var + eps)
+
+
+@register(torch.native_layer_norm)
+def native_layer_norm(input, normalized_shape, weight=None, bias=None, eps: float = 1e-5):
+    """(layer_norm(x), mean, rstd): the statistics over the normalized dims, kept as size-1 dims."""
+    dims = tuple(range(-len(tuple(normalized_shape)), 0))
+    out = torch.nn.functional.layer_norm(input, normalized_shape, weight, bias, eps)
+    mu, rstd = _stats(input, dims, eps)
+    return out, mu, rstd
+
+
+@register(torch.native_group_norm)
+def native_group_norm(input, weight, bias, N: int, C: int, HxW: int, group: int, eps: float):
+    """(group_norm(x), mean, rstd), the statistics per (sample, group), shape (N, group)."""
+    out = torch.nn.functional.group_norm(input, group, weight, bias, eps)
+    g = input.reshape(N, group, -1)
+    mu, rstd = _stats(g, (-1,), eps)
+    return out, mu.reshape(N, group), rstd.reshape(N, group)
+
+
+def _native_bn(input, weight, bias, running_mean, running_var, training, eps, name):
+    if training:
+        raise SampleMixingError(
+            f"{name} in training mode normalizes with the statistics of the whole batch, so each "
+            "sample's output depends on the other samples and per-sample input derivatives are not "
+            "defined. Call model.eval() (BatchNorm then uses its running statistics).")
+    if is_jet(running_mean) or is_jet(running_var):
+        raise JetError(f"{name} with jet-valued running statistics")
+    out = _batch_norm_eval(input, running_mean, running_var, weight, bias, eps)
+    empty = torch.empty(0, dtype=input.dtype, device=input.device)
+    return out, empty, empty.clone()  # torch returns empty saved statistics in evaluation mode
+
+
+@register(torch.native_batch_norm)
+def native_batch_norm(input, weight, bias, running_mean, running_var, training: bool,
+                      momentum: float, eps: float):
+    return _native_bn(input, weight, bias, running_mean, running_var, training, eps,
+                      "native_batch_norm")
+
+
+@register(torch._native_batch_norm_legit)
+def native_batch_norm_legit(input, weight, bias, running_mean, running_var=None, training=None,
+                            momentum: float = 0.1, eps: float = 1e-5):
+    if running_var is None or isinstance(running_var, bool):  # the no-stats overload
+        raise SampleMixingError("_native_batch_norm_legit without running statistics normalizes "
+                                "with the batch's statistics (samples mix)")
+    return _native_bn(input, weight, bias, running_mean, running_var, training, eps,
+                      "_native_batch_norm_legit")
+
+
+@register(torch.ops.aten._batch_norm_with_update, torch.ops.aten._batch_norm_with_update.default)
+def batch_norm_with_update(input, weight, bias, running_mean, running_var, momentum, eps):
+    raise SampleMixingError("_batch_norm_with_update is BatchNorm in training mode: it normalizes "
+                            "with the statistics of the whole batch, so samples mix; call "
+                            "model.eval() before computing derivatives")

@@ -1,6 +1,6 @@
 """Taylor rules for pooling: average and adaptive-average pooling are linear (every coefficient
 through one call, coefficients folded into the batch axis); max pooling takes every coefficient
-at the argmax of the primal window (SPEC.md §2)."""
+at the argmax of the primal window (docs/math.md §2)."""
 from __future__ import annotations
 
 import torch
@@ -34,8 +34,7 @@ for _fn, _nd in ((torch.avg_pool1d, 1), (F.avg_pool2d, 2), (F.avg_pool3d, 3),
                  (F.adaptive_avg_pool1d, 1), (F.adaptive_avg_pool2d, 2), (F.adaptive_avg_pool3d, 3),
                  (torch._C._nn.adaptive_avg_pool2d, 2), (torch._C._nn.adaptive_avg_pool3d, 3)):
     register(_fn)(_linear_pool(_fn, _nd))
-register(F.avg_pool1d)(_linear_pool(torch.avg_pool1d, 1))
-register(torch.adaptive_avg_pool1d)(_linear_pool(torch.adaptive_avg_pool1d, 1))
+# F.avg_pool1d is torch.avg_pool1d and torch.adaptive_avg_pool1d is called by F's: registered above
 
 
 def _gather_pool(input, indices, nd: int):
@@ -68,7 +67,7 @@ def _max_pool(nd: int, adaptive: bool = False):
         _, idx = fn(input._coeffs[0], *args, **kwargs)
         out = _gather_pool(input, idx, nd)
         return (out, idx) if return_indices else out
-    rule.__doc__ = "max pooling: every coefficient at the argmax of the primal window (SPEC.md §2)."
+    rule.__doc__ = "max pooling: every coefficient at the argmax of the primal window (docs/math.md §2)."
     return rule
 
 

@@ -1,6 +1,6 @@
 """Taylor rules for reductions: sum, mean (linear), var/std (centring, square, mean), logsumexp
 (shift by the constant primal max, exp jet, sum, log jet), max/min (coefficients at the primal's
-argmax), vector norms (SPEC.md §2)."""
+argmax), vector norms (docs/math.md §2)."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import series as S
 from ..jets.registry import register
-from ._common import aliases, is_jet, make_jet
+from ._common import JetError, aliases, is_jet, make_jet, primal
 
 
 def _dims(input, dim):
@@ -38,11 +38,21 @@ register(*aliases("sum"))(_linear_reduce(torch.sum))
 register(*aliases("mean"))(_linear_reduce(torch.mean))
 
 
-@register(*aliases("nansum"), *aliases("nanmean"))
-def _nan_reduce(input, *args, **kwargs):
-    from ._common import JetError
-    raise JetError("nansum/nanmean on a jet: NaN entries would be dropped silently; "
-                   "mask them with torch.where before reducing")
+@register(*aliases("nansum"))
+def nansum(input, dim=None, keepdim=False, *, dtype=None, out=None):
+    """Σ over the entries whose primal is not NaN: which entries are NaN is decided by the primal
+    (constant along the path), so the sum of the others' coefficients is exact."""
+    x = torch.where(torch.isnan(input._coeffs[0]), 0.0, input)
+    return torch.sum(x, dim=dim, keepdim=keepdim, dtype=dtype)
+
+
+@register(*aliases("nanmean"))
+def nanmean(input, dim=None, keepdim=False, *, dtype=None, out=None):
+    """nansum / (number of non-NaN primal entries): the count is a constant."""
+    dims = [d - 1 for d in _dims(input, dim)] if input.dim() else []
+    count = (~torch.isnan(input._coeffs[0])).sum(dim=dims, keepdim=keepdim)
+    total = nansum(input, dim, keepdim, dtype=dtype)
+    return total / count.to(total.dtype)
 
 
 def _count(input, dim) -> int:
@@ -60,7 +70,7 @@ def var(input, dim=None, unbiased=None, keepdim=False, *, correction=None, out=N
     N = _count(input, dim)
     dims = [d - 1 for d in _dims(input, dim)] if input.dim() else None
     mu = input.mean(dim=dims, keepdim=True) if dims is not None else input
-    sq = torch.square(input - mu)
+    sq = _abs2(input - mu)
     total = sq.sum(dim=dims, keepdim=keepdim) if dims is not None else sq
     return total / max(N - correction, 0)
 
@@ -72,7 +82,7 @@ def std(input, dim=None, unbiased=None, keepdim=False, *, correction=None, out=N
 
 def _lse_and_softmax(c: Tensor, dims, K: int):
     """The logsumexp jet over ``dims`` (keepdim) and the softmax jet p = e / Σe, both to order K.
-    m = max of the primal is a constant shift, so exact (SPEC.md §2, cross-entropy)."""
+    m = max of the primal is a constant shift, so exact (docs/math.md §2, cross-entropy)."""
     m = c[0].detach().amax(dim=dims, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = S.exp([c[0] - m] + list(c[1:].unbind(0)), K)
@@ -130,6 +140,8 @@ def logsumexp(input, dim, keepdim=False, *, out=None):
 def _gather_at(input, idx: Tensor, dim: int, keepdim: bool):
     """The coefficients at integer positions ``idx`` (keepdim layout) along ``dim``."""
     c = input._coeffs
+    if c.dim() == 1:  # a 0-dim input: its only element, whatever dim (0 or -1) was asked
+        return make_jet(c, input._order)
     index = idx.unsqueeze(0).expand((c.shape[0],) + tuple(idx.shape))
     out = torch.gather(c, dim + 1, index)
     return make_jet(out if keepdim else out.squeeze(dim + 1), input._order)
@@ -183,15 +195,31 @@ register(*aliases("amax"))(_aextreme("max"))
 register(*aliases("amin"))(_aextreme("min"))
 
 
+def _abs2(x):
+    """|x|²: x² for real x, Re(x)² + Im(x)² for complex x (z² is not |z|²)."""
+    if x.is_complex():
+        return torch.square(torch.real(x)) + torch.square(torch.imag(x))
+    return torch.square(x)
+
+
 @register(torch.linalg.vector_norm)
 def vector_norm(x, ord=2, dim=None, keepdim=False, *, dtype=None, out=None):
     """‖x‖_p: p = 2 as sqrt(Σ x²) (not differentiable at 0, like autograd), p = 1 as Σ|x|,
-    p = ∞ as max|x|, other p as (Σ|x|^p)^(1/p)."""
+    p = ±∞ as max/min |x| (the coefficients at the primal's extreme entry), p = 0 the number of
+    non-zero entries (integer-valued: a constant), other p as (Σ|x|^p)^(1/p)."""
+    if ord == 0:
+        return torch.linalg.vector_norm(x._coeffs[0], 0, dim, keepdim, dtype=dtype)
     if dtype is not None:
         x = x.to(dtype)
     dims = dim
+    if ord == float("-inf"):
+        return torch.abs(x).amin(dim=() if dims is None else dims, keepdim=keepdim)
     if ord == 2:
-        return torch.sqrt(torch.square(x).sum(dim=dims, keepdim=keepdim))
+        ss = _abs2(x).sum(dim=dims, keepdim=keepdim)
+        if bool((primal(ss) == 0).any()):
+            raise JetError("linalg.vector_norm (ord=2) of a zero vector: ‖t·u‖ = |t|·‖u‖ has no Taylor "
+                           "expansion at t = 0 (autograd gives NaN derivatives there)")
+        return torch.sqrt(ss)
     if ord == 1:
         return torch.abs(x).sum(dim=dims, keepdim=keepdim)
     if ord == float("inf"):
@@ -202,9 +230,19 @@ def vector_norm(x, ord=2, dim=None, keepdim=False, *, dtype=None, out=None):
 @register(*aliases("cumsum"))
 def cumsum(input, dim, *, dtype=None, out=None):
     c = input._coeffs if dtype is None else input._coeffs.to(dtype)
-    return make_jet(torch.cumsum(c, dim=(dim % max(input.dim(), 1)) + 1), input._order)
+    if input.dim() == 0:  # a 0-dim tensor: cumsum is the identity (dim 0 or -1)
+        torch.cumsum(primal(input), dim)  # torch's own check of dim
+        return make_jet(c, input._order)
+    return make_jet(torch.cumsum(c, dim=(dim % input.dim()) + 1), input._order)
 
 
-@register(*aliases("dot"), *aliases("inner"), *aliases("vdot"))
+@register(*aliases("dot"))
 def dot(input, other, *, out=None):
+    """Σ a_i b_i of two 1-D tensors: bilinear, through the product and sum rules."""
     return (input * other).sum()
+
+
+@register(*aliases("vdot"))
+def vdot(input, other, *, out=None):
+    """Σ conj(a_i) b_i (the first argument is conjugated for complex input)."""
+    return (torch.conj(input) * other).sum()

@@ -1,5 +1,5 @@
 """Taylor rules for shape and layout ops: views, reshapes, permutations, indexing, concatenation,
-padding, splitting, dtype/device moves (SPEC.md §2: linear maps act on every coefficient).
+padding, splitting, dtype/device moves (docs/math.md §2: linear maps act on every coefficient).
 
 Ops that keep the element order (view, reshape, flatten, squeeze, ...) reshape the stacked
 coefficients directly; permutations shift their dims past the coefficient axis; everything else
@@ -34,9 +34,27 @@ def _order_preserving(func):
     return rule
 
 
-for _name in ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
+for _name in ("reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
               "reshape_as", "ravel"):
     register(*aliases(_name))(_order_preserving(getattr(torch.Tensor, _name)))
+_view_shape = _order_preserving(torch.Tensor.view)
+
+
+@register(*aliases("view"))
+def view(input, *args, **kwargs):
+    """``view(shape)``: same element order, every coefficient reshaped. ``view(dtype)`` reinterprets
+    the bits: to the same dtype nothing changes; to an integer or bool dtype the bits are piecewise
+    constant along the path (a constant); to another floating dtype the result is not a smooth
+    function of the values, so it is refused."""
+    dtype = args[0] if len(args) == 1 and isinstance(args[0], torch.dtype) else kwargs.get("dtype")
+    if dtype is None:
+        return _view_shape(input, *args, **kwargs)
+    if dtype == input.dtype:
+        return input
+    if dtype.is_floating_point or dtype.is_complex:
+        raise JetError(f"Tensor.view({dtype}) of a {input.dtype} jet reinterprets the bits of its values, "
+                       "which is not a smooth function of them; use .to(dtype) for a cast")
+    return input._coeffs[0].view(dtype)
 
 
 @register(*aliases("expand"), *aliases("expand_as"), *aliases("broadcast_to"))
@@ -77,8 +95,8 @@ def t(input):
     return transpose(input, 0, 1)
 
 
-@register(torch.Tensor.T.__get__, torch.Tensor.mT.__get__, *aliases("adjoint"),
-          torch.Tensor.mH.__get__, torch.Tensor.H.__get__)
+# the conjugate transposes (mH, H, adjoint) are in rules/complex.py
+@register(torch.Tensor.T.__get__, torch.Tensor.mT.__get__)
 def _T(input):
     if input.dim() < 2:
         return input
@@ -132,13 +150,15 @@ def setitem(input, idx, value):
     return None
 
 
+# (narrow, tensor_split, as_strided, scatter and index_fill have their own rules in scatter.py:
+# tensor arguments, storage windows, constant fill values)
 _LINEAR_STRUCTURAL = [
     "cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack", "chunk", "split",
-    "tensor_split", "unbind", "narrow", "select", "index_select", "gather", "take_along_dim",
+    "unbind", "select", "index_select", "gather", "take_along_dim",
     "flip", "fliplr", "flipud", "roll", "rot90", "repeat", "tile", "repeat_interleave", "diagonal",
-    "diag", "diag_embed", "tril", "triu", "cumsum", "trace", "unfold", "as_strided",
-    "take", "masked_select", "index_add", "scatter", "scatter_add", "index_copy", "index_fill",
-    "slice_scatter", "select_scatter", "diagonal_scatter", "kron", "block_diag",
+    "diag", "diag_embed", "diagflat", "tril", "triu", "trace", "unfold",
+    "take", "masked_select", "index_add", "scatter_add", "index_copy",
+    "slice_scatter", "select_scatter", "diagonal_scatter", "block_diag",
 ]
 
 
@@ -153,10 +173,8 @@ for _name in _LINEAR_STRUCTURAL:
     for _f in aliases(_name):
         register(_f)(_structural(_f))
 
-for _f in (F.pixel_shuffle, F.pixel_unshuffle, F.channel_shuffle, F.fold, F.unfold, torch.Tensor.unflatten):
-    if _f is not None:
-        register(_f)(_structural(_f) if _f is not torch.Tensor.unflatten else
-                     _order_preserving(torch.Tensor.unflatten))
+for _f in (F.pixel_shuffle, F.pixel_unshuffle, F.channel_shuffle, F.fold, F.unfold):
+    register(_f)(_structural(_f))
 
 
 @register(F.pad, torch._C._nn.pad)
@@ -190,35 +208,107 @@ def detach(input):
     return input._coeffs[0].detach()
 
 
-def _to_dtype(input, dtype):
-    if dtype is not None and not (dtype.is_floating_point or dtype.is_complex):
+def _cast(input, dtype: torch.dtype):
+    """A cast is linear (docs/math.md §2): every coefficient is cast; the derivative of a cast is 1, as in
+    autograd, also to lower precision (each coefficient then carries that precision's rounding).
+    A cast to an integer or bool dtype is piecewise constant along the path: a constant."""
+    if not is_jet(input):
+        return input.to(dtype)
+    if not (dtype.is_floating_point or dtype.is_complex):
         return input._coeffs[0].to(dtype)
+    if input.dtype.is_complex and not dtype.is_complex:
+        raise JetError(f"casting a complex jet to {dtype} discards the imaginary part; use .real "
+                       "(or torch.view_as_real) to say which part you mean")
+    if dtype == input.dtype:
+        return input
     return make_jet(input._coeffs.to(dtype), input._order)
+
+
+_to_dtype = _cast
+
+
+def _to_target(args, kwargs):
+    """(device, dtype, memory_format, copy) of a Tensor.to call, parsed the way torch parses it."""
+    args = list(primals(args))
+    kwargs = dict(primals(kwargs))
+    memory_format = kwargs.pop("memory_format", None)
+    copy = kwargs.pop("copy", False)
+    kwargs.pop("non_blocking", None)
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    if kwargs:
+        raise TypeError(f"Tensor.to() got unexpected keyword arguments {sorted(kwargs)}")
+    for a in args:
+        if isinstance(a, Tensor):
+            device, dtype = a.device, a.dtype
+        elif isinstance(a, torch.dtype):
+            dtype = a
+        elif isinstance(a, (str, torch.device, int)) and not isinstance(a, bool):
+            device = torch.device(a)
+        elif isinstance(a, bool):  # positional non_blocking / copy
+            pass
+        elif a is None:
+            pass
+        else:
+            raise TypeError(f"Tensor.to() got an argument of type {type(a).__name__}")
+    return device, dtype, memory_format, copy
 
 
 @register(torch.Tensor.to)
 def to(input, *args, **kwargs):
-    """A move to another device or float dtype moves every coefficient; a cast to an integer or
-    bool dtype gives a constant (the values are piecewise constant along the path)."""
-    c = input._coeffs.to(*args, **kwargs)
-    if not (c.dtype.is_floating_point or c.dtype.is_complex):
-        return c[0]
-    return make_jet(c, input._order)
+    """A move to another device or dtype moves/casts every coefficient (a cast is linear); a cast
+    to an integer or bool dtype gives a constant. A memory format is a layout, not a value: it is
+    checked on the primal (so the same shapes are refused as by torch) and otherwise ignored, since
+    the coefficients' layout is the engine's own."""
+    device, dtype, memory_format, copy = _to_target(args, kwargs)
+    if memory_format is not None:
+        torch.empty(input.shape, device="meta").to(memory_format=memory_format)
+    out = input
+    if device is not None and torch.device(device) != input.device:
+        out = make_jet(out._coeffs.to(device), out._order)
+    if dtype is not None:
+        out = _cast(out, dtype)
+    if copy and out is input:
+        out = make_jet(input._coeffs.clone(), input._order)
+    return out
+
+
+_TYPE_NAMES = {
+    "torch.FloatTensor": torch.float32, "torch.DoubleTensor": torch.float64,
+    "torch.HalfTensor": torch.float16, "torch.BFloat16Tensor": torch.bfloat16,
+    "torch.LongTensor": torch.int64, "torch.IntTensor": torch.int32, "torch.ShortTensor": torch.int16,
+    "torch.CharTensor": torch.int8, "torch.ByteTensor": torch.uint8, "torch.BoolTensor": torch.bool,
+    "torch.ComplexFloatTensor": torch.complex64, "torch.ComplexDoubleTensor": torch.complex128,
+}
+
+
+@register(torch.Tensor.type)
+def type_(input, dtype=None, non_blocking: bool = False, **kwargs):
+    """``x.type()`` is the type name (a constant); ``x.type(dtype)`` a cast (HF GPT-2's eager
+    attention calls ``attn_weights.type(value.dtype)``)."""
+    if dtype is None:
+        return primal(input).type()
+    if isinstance(dtype, str):
+        name = dtype.replace("torch.cuda.", "torch.")
+        if name not in _TYPE_NAMES:
+            raise ValueError(f"invalid type: {dtype!r}")
+        out = _cast(input, _TYPE_NAMES[name])
+        if dtype.startswith("torch.cuda.") and is_jet(out):
+            out = make_jet(out._coeffs.cuda(), out._order)
+        return out
+    return _cast(input, dtype)
 
 
 for _name, _dtype in (("float", torch.float32), ("double", torch.float64), ("half", torch.float16),
-                      ("bfloat16", torch.bfloat16)):
-    register(getattr(torch.Tensor, _name))(lambda input, *a, _d=_dtype, **k: _to_dtype(input, _d))
-for _name, _dtype in (("long", torch.int64), ("int", torch.int32), ("bool", torch.bool),
-                      ("short", torch.int16), ("byte", torch.uint8)):
-    register(getattr(torch.Tensor, _name))(lambda input, *a, _d=_dtype, **k: input._coeffs[0].to(_d))
+                      ("bfloat16", torch.bfloat16), ("long", torch.int64), ("int", torch.int32),
+                      ("bool", torch.bool), ("short", torch.int16), ("byte", torch.uint8),
+                      ("char", torch.int8)):
+    register(getattr(torch.Tensor, _name))(
+        lambda input, *a, _d=_dtype, **k: _cast(input, _d))
 
 
 @register(torch.Tensor.type_as)
 def type_as(input, other):
-    if not is_jet(input):
-        return input.type_as(primal(other))
-    return _to_dtype(input, other.dtype)
+    return _cast(input, primal(other).dtype)
 
 
 @register(torch.Tensor.cpu)
@@ -243,6 +333,44 @@ def _make_like(func):
 
 
 for _name in ("zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
-              "randint_like", "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor"):
+              "randint_like", "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor",
+              "new", "new_empty_strided"):
     for _f in aliases(_name):
         register(_f)(_make_like(_f))
+
+
+def _resize_into(input, shape):
+    """resize_: the first numel(shape) elements in row-major order keep their values; when the
+    tensor grows, the new elements are uninitialized memory, which has no derivative."""
+    if not is_jet(input):
+        raise JetError("resize_ of a plain tensor to a jet's shape cannot hold Taylor coefficients")
+    if input._is_view:
+        raise JetError("resize_ on a view of a jet would not reach the tensor it views")
+    shape = tuple(int(s) for s in shape)
+    n = 1
+    for s in shape:
+        n *= s
+    if n > input.numel():
+        raise JetError(f"resize_ of a jet from {input.numel()} to {n} elements: the new elements are "
+                       "uninitialized memory, which has no Taylor coefficients; build the larger "
+                       "tensor out of place (torch.cat, F.pad)")
+    c = input._coeffs
+    input._coeffs = c.reshape(c.shape[0], -1)[:, :n].reshape((c.shape[0],) + shape).clone()
+    # the wrapper's own size must follow: a new wrapper is not possible in place, so refuse a
+    # shape change the wrapper cannot express
+    if tuple(input.shape) != shape:
+        raise JetError("resize_ that changes a jet's shape in place is not supported (the tensor "
+                       "object keeps its shape); use .reshape()/.view() or slicing instead")
+    return input
+
+
+@register(torch.Tensor.resize_, getattr(torch, "resize_", None))
+def resize_(input, *sizes, memory_format=None):
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple, torch.Size)):
+        sizes = tuple(sizes[0])
+    return _resize_into(input, sizes)
+
+
+@register(torch.Tensor.resize_as_, torch.resize_as_)
+def resize_as_(input, other, memory_format=None):
+    return _resize_into(input, tuple(other.shape))

@@ -1,0 +1,204 @@
+"""Taylor rules for ops that draw random numbers.
+
+A random op is a function of its inputs for one fixed draw; the rule must make that draw exactly
+once, from the same generator state as the plain call, so that the primal equals the plain
+model's value and the random stream afterwards is the same (a seeded run then draws the same
+dropout masks as nested autograd does). Where the derivative needs the draw itself (normal's
+z, alpha-dropout's mask) the draw is recovered by replaying the generator from the state before
+the call with a standard parameter and restoring the state after the call.
+
+- in-place fills (``uniform_``, ``normal_``, ``bernoulli_``, ``exponential_``, ...): the jet becomes a
+  constant (its new values do not depend on the old ones);
+- ``bernoulli``, ``poisson``, ``multinomial``, ``binomial``: integer-valued draws, constants;
+- ``normal(mean, std)`` = mean + std·z: linear in (mean, std) for the draw z;
+- ``rrelu`` in training mode: y = x·a with a random slope a per element for x < 0 (1 for x ≥ 0);
+- ``alpha_dropout``/``feature_alpha_dropout`` in training mode: y = a·m·x + b, affine in x with the
+  random mask m and the constants a, b of the op.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..jets.registry import record, register
+from ..jets.tensor import primals
+from ._common import JetError, is_jet, make_jet, order_of, primal
+
+
+@contextlib.contextmanager
+def replayed(device: torch.device, generator: Optional[torch.Generator] = None) -> Iterator:
+    """Yields ``again``: a context manager that runs its block from the generator state this one
+    started with, and afterwards leaves the generator in the state the first run left it in."""
+    if generator is not None:
+        get, set_ = generator.get_state, generator.set_state
+    elif device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        get = lambda: torch.cuda.get_rng_state(idx)  # noqa: E731
+        set_ = lambda s: torch.cuda.set_rng_state(s, idx)  # noqa: E731
+    elif device.type == "cpu":
+        get, set_ = torch.get_rng_state, torch.set_rng_state
+    else:
+        raise JetError(f"random ops on {device.type} tensors: the generator state cannot be replayed "
+                       "here, so the draw cannot be made once and reused")
+    before = get()
+    after = []
+
+    @contextlib.contextmanager
+    def again():
+        after.append(get())
+        set_(before)
+        try:
+            yield
+        finally:
+            set_(after[0])
+    yield again
+
+
+# -- in-place fills and integer draws: constants ---------------------------------------------------
+
+def _fill_rule(func):
+    def rule(input, *args, **kwargs):
+        record("constants", func)
+        if not is_jet(input):
+            return func(input, *primals(args), **primals(kwargs))
+        if input._is_view:
+            raise JetError(f"in-place {func.__name__} on a view of a jet would not reach the tensor it "
+                           "views; fill a fresh tensor instead")
+        value = func(input._coeffs[0].detach().clone(), *primals(args), **primals(kwargs))
+        input._coeffs = value.unsqueeze(0)
+        return input
+    rule.__doc__ = f"{func.__name__}: overwrites the jet with random values, a constant."
+    return rule
+
+
+for _name in ("uniform_", "normal_", "bernoulli_", "exponential_", "geometric_", "log_normal_",
+              "cauchy_", "random_"):
+    _f = getattr(torch.Tensor, _name, None)
+    if _f is not None:
+        register(_f)(_fill_rule(_f))
+
+
+def _constant_draw(func):
+    def rule(*args, **kwargs):
+        record("constants", func)
+        return func(*primals(args), **primals(kwargs))
+    rule.__doc__ = f"{getattr(func, '__name__', func)}: an integer-valued draw, a constant."
+    return rule
+
+
+for _f in (torch.bernoulli, torch.Tensor.bernoulli, torch.poisson, torch.multinomial,
+           torch.Tensor.multinomial, torch.binomial):
+    register(_f)(_constant_draw(_f))
+
+
+# -- normal: linear in (mean, std) for the draw z ----------------------------------------------------
+
+@register(torch.normal)
+def normal(mean, std=1.0, *args, generator=None, **kwargs):
+    """y = mean + std·z, z ~ N(0, 1) drawn once: y_k = mean_k + std_k·z (k ≥ 1). z is recovered by
+    replaying the generator with (mean, std) = (0, 1): torch draws z and then scales and shifts it,
+    so the draw does not depend on the parameters (checked against the plain value)."""
+    if not (is_jet(mean) or is_jet(std)):
+        return torch.normal(mean, std, *args, generator=generator, **kwargs)
+    K = order_of(mean, std)
+    m0, s0 = primal(mean), primal(std)
+    like = m0 if isinstance(m0, Tensor) else s0
+    with replayed(like.device, generator) as again:
+        y0 = torch.normal(m0, s0, *args, generator=generator, **kwargs)
+        with again():
+            z = torch.normal(torch.zeros_like(y0), torch.ones_like(y0), generator=generator)
+    check = m0 + s0 * z
+    if not torch.allclose(check.detach(), y0.detach(), rtol=1e-6, atol=1e-6 * float(check.abs().max()) + 1e-30):
+        raise JetError("torch.normal: the replayed draw does not reproduce the value (this torch "
+                       "build draws differently); its Taylor coefficients cannot be formed exactly")
+    coeffs = [y0]
+    n = max(mean._coeffs.shape[0] if is_jet(mean) else 1, std._coeffs.shape[0] if is_jet(std) else 1)
+    for k in range(1, n):
+        term = torch.zeros_like(y0)
+        if is_jet(mean) and k < mean._coeffs.shape[0]:
+            term = term + mean._coeffs[k]
+        if is_jet(std) and k < std._coeffs.shape[0]:
+            term = term + std._coeffs[k] * z
+        coeffs.append(term)
+    return make_jet(coeffs, K)
+
+
+# -- rrelu -----------------------------------------------------------------------------------------
+
+def _rrelu(input, lower: float = 1.0 / 8.0, upper: float = 1.0 / 3.0, training: bool = False,
+           generator=None):
+    """Randomized leaky ReLU. Evaluation: a leaky ReLU with slope (lower + upper)/2. Training: a
+    slope a ~ U(lower, upper) per element where x < 0 (1 where x ≥ 0), drawn once exactly as the
+    plain call draws it (``rrelu_with_noise`` writes the slopes it used): y_k = a·x_k."""
+    if not training:
+        return F.leaky_relu(input, (lower + upper) / 2.0)
+    x0 = input._coeffs[0]
+    noise = torch.empty_like(x0)
+    y0 = torch._C._nn.rrelu_with_noise(x0, noise, lower, upper, True, generator)
+    c = input._coeffs
+    return make_jet(torch.cat([y0.unsqueeze(0), c[1:] * noise]), input._order)
+
+
+@register(F.rrelu, torch.rrelu)
+def rrelu(input, lower: float = 1.0 / 8.0, upper: float = 1.0 / 3.0, training: bool = False,
+          inplace: bool = False, generator=None):
+    return _rrelu(input, lower, upper, training, generator)
+
+
+@register(torch._C._nn.rrelu_with_noise)
+def rrelu_with_noise(input, noise, lower=1.0 / 8.0, upper=1.0 / 3.0, training=False, generator=None):
+    if not training:
+        noise.fill_(1.0)  # as torch does in evaluation mode
+        return F.leaky_relu(input, (lower + upper) / 2.0)
+    x0 = input._coeffs[0]
+    y0 = torch._C._nn.rrelu_with_noise(x0, noise, lower, upper, True, generator)
+    c = input._coeffs
+    return make_jet(torch.cat([y0.unsqueeze(0), c[1:] * noise]), input._order)
+
+
+# -- alpha dropout ------------------------------------------------------------------------------
+
+_SELU_ALPHA_PRIME = 1.7580993408473766  # −λ·α of SELU, the value alpha dropout drops to (ATen's)
+
+
+def _alpha_dropout_rule(op):
+    def rule(input, p: float = 0.5, train: bool = False, inplace: bool = False):
+        """y = a·m·x + b with the random keep-mask m (per element, or per channel for feature alpha
+        dropout) and a = 1/√((α′²p + 1)(1 − p)) (ATen's constants): affine in x for the draw, so
+        y_k = a·m·x_k. The mask is recovered by replaying the generator on a zero input (y = b)
+        and a one input (y = a·m + b): m = [y(1) ≠ y(0)]."""
+        if not train or p == 0.0:
+            return input
+        x0 = input._coeffs[0]
+        with replayed(x0.device) as again:
+            y0 = op(x0, p, True)
+            if p == 1.0:  # everything dropped: a constant
+                return y0
+            with again():
+                y_zero = op(torch.zeros_like(x0), p, True)
+            with again():
+                y_one = op(torch.ones_like(x0), p, True)
+        a = 1.0 / math.sqrt((_SELU_ALPHA_PRIME ** 2 * p + 1.0) * (1.0 - p))
+        scale = (y_one != y_zero).to(x0.dtype) * a
+        c = input._coeffs
+        return make_jet(torch.cat([y0.unsqueeze(0), c[1:] * scale]), input._order)
+    return rule
+
+
+register(torch.alpha_dropout)(_alpha_dropout_rule(torch.alpha_dropout))
+register(torch.feature_alpha_dropout)(_alpha_dropout_rule(torch.feature_alpha_dropout))
+
+
+@register(F.alpha_dropout)
+def alpha_dropout(input, p: float = 0.5, training: bool = False, inplace: bool = False):
+    return _alpha_dropout_rule(torch.alpha_dropout)(input, p, training)
+
+
+@register(F.feature_alpha_dropout)
+def feature_alpha_dropout(input, p: float = 0.5, training: bool = False, inplace: bool = False):
+    return _alpha_dropout_rule(torch.feature_alpha_dropout)(input, p, training)

@@ -1,0 +1,294 @@
+"""The engine's seams, each against an oracle that does not share its code: casts, broadcasting
+against constants of higher rank, no_grad regions inside a model, random ops, out= and in-place
+ops, the registry and the verified paths (docs/engine.md)."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import curvrate_fast as cf
+from curvrate_fast import baseline
+from curvrate_fast.jets import registry
+from curvrate_fast.jets.registry import RuleRegistrationError
+
+from _oracle import assert_matches_fd, rel_err
+
+D64 = torch.float64
+
+
+def rand(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=D64)
+
+
+# -- casts keep derivatives ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("cast", [
+    lambda z: z.type(torch.float64),
+    lambda z: z.type("torch.DoubleTensor"),
+    lambda z: z.to(torch.float64),
+    lambda z: z.to(D64, copy=True),
+    lambda z: z.to("cpu"),
+    lambda z: z.to(torch.zeros(1, dtype=D64)),
+    lambda z: z.double(),
+    lambda z: z.type_as(torch.zeros(1, dtype=D64)),
+    lambda z: z.to(memory_format=torch.contiguous_format),
+], ids=["type", "type_str", "to", "to_copy", "to_device", "to_other", "double", "type_as", "memfmt"])
+def test_casts_are_linear(cast):
+    x, u = rand(3, 4, seed=0), rand(3, 4, seed=1)
+
+    def f(z):
+        return torch.sin(cast(torch.exp(z) * z))
+    assert rel_err(cf.jet(f, x, u, 4), baseline.jet(f, x, u, 4)) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_lower_precision_cast_casts_every_coefficient(dtype):
+    """A cast to lower precision has derivative 1 (as in autograd): coefficient k of the cast is
+    the cast of coefficient k."""
+    x, u = rand(5, seed=2), rand(5, seed=3)
+    c64 = cf.jet(torch.tanh, x, u, 3)
+    for cast in (lambda z: z.to(dtype), lambda z: z.type(dtype), lambda z: getattr(z, {
+            torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat16"}[dtype])()):
+        c = cf.jet(lambda z: cast(torch.tanh(z)), x, u, 3)
+        assert c.dtype == dtype
+        assert torch.equal(c, c64.to(dtype))
+
+
+def test_gpt2_style_attention_weight_cast():
+    """HF GPT-2's eager attention: softmax(...).type(value.dtype) @ value."""
+    x, u = rand(2, 5, 8, seed=4), rand(2, 5, 8, seed=5)
+
+    def attn(z):
+        w = torch.softmax(z @ z.transpose(-1, -2) / 8 ** 0.5, dim=-1)
+        return w.type(z.dtype) @ z
+    assert rel_err(cf.jet(attn, x, u, 3), baseline.jet(attn, x, u, 3)) < 1e-12
+
+
+def test_integer_cast_is_constant_and_type_name():
+    x, u = rand(4, seed=6), rand(4, seed=7)
+    seen = {}
+
+    def f(z):
+        seen["name"] = z.type()
+        return z * z.long().to(D64) + z.bool().to(D64)
+    assert rel_err(cf.jet(f, x, u, 3), baseline.jet(f, x, u, 3)) < 1e-12
+    assert seen["name"] == "torch.DoubleTensor"
+
+
+def test_memory_format_refused_like_torch():
+    x, u = rand(3, 4, seed=8), rand(3, 4, seed=9)
+    with pytest.raises(RuntimeError, match="rank 4"):
+        cf.jet(lambda z: z.to(memory_format=torch.channels_last), x, u, 2)
+    x4, u4 = rand(2, 3, 4, 5, seed=8), rand(2, 3, 4, 5, seed=9)
+
+    def f(z):
+        return torch.tanh(z.to(memory_format=torch.channels_last).contiguous())
+    assert rel_err(cf.jet(f, x4, u4, 3), baseline.jet(f, x4, u4, 3)) < 1e-12
+
+
+# -- broadcasting against constants of higher rank --------------------------------------------
+
+@pytest.mark.parametrize("op", [
+    lambda c, z: c * z, lambda c, z: z * c, lambda c, z: z / c, lambda c, z: c / (z * z + 1),
+    lambda c, z: c + z, lambda c, z: z - c, lambda c, z: torch.where(c > 0, z, c),
+    lambda c, z: torch.maximum(z, c), lambda c, z: c * torch.exp(z),
+    lambda c, z: torch.addcmul(c, z, z), lambda c, z: torch.lerp(c, z, 0.3),
+], ids=["cmul", "mulc", "divc", "cdiv", "add", "sub", "where", "maximum", "cexp", "addcmul", "lerp"])
+def test_constant_of_higher_rank_broadcasts_like_torch(op):
+    c = rand(2, 1, 5, seed=10)
+    x, u = rand(3, 1, seed=11), rand(3, 1, seed=12)
+
+    def f(z):
+        return op(c, z)
+    ours = cf.jet(f, x, u, 3)
+    assert ours.shape == (4,) + tuple(f(x).shape) == (4, 2, 3, 5)
+    assert rel_err(ours, baseline.jet(f, x, u, 3)) < 1e-12
+
+
+# -- no_grad inside a model ----------------------------------------------------------------------
+
+class NoGradScale(nn.Module):
+    """A model that computes a normalizing factor under no_grad (a common pattern: the value is
+    used, its dependence on the input is not differentiated)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3, dtype=D64)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        with torch.no_grad():
+            scale = h.pow(2).sum(-1, keepdim=True).sqrt() + 1.0
+        return h / scale
+
+
+def _nested_autograd_loss_derivatives(model, x, y, u, K):
+    return baseline.loss_directional_derivatives(model, x, y, u, K)
+
+
+def test_no_grad_region_inside_model_is_constant():
+    torch.manual_seed(13)
+    model = NoGradScale()
+    x, u = rand(5, 4, seed=14), rand(5, 4, seed=15)
+    y = torch.tensor([0, 1, 2, 1, 0])
+    ours = cf.loss_directional_derivatives(model, x, y, u, 3)
+    ref = _nested_autograd_loss_derivatives(model, x, y, u, 3)
+    assert rel_err(ours, ref) < 1e-10
+    # and the parameter gradient sees the same function as its value
+    g_ours = torch.autograd.grad(ours.abs().sum(), model.lin.weight)[0]
+    ref = _nested_autograd_loss_derivatives(model, x, y, u, 3)
+    g_ref = torch.autograd.grad(ref.abs().sum(), model.lin.weight)[0]
+    assert rel_err(g_ours, g_ref) < 1e-9
+
+
+def test_no_grad_caller_still_gets_derivatives_and_inner_region_still_constant():
+    torch.manual_seed(16)
+    model = NoGradScale()
+    x, u = rand(5, 4, seed=17), rand(5, 4, seed=18)
+    y = torch.tensor([0, 1, 2, 1, 0])
+    ref = _nested_autograd_loss_derivatives(model, x, y, u, 3).detach()
+    with torch.no_grad():
+        ours = cf.loss_directional_derivatives(model, x, y, u, 3)
+        plain = cf.jet(torch.sin, x, u, 3)
+    assert not ours.requires_grad
+    assert rel_err(ours, ref) < 1e-10
+    assert rel_err(plain, baseline.jet(torch.sin, x, u, 3)) < 1e-12
+    with torch.inference_mode():
+        assert rel_err(cf.loss_directional_derivatives(model, x, y, u, 3), ref) < 1e-10
+
+
+def test_no_grad_in_place_changes_value_not_derivative():
+    """Under no_grad an in-place op changes the value, not the derivative (autograd's rule)."""
+    x, u = rand(4, seed=19), rand(4, seed=20)
+
+    def f(z):
+        h = torch.sin(z) * 2
+        with torch.no_grad():
+            h.add_(1.0)
+        return h * z
+    ours = cf.jet(f, x, u, 3)
+    # (2 sin z + 1)·z: adding a constant under no_grad changes the value, and the derivatives of
+    # the result are those of the changed value (the constant has derivative 0 anyway)
+    assert rel_err(ours, baseline.jet(lambda z: (torch.sin(z) * 2 + 1.0) * z, x, u, 3)) < 1e-12
+
+
+def test_raw_input_jet_under_no_grad_keeps_derivatives():
+    x, u = rand(3, seed=21), rand(3, seed=22)
+    with torch.no_grad():
+        out = torch.exp(cf.input_jet(x, u, 3))
+    assert rel_err(out.coeffs, baseline.jet(torch.exp, x, u, 3)) < 1e-12
+
+
+# -- random ops: one draw, the plain call's stream ---------------------------------------------
+
+@pytest.mark.parametrize("op", [
+    lambda z: F.dropout(torch.tanh(z), 0.3, True),
+    lambda z: F.alpha_dropout(torch.tanh(z), 0.3, True),
+    lambda z: F.feature_alpha_dropout(torch.tanh(z).reshape(2, 3, 2), 0.4, True).reshape(12),
+    lambda z: F.rrelu(z, training=True),
+    lambda z: torch.normal(torch.sin(z), torch.exp(0.1 * z)),
+    lambda z: z * torch.bernoulli(torch.sigmoid(z)),
+    lambda z: z + torch.rand_like(z),
+    lambda z: z.clone().uniform_() * 0 + z * z,
+], ids=["dropout", "alpha_dropout", "feature_alpha_dropout", "rrelu", "normal", "bernoulli",
+        "rand_like", "uniform_"])
+def test_random_ops_draw_once_like_the_plain_call(op):
+    x, u = rand(12, seed=23), rand(12, seed=24)
+    torch.manual_seed(99)
+    plain = op(x)
+    after_plain = torch.get_rng_state()
+    torch.manual_seed(99)
+    c = cf.jet(op, x, u, 3)
+    assert torch.equal(torch.get_rng_state(), after_plain)
+    assert torch.allclose(c[0], plain, rtol=1e-14, atol=1e-14)
+
+    def seeded(z):
+        torch.manual_seed(99)
+        return op(z)
+    assert_matches_fd(c, seeded, [x], [u], 3)
+
+
+# -- out= and in-place ---------------------------------------------------------------------------
+
+def test_out_argument_with_a_jet_raises():
+    x, u = rand(3, seed=25), rand(3, seed=26)
+    buf = torch.empty(3, dtype=D64)
+    with pytest.raises(cf.JetError, match="out="):
+        cf.jet(lambda z: torch.add(z, 1.0, out=buf), x, u, 2)
+
+
+def test_in_place_ops_on_jets_and_their_errors():
+    x, u = rand(3, 4, seed=27), rand(3, 4, seed=28)
+
+    def f(z):
+        h = torch.tanh(z)
+        h.mul_(z)
+        h += 1.0
+        h.clamp_(min=-0.5)
+        return h
+    ref = baseline.jet(lambda z: torch.clamp(torch.tanh(z) * z + 1.0, min=-0.5), x, u, 3)
+    assert rel_err(cf.jet(f, x, u, 3), ref) < 1e-12
+    with pytest.raises(cf.JetError, match="plain tensor"):
+        cf.jet(lambda z: torch.zeros(3, 4, dtype=D64).add_(z), x, u, 2)
+    with pytest.raises(cf.JetError, match="view of a jet"):
+        cf.jet(lambda z: torch.tanh(z)[0].add_(1.0), x, u, 2)
+
+
+# -- the registry and the verified paths ----------------------------------------------------------
+
+def test_registering_twice_is_an_error_and_override_replaces():
+    def my_tanh(x):
+        return torch.tanh(x)
+    with pytest.raises(RuleRegistrationError, match="already has"):
+        cf.register(torch.tanh)(my_tanh)
+    old = registry.lookup(torch.special.expit)
+    try:
+        cf.register(torch.special.expit, override=True)(lambda x: torch.sigmoid(x))
+        x, u = rand(3, seed=29), rand(3, seed=30)
+        assert rel_err(cf.jet(torch.special.expit, x, u, 3), baseline.jet(torch.sigmoid, x, u, 3)) < 1e-12
+    finally:
+        registry.unregister(torch.special.expit)
+        cf.register(torch.special.expit)(old)
+
+
+@torch.library.custom_op("curvrate_test::cube", mutates_args=())
+def _cube(x: torch.Tensor) -> torch.Tensor:
+    return x * x * x
+
+
+def test_op_without_rule_raises_a_clear_error():
+    """An op with no rule raises (there is no generic fallback), naming it
+    and saying how to add a rule; registering one makes it work."""
+    x, u = rand(3, seed=31), rand(3, seed=32)
+    with pytest.raises(cf.RuleMissingError, match="curvrate_test.cube.*no Taylor rule.*register"):
+        cf.jet(lambda z: torch.ops.curvrate_test.cube(z), x, u, 2)
+    try:
+        cf.register(torch.ops.curvrate_test.cube)(lambda z: z * z * z)
+        with cf.track_ops() as report:
+            c = cf.jet(lambda z: torch.ops.curvrate_test.cube(z), x, u, 3)
+        assert rel_err(c, baseline.jet(lambda z: z ** 3, x, u, 3)) < 1e-12
+        assert any("cube" in k for k in report.rules)
+    finally:
+        registry.unregister(torch.ops.curvrate_test.cube)
+
+
+class _Square(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g  # a straight-through backward: not the derivative of the forward
+
+
+def test_custom_autograd_function_receiving_a_jet_raises():
+    """autograd runs a custom Function's forward without grad; the engine must not mistake that
+    for a no_grad region (silent zero derivatives) nor differentiate a forward whose derivative
+    is defined by its backward."""
+    x, u = rand(3, seed=33), rand(3, seed=34)
+    with pytest.raises(cf.JetError, match="custom torch.autograd.Function _Square"):
+        cf.jet(lambda z: _Square.apply(torch.sin(z)), x, u, 2)
+    with pytest.raises(cf.JetError, match="_Square"):
+        with torch.no_grad():
+            cf.jet(lambda z: _Square.apply(torch.sin(z)), x, u, 2)
