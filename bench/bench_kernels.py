@@ -1,4 +1,4 @@
-"""GPU benchmark of the fused Triton jet kernels (DESIGN.md §5).
+"""GPU benchmark of the fused Triton jet kernels (docs/design.md §5).
 
 Measures, with ``triton.testing.do_bench`` medians (warm-up first; do_bench flushes the L2 before
 every timed call), inside one run:
@@ -136,6 +136,11 @@ class Ctx:
     """What every case needs: the lazily imported modules, the device, the timer, the sizes, the
     results so far and where they are written."""
 
+    # set by a caller with a time box (bench/gpu_check.py): cases that would start after ``deadline``
+    # (time.monotonic()) become "skipped" rows; ``on_case()`` runs after every case
+    deadline: float | None = None
+    on_case: Callable[[], None] | None = None
+
     def __init__(self, args, m):
         self.args, self.m = args, m
         torch = m.torch
@@ -238,7 +243,13 @@ class Ctx:
     def case(self, section: str, desc: dict, fn: Callable[[], list]) -> None:
         """Run one case (``fn`` returns its rows) in its own scope, so its tensors are freed when it
         returns. On the GPU an exception becomes an ``error`` row and the run goes on; in smoke mode
-        it is raised (the smoke run exists to catch it)."""
+        it is raised (the smoke run exists to catch it). Past ``deadline`` the case is not run: its
+        row says ``skipped``."""
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            self.results[section].append(dict(desc, skipped="time box of the section spent"))
+            if self.on_case:
+                self.on_case()
+            return
         try:
             rows = fn()
         except Exception as e:  # one failing case must not cost the whole GPU session
@@ -250,6 +261,8 @@ class Ctx:
             print(f"  {section} {desc}: FAILED ({type(e).__name__}); recorded, going on")
         self.results[section].extend(rows)
         self.free()
+        if self.on_case:
+            self.on_case()
 
 
 def _gpu_timer(torch, do_bench, warmup_ms: int, rep_ms: int) -> Callable[[Callable], float]:
@@ -644,22 +657,68 @@ def _meta(ctx: Ctx) -> dict:
     return meta
 
 
-def main(argv=None) -> int:
-    args = _parse(argv)
-    # settle TRITON_INTERPRET before anything imports triton or a kernel module
-    if args.smoke:
+def settle_interpret(smoke: bool) -> None:
+    """Set TRITON_INTERPRET=1 for a smoke run; refuse a benchmark run under the interpreter. Call it
+    before anything imports triton or a kernel module."""
+    if smoke:
         os.environ["TRITON_INTERPRET"] = "1"
     elif os.environ.get("TRITON_INTERPRET", "0") == "1":
         _die("TRITON_INTERPRET=1 is set: the interpreter cannot be benchmarked; unset it and run on a GPU "
              "(or use --smoke to test this script).")
-    t_start = time.perf_counter()
+
+
+def setup(args) -> Ctx:
+    """Import the modules (TRITON_INTERPRET settled), fix the global settings (tf32 off, seed 0) and
+    return the run's :class:`Ctx` with its ``results["meta"]``."""
     m = _import_modules(args.smoke)
     torch = m.torch
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
-
     ctx = Ctx(args, m)
-    ctx.results["meta"] = meta = _meta(ctx)
+    ctx.results["meta"] = _meta(ctx)
+    return ctx
+
+
+def run_sections(ctx: Ctx, after: Callable[[], None] | None = None,
+                 deadline_for: Callable[[str], float | None] | None = None) -> None:
+    """The copy bandwidth, then every section of ``args.sections`` in order; ``after()`` runs after
+    each (main writes the files there); ``deadline_for(section)``, if given, sets ``ctx.deadline``
+    (time.monotonic()) before each section."""
+    meta = ctx.results["meta"]
+    # 1. copy bandwidth: one large buffer (≥ 8 L2 sizes) is the streaming ceiling every row compares to
+    K = ctx.K
+    nbytes = (K + 1) * ctx.size(128, 8 * 2**20, 16 * 2**20) * 4
+    if ctx.l2_bytes:
+        nbytes = max(nbytes, 8 * ctx.l2_bytes)
+    ctx.deadline = deadline_for("copy") if deadline_for else None
+    ctx.case("copy", {"buffer_MiB": nbytes / 2**20}, lambda: _copy_case(ctx, nbytes))
+    ctx.copy_bw = ctx.results["copy"][0].get("GB/s")
+    if ctx.copy_bw:
+        print(f"copy bandwidth (clone of {nbytes / 2**20:.4g} MiB, read + write): {ctx.copy_bw:.4g} GB/s")
+    if after:
+        after()
+
+    runners = {"activation": _section_activation, "linear": _section_linear,
+               "cross_entropy": _section_cross_entropy}
+    for section in SECTIONS:
+        if section not in ctx.args.sections:
+            continue
+        ctx.deadline = deadline_for(section) if deadline_for else None
+        t0 = time.perf_counter()
+        runners[section](ctx)
+        meta["section_s"][section] = round(time.perf_counter() - t0, 1)
+        print(f"-- {section}: {meta['section_s'][section]:.1f} s")
+        if after:
+            after()
+    ctx.deadline = None
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    settle_interpret(args.smoke)
+    t_start = time.perf_counter()
+    ctx = setup(args)
+    meta = ctx.results["meta"]
     out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="bench_kernels_smoke_")) if args.smoke
                                            else ROOT / "bench" / "results")
     out.mkdir(parents=True, exist_ok=True)
@@ -675,29 +734,7 @@ def main(argv=None) -> int:
 
     print(f"# {meta['device']}  torch {meta['torch']}  triton {meta['triton']}  commit {meta['commit']}"
           + (f"  [{SMOKE_LABEL}]" if args.smoke else ""))
-
-    # 1. copy bandwidth: one large buffer (≥ 8 L2 sizes) is the streaming ceiling every row compares to
-    K = ctx.K
-    nbytes = (K + 1) * ctx.size(128, 8 * 2**20, 16 * 2**20) * 4
-    if ctx.l2_bytes:
-        nbytes = max(nbytes, 8 * ctx.l2_bytes)
-    ctx.case("copy", {"buffer_MiB": nbytes / 2**20}, lambda: _copy_case(ctx, nbytes))
-    ctx.copy_bw = ctx.results["copy"][0].get("GB/s")
-    if ctx.copy_bw:
-        print(f"copy bandwidth (clone of {nbytes / 2**20:.4g} MiB, read + write): {ctx.copy_bw:.4g} GB/s")
-    write()
-
-    runners = {"activation": _section_activation, "linear": _section_linear,
-               "cross_entropy": _section_cross_entropy}
-    for section in SECTIONS:
-        if section not in args.sections:
-            continue
-        t0 = time.perf_counter()
-        runners[section](ctx)
-        meta["section_s"][section] = round(time.perf_counter() - t0, 1)
-        print(f"-- {section}: {meta['section_s'][section]:.1f} s")
-        write()
-
+    run_sections(ctx, after=write)
     print(f"wrote {paths[0]} and {paths[1]} ({meta['wall_s']:.1f} s)")
     if ctx.failed:
         print("some cases failed or did not pass their check (see 'error' / 'ok' in the tables)", file=sys.stderr)
@@ -721,6 +758,8 @@ def _table(rows, cols) -> str:
         return "(none)\n"
     if any("error" in r for r in rows):
         cols = [*cols, ("error", "error")]
+    if any("skipped" in r for r in rows):
+        cols = [*cols, ("skipped", "skipped")]
     head = "| " + " | ".join(c for c, _ in cols) + " |\n|" + "---|" * len(cols) + "\n"
     body = "".join("| " + " | ".join(_fmt(r.get(k)) for _, k in cols) + " |\n" for r in rows)
     return head + body
@@ -764,7 +803,7 @@ def _markdown(res) -> str:
             s.append(f"Copy bandwidth: {_fmt(c['GB/s'])} GB/s ({_fmt(c['buffer_MiB'])} MiB cloned, "
                      f"{_fmt(c['ms'])} ms).\n")
         else:
-            s.append(f"Copy bandwidth: failed ({c.get('error')}).\n")
+            s.append(f"Copy bandwidth: not measured ({c.get('error') or c.get('skipped')}).\n")
     s.append("\n## Activation jets (fused kernel vs reference chain of torch ops)\n\n")
     s.append(_table(res["activation"], ACTIVATION_COLS))
     s.append("\n## Linear jet (variants of φ(x Wᵀ + b) on the stacked jet, and their parts)\n\n")

@@ -177,3 +177,29 @@ def test_bad_invocations_exit_2():
     with pytest.raises(SystemExit) as e:
         bk.main(["--sections", "nope"])
     assert e.value.code == 2
+
+
+def test_cases_past_the_deadline_are_skipped_and_reported():
+    """With ``ctx.deadline`` set (bench/gpu_check.py's time box) a case that would start after it is
+    not run: its row says ``skipped``, ``on_case`` still runs, the markdown shows the column."""
+    torch = pytest.importorskip("torch")
+    import time
+    from types import SimpleNamespace
+
+    bk = _load_script()
+    ctx = bk.Ctx.__new__(bk.Ctx)
+    ctx.smoke, ctx.failed, ctx.m = False, False, SimpleNamespace(torch=torch)
+    ctx.results = {"meta": {}, "copy": [], "activation": [], "linear": [], "cross_entropy": []}
+    seen = []
+    ctx.on_case = lambda: seen.append(len(ctx.results["cross_entropy"]))
+    ctx.case("cross_entropy", {"B": 1, "C": 2, "dtype": "float32"},
+             lambda: [{"B": 1, "C": 2, "dtype": "float32", "ms": 1.0, "ok": True}])
+    ctx.deadline = time.monotonic() - 1.0
+    ctx.case("cross_entropy", {"B": 8, "C": 4, "dtype": "float32"}, lambda: pytest.fail("ran past the deadline"))
+    assert seen == [1, 2] and not ctx.failed
+    done, skipped = ctx.results["cross_entropy"]
+    assert "skipped" not in done and skipped["skipped"].startswith("time box") and "ms" not in skipped
+    ctx.results["meta"] = {"device": "test", "smoke": False, "torch": "t", "triton": "t", "cuda": None,
+                           "commit": "c", "date": "d", "order": 4, "mode": "full", "timer": "do_bench"}
+    body = _table_rows(bk._markdown(ctx.results), "## Cross-entropy jet")
+    assert len(body) == 2 and "time box" in body[1]

@@ -1,4 +1,4 @@
-"""The benchmark workloads as a pytest-benchmark suite (DESIGN.md §5). Not part of the default test
+"""The benchmark workloads as a pytest-benchmark suite (docs/design.md §5). Not part of the default test
 run (pytest.ini: testpaths = tests). Run from the repository root:
 
     python -m pytest bench/ --benchmark-only                       # everything but torch.compile

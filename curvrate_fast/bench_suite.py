@@ -1,4 +1,4 @@
-"""The benchmark suite (DESIGN.md §5; issues 2 and 5): per-step time, speedup and peak memory of the
+"""The benchmark suite (docs/design.md §5; issues 2 and 5): per-step time, speedup and peak memory of the
 per-sample loss derivatives d_1..d_K plus the backward of mean |d_n| to the parameters, for our
 engine against the paper's nested-autograd method and the alternatives, and the CRR training
 overhead over a plain training step. Everything is measured in one run on one device.
@@ -17,7 +17,7 @@ Methods (one "step" = zero the gradients, derivatives of orders 1..K, ``mean|d|`
                  sample-directions batched as rows (forward-over-forward, 2^K tangent terms).
                  LayerNorm and SDPA are written out in primitive ops
                  (:func:`curvrate_fast.baseline.primitive_ops`) since PyTorch's own nested
-                 derivatives of them are wrong or missing (SPEC.md §2).
+                 derivatives of them are wrong or missing (docs/math.md §2).
 - ``compile``    our reference rules under ``torch.compile``: the whole step (derivatives and the
                  parameter gradients, reference backend) recorded by ``make_fx`` as one ATen graph
                  for this exact problem, then compiled by ``torch.compile`` (inductor). Dynamo
@@ -67,7 +67,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["BenchConfig", "WORKLOADS", "METHODS", "CRR_WORKLOADS", "run", "main", "build_workload",
+__all__ = ["BenchConfig", "WORKLOADS", "CRR_ONLY_WORKLOADS", "METHODS", "CRR_WORKLOADS", "run", "main",
+           "build_workload", "workload", "TinyLM", "lm_loss",
            "derivative_fn", "check_methods", "format_markdown", "profile_ours", "environment"]
 
 METHODS = ("baseline", "ours", "reference", "cpp", "func_jvp", "compile")
@@ -86,7 +87,7 @@ METHOD_DOC = {
 # =============================================================================================
 
 class MnistCNN(nn.Module):
-    """The paper's MNIST CNN (SPEC.md §6, the PyTorch MNIST example): Conv(1→32,3) → ReLU →
+    """The paper's MNIST CNN (docs/math.md §6, the PyTorch MNIST example): Conv(1→32,3) → ReLU →
     Conv(32→64,3) → ReLU → MaxPool 2 → Dropout .5 → Flatten (9216) → Linear 128 → ReLU →
     Dropout .5 → Linear 10."""
 
@@ -124,6 +125,40 @@ class TransformerClassifier(nn.Module):
         return self.head(self.layer(x).mean(dim=1))
 
 
+class TinyLM(nn.Module):
+    """A small causal transformer language model on input embeddings (the CRR LM setting): learned
+    positions, ``n_layers`` pre-LayerNorm ``nn.TransformerEncoderLayer`` (batch_first, causal mask),
+    a final LayerNorm and a linear head over the vocabulary. Input (B, T, d_model) embeddings (the
+    directions of CRR live in embedding space), output logits (B, T, vocab)."""
+
+    def __init__(self, d_model: int = 256, nhead: int = 4, n_layers: int = 2, vocab: int = 8192,
+                 seq: int = 128, dim_feedforward: int = 1024) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(seq, d_model) * 0.02)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward=dim_feedforward, batch_first=True,
+                                       norm_first=True) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, vocab)
+        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(seq),
+                             persistent=False)
+
+    def forward(self, x):
+        T = x.shape[1]
+        h = x + self.pos[:T]
+        for layer in self.layers:
+            h = layer(h, src_mask=self.causal[:T, :T], is_causal=True)
+        return self.head(self.norm(h))
+
+
+def lm_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample next-token loss of a language model: the cross-entropy of every position, averaged
+    over the sequence; logits (B, T, V), targets (B, T) → (B,)."""
+    B, T, V = logits.shape
+    ce = F.cross_entropy(logits.reshape(B * T, V), y.reshape(B * T), reduction="none")
+    return ce.reshape(B, T).mean(1)
+
+
 def _mlp(sizes: Sequence[int]) -> nn.Sequential:
     layers: List[nn.Module] = []
     for i in range(len(sizes) - 1):
@@ -135,7 +170,7 @@ def _mlp(sizes: Sequence[int]) -> nn.Sequential:
 
 def _two_moons_model() -> nn.Module:
     m = _mlp([2, 64, 64, 2])
-    for mod in m:  # SPEC.md §6: Xavier-uniform weights, zero biases
+    for mod in m:  # docs/math.md §6: Xavier-uniform weights, zero biases
         if isinstance(mod, nn.Linear):
             nn.init.xavier_uniform_(mod.weight)
             nn.init.zeros_(mod.bias)
@@ -162,6 +197,8 @@ class Workload:
     batch: int
     make_model: Callable[[], nn.Module]
     make_data: Callable[[int, torch.Generator], Tuple[torch.Tensor, torch.Tensor]]
+    #: per-sample loss (logits, y) → (B,); None: cross-entropy over the last axis
+    loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
 
 
 def _mnist_data(b, g):
@@ -178,6 +215,10 @@ def _seq_data(b, g):
     return torch.randn(b, 64, 256, generator=g), torch.randint(0, 10, (b,), generator=g)
 
 
+def _lm_data(b, g):
+    return torch.randn(b, 128, 256, generator=g), torch.randint(0, 8192, (b, 128), generator=g)
+
+
 WORKLOADS: Dict[str, Workload] = {
     "two_moons": Workload("two_moons", "Two Moons MLP 2→64→64→2 tanh", 128, _two_moons_model,
                           _moons),
@@ -191,10 +232,26 @@ WORKLOADS: Dict[str, Workload] = {
 }
 
 
+#: workloads of the CRR table only (their loss is not the per-sample CE of the derivative methods)
+CRR_ONLY_WORKLOADS: Dict[str, Workload] = {
+    "lm": Workload("lm", "causal transformer LM: 2 pre-LN layers d=256, 4 heads, ff 1024, seq 128, "
+                         "vocab 8192, on input embeddings", 16, TinyLM, _lm_data, loss_fn=lm_loss),
+}
+
+
+def workload(name: str) -> Workload:
+    """The :class:`Workload` of a derivative-step or CRR-only workload name."""
+    if name in WORKLOADS:
+        return WORKLOADS[name]
+    if name in CRR_ONLY_WORKLOADS:
+        return CRR_ONLY_WORKLOADS[name]
+    raise ValueError(f"unknown workload {name!r}; choose from {list(WORKLOADS) + list(CRR_ONLY_WORKLOADS)}")
+
+
 def build_workload(name: str, *, batch: Optional[int] = None, dtype=torch.float32,
                    device="cpu", seed: int = 0, train: bool = False):
     """(model, x, y) for a workload, model in eval mode unless ``train``."""
-    wl = WORKLOADS[name]
+    wl = workload(name)
     torch.manual_seed(seed)
     model = wl.make_model().to(device=device, dtype=dtype)
     model.train(train)
@@ -204,7 +261,7 @@ def build_workload(name: str, *, batch: Optional[int] = None, dtype=torch.float3
 
 
 def make_directions(x: torch.Tensor, n_dirs: int, seed: int = 2) -> torch.Tensor:
-    """Per-sample unit directions (SPEC.md §1): shape x.shape for one, (D, *x.shape) for D > 1."""
+    """Per-sample unit directions (docs/math.md §1): shape x.shape for one, (D, *x.shape) for D > 1."""
     g = torch.Generator().manual_seed(seed)
     u = torch.randn((n_dirs,) + tuple(x.shape), generator=g, dtype=torch.float64)
     flat = u.reshape(n_dirs, x.shape[0], -1)
@@ -279,8 +336,10 @@ def derivative_fn(method: str) -> Callable:
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
-def make_step(method: str, model: nn.Module, x, y, u, order: int) -> Callable[[], torch.Tensor]:
-    """The timed step: zero grads, d_1..d_K, penalty mean|d|, backward. Returns the derivatives."""
+def make_step(method: str, model: nn.Module, x, y, u, order: int,
+              compile_backend: str = "inductor") -> Callable[[], torch.Tensor]:
+    """The timed step: zero grads, d_1..d_K, penalty mean|d|, backward. Returns the derivatives.
+    ``compile_backend``: torch.compile's backend of the ``compile`` method."""
     fn = derivative_fn(method)
 
     def step():
@@ -291,11 +350,12 @@ def make_step(method: str, model: nn.Module, x, y, u, order: int) -> Callable[[]
         return d.detach()
 
     if method == "compile":
-        return _traced_compiled_step(model, x, y, u, order)
+        return _traced_compiled_step(model, x, y, u, order, compile_backend)
     return step
 
 
-def _traced_compiled_step(model: nn.Module, x, y, u, order: int) -> Callable[[], torch.Tensor]:
+def _traced_compiled_step(model: nn.Module, x, y, u, order: int,
+                          backend: str = "inductor") -> Callable[[], torch.Tensor]:
     """The ``compile`` method's step: the reference rules' derivatives and the gradients of mean|d|,
     recorded once by ``make_fx`` (real tensors; the jet wrapper is Python and invisible to the trace,
     the ops the rules run on the coefficients are what it records, forward and backward) and
@@ -322,7 +382,7 @@ def _traced_compiled_step(model: nn.Module, x, y, u, order: int) -> Callable[[],
     def step():
         if not compiled:
             gm = make_fx(fn, tracing_mode="real")([p.detach() for p in params], x, u)
-            compiled.append(torch.compile(gm))
+            compiled.append(torch.compile(gm, backend=backend))
         d, grads = compiled[0]([p.detach() for p in params], x, u)
         for p, g in zip(params, grads):
             p.grad = g
@@ -626,6 +686,7 @@ class BenchConfig:
     mem_limit_gib: Optional[float] = None  # CPU: skip a cell predicted to need more (None: half
                                            # of MemAvailable at start)
     compile_timeout_s: float = 300.0
+    compile_backend: str = "inductor"    # of the compile method ("eager": trace only, for smoke tests)
     isolate_compile: bool = True         # torch.compile cells in a subprocess with a timeout
     retain_heap: bool = True             # CPU: keep freed memory in the process (see retained_heap)
     prefault_gib: float = 0.0            # CPU: touch this much memory once before measuring
@@ -736,6 +797,14 @@ CRR_WORKLOADS = {
     "two_moons_crr": dict(workload="two_moons", orders=(2, 3), directions="per_order", subset=64,
                           scale=3e-3, train=True,
                           note="paper §5.2: orders 2–3, fresh direction per order, 64 of 128"),
+    # not a paper setting: what CRR costs on a (small) language model; the scale only sets the
+    # penalty's weight, not the step's cost. Nested autograd needs LayerNorm and attention in
+    # primitive ops (PyTorch's fused attention has no double backward on CUDA)
+    "lm_crr": dict(workload="lm", orders=(1, 4), directions="fixed", subset=None, scale=1e-2, train=True,
+                   primitive_ops=True,
+                   note="small causal transformer LM (CRR_ONLY_WORKLOADS['lm']): orders 1–4, one fixed "
+                        "direction in embedding space, full batch 16 × 128 tokens, dropout on; per-sample "
+                        "loss = mean next-token CE over the sequence"),
 }
 
 
@@ -764,15 +833,21 @@ def _unit(shape, like: torch.Tensor) -> torch.Tensor:
     return (flat / (flat.norm(dim=1, keepdim=True) + 1e-12)).reshape(shape)
 
 
-def _baseline_crr(model, x, y, orders, directions, subset, scale):
+def _baseline_crr(model, x, y, orders, directions, subset, scale, loss_fn=None, primitive=False):
     """The paper's code: nested grads of Σ_b ℓ_b with ⟨g_n, u_n⟩ (fresh u_n per order for
-    directions="per_order", else one u), penalty = scale · mean over orders of mean_b |d_n|."""
+    directions="per_order", else one u), penalty = scale · mean over orders of mean_b |d_n|.
+    ``loss_fn``: the per-sample loss (default CE); ``primitive``: LayerNorm and attention in
+    primitive ops (:func:`curvrate_fast.baseline.primitive_ops`) for the whole penalty."""
+    if primitive:
+        from .baseline import primitive_ops
+        with primitive_ops(True):
+            return _baseline_crr(model, x, y, orders, directions, subset, scale, loss_fn)
     if subset is not None and subset < x.shape[0]:
         idx = torch.randperm(x.shape[0], device=x.device)[:subset]
         x, y = x[idx], y[idx]
     lo, hi = orders
     X = x.detach().clone().requires_grad_(True)
-    s = F.cross_entropy(model(X), y, reduction="none").sum()
+    s = (loss_fn or _per_sample_ce)(model(X), y).sum()
     u = _unit(x.shape, x)
     pens = []
     for n in range(1, hi + 1):
@@ -786,14 +861,14 @@ def _baseline_crr(model, x, y, orders, directions, subset, scale):
     return scale * torch.stack(pens).mean()
 
 
-def _ours_crr_fallback(model, x, y, orders, subset, scale):
+def _ours_crr_fallback(model, x, y, orders, subset, scale, loss_fn=None):
     import curvrate_fast as cf
     if subset is not None and subset < x.shape[0]:
         idx = torch.randperm(x.shape[0], device=x.device)[:subset]
         x, y = x[idx], y[idx]
     lo, hi = orders
     u = _unit(x.shape, x)
-    d = cf.loss_directional_derivatives(model, x, y, u, hi)
+    d = cf.loss_directional_derivatives(model, x, y, u, hi, loss_fn)
     return scale * d[lo - 1:].abs().mean()
 
 
@@ -806,6 +881,8 @@ def crr_steps(name: str, cfg: BenchConfig, device, log=print) -> List[Dict[str, 
     subset = spec["subset"]
     if subset is not None and cfg.batch is not None:
         subset = max(1, min(subset, cfg.batch // 2))
+    loss_fn = workload(spec["workload"]).loss_fn   # None: per-sample CE
+    primitive = bool(spec.get("primitive_ops"))
     api = _crr_penalty_api()
     lo, hi = spec["orders"]
     if api is not None:
@@ -817,12 +894,13 @@ def crr_steps(name: str, cfg: BenchConfig, device, log=print) -> List[Dict[str, 
 
     def ours_pen(m):
         if api is not None:
-            return api(m, x, y, orders=(lo, hi), n_dirs=1, directions=spec["directions"],
+            return api(m, x, y, loss_fn=loss_fn, orders=(lo, hi), n_dirs=1, directions=spec["directions"],
                        order_reduction="mean", subset=subset, scale=spec["scale"])
-        return _ours_crr_fallback(m, x, y, (lo, hi), subset, spec["scale"])
+        return _ours_crr_fallback(m, x, y, (lo, hi), subset, spec["scale"], loss_fn)
 
     def base_pen(m):
-        return _baseline_crr(m, x, y, (lo, hi), spec["directions"], subset, spec["scale"])
+        return _baseline_crr(m, x, y, (lo, hi), spec["directions"], subset, spec["scale"], loss_fn,
+                             primitive)
 
     def make(pen_fn):
         m = copy.deepcopy(model)  # each variant trains its own copy with its own Adam
@@ -838,7 +916,7 @@ def crr_steps(name: str, cfg: BenchConfig, device, log=print) -> List[Dict[str, 
 
         def step():
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(m(x), y)
+            loss = F.cross_entropy(m(x), y) if loss_fn is None else loss_fn(m(x), y).mean()
             if pen_fn is not None:
                 loss = loss + pen_fn(m)
             loss.backward()
@@ -849,14 +927,15 @@ def crr_steps(name: str, cfg: BenchConfig, device, log=print) -> List[Dict[str, 
                 ("ours", ours_pen, ours_note + " + a separate forward for CE")]
     crit_cls = _crr_loss_api()
     if crit_cls is not None:
-        variants.append(("ours_crrloss", crit_cls(orders=(lo, hi), n_dirs=1,
+        variants.append(("ours_crrloss", crit_cls(loss_fn=loss_fn, orders=(lo, hi), n_dirs=1,
                                                   directions=spec["directions"],
                                                   order_reduction="mean", subset=subset,
                                                   scale=spec["scale"]),
                          "curvrate_fast.CRRLoss (CE read off the jet pass when the penalty "
                          "covers the whole batch)"))
     variants.append(("baseline", base_pen,
-                     f"nested autograd (paper's code), directions={spec['directions']}"))
+                     f"nested autograd (paper's code), directions={spec['directions']}"
+                     + (", LayerNorm/attention in primitive ops" if primitive else "")))
     rows: Dict[str, Dict[str, Any]] = {}
     steps: Dict[str, Callable] = {}
     est: Dict[str, float] = {}
@@ -921,7 +1000,7 @@ def derivative_group(wname: str, methods: Sequence[str], n_dirs: int, order: int
             row["error"] = row["skipped"] = skip[m]
             continue
         try:
-            step = make_step(m, model, x, y, u, order)
+            step = make_step(m, model, x, y, u, order, cfg.compile_backend)
             d, ts = warm_up(step, device, cfg.warmup + (1 if m == "compile" else 0))
             if m == "compile":
                 row["compile_s"] = ts[0]

@@ -1,6 +1,6 @@
 """Smoke test of the benchmark runner (curvrate_fast.bench_suite): tiny sizes, one repeat; checks
 that the rows, the JSON and the markdown are well-formed. Timings themselves are never asserted
-(DESIGN.md §5: benchmarks live under bench/, not in timed assertions)."""
+(docs/design.md §5: benchmarks live under bench/, not in timed assertions)."""
 import json
 import math
 import os
@@ -101,7 +101,7 @@ def test_compile_method_traces_the_reference_rules(monkeypatch):
     torch.compile (replaced by the identity here: inductor's C++ build takes ~15 s on CPU); the step
     returns the reference rules' derivatives and leaves their gradients in ``.grad``."""
     compiled = []
-    monkeypatch.setattr(torch, "compile", lambda gm: compiled.append(gm) or gm)
+    monkeypatch.setattr(torch, "compile", lambda gm, **kw: compiled.append(gm) or gm)
     model, x, y = bs.build_workload("two_moons", batch=6, dtype=torch.float64, device="cpu")
     u = bs.make_directions(x, 2)
     d_c = bs.make_step("compile", model, x, y, u, 3)()

@@ -5,7 +5,7 @@ launchers see it as a 2-D (rows = coefficients, N = numel(S) columns) array with
 The input may store fewer coefficients (n+1 ≤ K+1 rows): the missing ones are known zeros and the
 kernel skips every term that contains them (``NU`` is a constexpr).
 
-Forward (SPEC.md §2, normalized coefficients, k = 1..K, one program = BLOCK columns, every row):
+Forward (docs/math.md §2, normalized coefficients, k = 1..K, one program = BLOCK columns, every row):
 
 - tanh      y = tanh u, z = 1 − y²:   y_k = (1/k) Σ_{j=1..k} j u_j z_{k−j},  z_k = −Σ_{j=0..k} y_j y_{k−j}
 - sigmoid   s = σ(u), w = s(1 − s):   s_k = (1/k) Σ j u_j w_{k−j},           w_k = s_k − Σ_j s_j s_{k−j}
@@ -37,19 +37,31 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+
+from ..activation_kinds import ACTIVATIONS as _TABLE, MAX_KERNEL_ORDER
+
+try:
+    from torch.library import wrap_triton
+except ImportError:  # a torch without it (setup.py allows torch>=2.4): launch the kernels directly;
+    # functions/_ops.py then registers plain custom ops, which torch.compile treats as opaque
+    def wrap_triton(kernel):
+        return kernel
 
 __all__ = ["ACTIVATIONS", "MAX_ORDER", "activation_code", "activation_jet_fwd", "activation_jet_bwd",
-           "INTERPRET", "FWD_CONFIGS", "BWD_CONFIGS"]
+           "INTERPRET", "AUTOTUNE", "FWD_CONFIGS", "BWD_CONFIGS"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+#: ``CURVRATE_TRITON_AUTOTUNE=0`` (read at import) keeps only the first config of every GPU config
+#: space: one compilation per kernel variant instead of one per config. For correctness runs on a GPU
+#: with little time (bench/gpu_check.py's test section), where compiling every config of every
+#: variant the tests meet would take minutes; the results are the same, only slower kernels may run.
+AUTOTUNE = os.environ.get("CURVRATE_TRITON_AUTOTUNE", "1") not in ("0", "false", "False")
 
 #: activation name -> the ``ACT`` constexpr of the kernels
-ACTIVATIONS = {"tanh": 0, "sigmoid": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "softplus": 5,
-               "relu": 6, "leaky_relu": 7, "identity": 8}
+ACTIVATIONS = {name: act.code for name, act in _TABLE.items()}
 
 #: the kernels unroll O(K²) terms; orders above this take the reference path
-MAX_ORDER = 8
+MAX_ORDER = MAX_KERNEL_ORDER
 
 # -- config space (data) -------------------------------------------------------------------------
 # Memory-bound: every program reads NU and writes K+1 rows of BLOCK fp32-computed values; about
@@ -59,7 +71,7 @@ _INTERPRET_CONFIGS = [(128, 1)]  # the interpreter: one config, few programs
 
 
 def _configs():
-    space = _INTERPRET_CONFIGS if INTERPRET else _GPU_CONFIGS
+    space = _INTERPRET_CONFIGS if INTERPRET else _GPU_CONFIGS if AUTOTUNE else _GPU_CONFIGS[:1]
     return [triton.Config({"BLOCK": b}, num_warps=w) for b, w in space]
 
 
@@ -319,9 +331,9 @@ def activation_jet_fwd_kernel(x_ptr, b_ptr, y_ptr, N, sx, sy, C, INNER, p0, p1, 
     """y = φ(u) as jets: reads the NU stored rows of x (+ bias on row 0), writes K+1 rows of y.
 
     x: (NU, N) row stride sx, y: (K+1, N) row stride sy, unit column stride. The per-activation
-    recurrences are those of SPEC.md §2 (see the module docstring); ``p0, p1`` are the activation's
+    recurrences are those of docs/math.md §2 (see the module docstring); ``p0, p1`` are the activation's
     parameters (softplus: β, threshold; leaky ReLU: negative slope). Bias (HAS_BIAS): bias[c] with
-    c = (col // INNER) % C is added to coefficient 0 only (SPEC.md §2, linear maps).
+    c = (col // INNER) % C is added to coefficient 0 only (docs/math.md §2, linear maps).
     """
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)

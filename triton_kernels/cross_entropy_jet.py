@@ -1,4 +1,4 @@
-"""Per-sample cross-entropy jet ℓ_b = w_{y_b}·(logsumexp_c z_{b,c} − z_{b,y_b}) (SPEC.md §2, last rules).
+"""Per-sample cross-entropy jet ℓ_b = w_{y_b}·(logsumexp_c z_{b,c} − z_{b,y_b}) (docs/math.md §2, last rules).
 
 Input: the logits jet z of shape (NU, B, C) (NU ≤ K+1 stored coefficients, the rest are zeros),
 integer targets y (B,), optional class weights w (C,). Output: the loss jet (K+1, B), and the
@@ -46,13 +46,15 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+
+from ..activation_kinds import MAX_KERNEL_ORDER
+from .activation_jet import wrap_triton  # guarded import (older torch)
 
 __all__ = ["INTERPRET", "MAX_ORDER", "block_sizes", "choose_num_splits", "cross_entropy_jet_bwd",
            "cross_entropy_jet_fwd"]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-MAX_ORDER = 8
+MAX_ORDER = MAX_KERNEL_ORDER
 
 # -- config space (data) -------------------------------------------------------------------------
 # A program holds (K+1) accumulators, K+1 logits and K+1 exp coefficients per lane of a
@@ -233,7 +235,7 @@ def ce_jet_fwd_kernel(z_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, B, C, szk, szb, sl
                       K: tl.constexpr, NU: tl.constexpr, HAS_W: tl.constexpr,
                       BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr):
     """One pass: loss jet ℓ (K+1, B) and logsumexp jet L (K+1, B) of logits z (NU, B, C), strides
-    (szk, szb, 1); see the module docstring for the recurrences (SPEC.md §2, cross-entropy)."""
+    (szk, szb, 1); see the module docstring for the recurrences (docs/math.md §2, cross-entropy)."""
     pid = tl.program_id(0).to(tl.int64)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     rmask = rows < B

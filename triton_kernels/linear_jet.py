@@ -1,6 +1,6 @@
 """Linear and convolution layers on stacked jets, with the fused bias + activation epilogue.
 
-SPEC.md §2, linear maps: the map is applied to every coefficient, the bias goes to coefficient 0 only,
+docs/math.md §2, linear maps: the map is applied to every coefficient, the bias goes to coefficient 0 only,
 and all K+1 coefficients go through ONE call (stacked along the batch axis, so the weight is read
 once): a (n+1)·B-row GEMM by cuBLAS (``F.linear``), or one cuDNN convolution of (n+1)·B images.
 The epilogue (:func:`bias_act_epilogue`) is the activation-jet kernel of :mod:`.activation_jet` with
@@ -14,9 +14,9 @@ so the pre-activation never reaches memory. A program owns a BLOCK_M × BLOCK_N 
 one fp32 accumulator per stored input coefficient (NU of them; rows NU..K of the pre-activation are
 known zeros, since the map is linear):  acc_j = X_j W^T  (X_j: (M, D), W: (N, D)),  the weight tile is
 loaded once per reduction step and reused by all NU coefficient tiles. Then u = (acc_0 + b, acc_1, …,
-acc_{NU−1}, 0, …, 0) goes through the same activation-jet recurrences as the elementwise kernel (SPEC.md
+acc_{NU−1}, 0, …, 0) goes through the same activation-jet recurrences as the elementwise kernel (docs/math.md
 §2) and the K+1 output tiles are written once. Which of the two paths is faster depends on the shape
-(DESIGN.md §2: fuse only where it measures faster); ``curvrate_fast.functions.linear`` measures both per
+(docs/design.md §2: fuse only where it measures faster); ``curvrate_fast.functions.linear`` measures both per
 shape on the GPU and keeps the winner. Its backward (:func:`linear_act_jet_fused_bwd`) recomputes the
 pre-activation tiles by the same GEMM and applies the transposed Cauchy product of the activation
 backward in the epilogue, writing only ∂L/∂u (nothing but the input jet is saved, u is never stored).
@@ -30,10 +30,9 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from .activation_jet import (INTERPRET, MAX_ORDER, _activation_jet, _input_coeff_grad, activation_code,
-                             activation_jet_fwd)
+from .activation_jet import (AUTOTUNE, INTERPRET, MAX_ORDER, _activation_jet, _input_coeff_grad,
+                             activation_code, activation_jet_fwd, wrap_triton)
 
 __all__ = ["channel_layout", "bias_act_epilogue", "linear_pre", "conv_pre", "linear_act_jet", "conv_act_jet",
            "linear_act_jet_fused", "linear_act_jet_fused_bwd", "linear_act_jet_fused_kernel",
@@ -119,7 +118,7 @@ _GEMM_INTERPRET_CONFIGS = [(32, 32, 16, 1, 1)]
 
 
 def _gemm_configs(gpu_space):
-    space = _GEMM_INTERPRET_CONFIGS if INTERPRET else gpu_space
+    space = _GEMM_INTERPRET_CONFIGS if INTERPRET else gpu_space if AUTOTUNE else gpu_space[:1]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_D": d, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for m, n, d, w, s in space]
 
@@ -151,7 +150,7 @@ def _pre_activation_tiles(x_ptr, w_ptr, b_ptr, M, N, D, sxk, sxm, sxd, swn, swd,
     """This program's BLOCK_M × BLOCK_N tile of the pre-activation jet u = X Wᵀ (+ b on u_0), as K+1
     fp32 register tiles (rows NU..K zero), with its row and column indices and masks.
     One accumulator per stored coefficient; each weight tile is loaded once per reduction step and
-    used by all NU coefficient tiles (the weight reuse of stacking, SPEC.md §2 linear maps).
+    used by all NU coefficient tiles (the weight reuse of stacking, docs/math.md §2 linear maps).
     UPCAST: fp32 operands for ``tl.dot`` (only the interpreter needs it, for bf16, which it cannot
     multiply; on a GPU fp16/bf16 go to the tensor cores as they are)."""
     pid_m, pid_n = _gemm_tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -200,7 +199,7 @@ def linear_act_jet_fused_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, D, sxk, sxm, s
                                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr):
     """y = φ(X Wᵀ + b) as jets in one GEMM: X (NU, M, D) strides (sxk, sxm, sxd), W (N, D) strides
     (swn, swd), y (K+1, M, N) strides (syk, sym, 1). Coefficient j < NU of the pre-activation is
-    acc_j = X_j Wᵀ (SPEC.md §2, linear maps; the bias joins coefficient 0 only), rows NU..K are zeros;
+    acc_j = X_j Wᵀ (docs/math.md §2, linear maps; the bias joins coefficient 0 only), rows NU..K are zeros;
     the epilogue is the activation-jet recurrence of :mod:`.activation_jet` on the register tiles."""
     u, rm, rn, m_ok, n_ok = _pre_activation_tiles(x_ptr, w_ptr, b_ptr, M, N, D, sxk, sxm, sxd, swn, swd, K, NU,
                                                   HAS_BIAS, DOT_PRECISION, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D,

@@ -86,7 +86,46 @@ def kernels() -> ModuleType:
     return mod
 
 
+_INTERPRETER_PATCHED = False
+
+
+def _patch_interpreter_index() -> None:
+    """Make the Triton interpreter's ``tensor.__index__`` accept one-element arrays.
+
+    A loop such as ``for c0 in range(lo, hi, BLOCK)`` over runtime bounds calls ``__index__`` on the
+    interpreter's scalars, which hold 1-element 1-D numpy arrays. Triton up to 3.6 converts them with
+    ``int(array)``, which NumPy ≥ 2.4 rejects ("only 0-dimensional arrays can be converted to Python
+    scalars"); later Triton squeezes first. This installs the squeezing version after the interpreter
+    patches ``tl.tensor`` for a launch, on any Triton version (the same value where both work). Only
+    the interpreter is touched; compiled kernels never call ``__index__``."""
+    global _INTERPRETER_PATCHED
+    if _INTERPRETER_PATCHED:
+        return
+    _INTERPRETER_PATCHED = True
+    try:
+        from triton.runtime import interpreter
+    except Exception:  # noqa: BLE001 - no interpreter in this triton: nothing to patch
+        return
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None:
+        return
+
+    def _index(self):
+        return int(self.handle.data.item())
+
+    def patch_lang_tensor(tensor, *args, **kwargs):
+        out = original(tensor, *args, **kwargs)
+        # after the original's own patching; where the interpreter undoes its patches after a launch
+        # (Triton 3.6 does), that undo removes this one as well
+        setattr(tensor, "__index__", _index)
+        return out
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
 def kernel_module(name: str) -> ModuleType:
     """``curvrate_fast.triton_kernels.<name>`` (imports triton)."""
     kernels()
+    if interpreting():
+        _patch_interpreter_index()
     return importlib.import_module(f"{_PKG}.{name}")

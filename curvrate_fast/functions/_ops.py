@@ -72,12 +72,12 @@ def _register() -> str:
              "cross_entropy_jet_fwd": cross_entropy_jet_fwd, "cross_entropy_jet_bwd": cross_entropy_jet_bwd,
              "linear_act_jet_fused": linear_act_jet_fused, "linear_act_jet_fused_bwd": linear_act_jet_fused_bwd}
 
-    if not interpreting():
+    if not interpreting() and hasattr(torch.library, "triton_op"):
         for name, fn in impls.items():
             torch.library.triton_op(f"{NAMESPACE}::{name}", fn, mutates_args=())
         return "triton_op"
 
-    # interpreter: opaque custom ops with shape-only fakes
+    # interpreter (or a torch without triton_op): opaque custom ops with shape-only fakes
     def fake_act_fwd(x, bias, kind, order, p0, p1, channels, inner):
         return x.new_empty((order + 1,) + tuple(x.shape[1:]))
 
@@ -123,7 +123,8 @@ def ensure_registered() -> None:
 
 
 def registration_mode() -> str:
-    """How the operators were registered: "triton_op" (GPU) or "custom_op" (interpreter)."""
+    """How the operators were registered: "triton_op" (GPU) or "custom_op" (interpreter, or a torch
+    without ``torch.library.triton_op``)."""
     ensure_registered()
     return _MODE
 
