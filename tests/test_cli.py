@@ -28,20 +28,25 @@ def _finite(*vals):
 def test_demo_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     rc = cli.main(["demo", "--out", str(out), "--timing-rounds", "1", "--no-progress",
-                   "--device", "cpu"])
+                   "--device", "cpu", "--seeds", "3"])
     assert rc == 0
     text = capsys.readouterr().out
     for needle in ("test error", "ECE", "λ (band)", "train time", "no CRR", "CRR 0.003",
-                   "nested autograd", "ms", "Figure"):
+                   "nested autograd", "ms", "Figure", "mean ± sd over seeds", "±",
+                   "lower in", "of 3 seeds", "s.e."):
         assert needle in text, needle
     js = json.loads((out / "demo_two_moons.json").read_text())
     assert js["epochs"] == 25 and js["seed"] == 42 and js["model_seed"] == 1042
+    assert js["seeds"] == [42, 43, 44]
     plain, crr = js["runs"]
-    for r in (plain, crr):
-        assert _finite(r["test_error"], r["ece"], r["lam"], r["train_time"])
+    for r in (plain, crr):                               # means over the seeds, with spreads
+        assert _finite(r["test_error"], r["ece"], r["lam"], r["train_time"], r["sd"]["lam"])
         assert len(r["log_norms"]) == 4 and len(r["history"]) == 25 and r["n_band"] > 0
         assert 0.25 < r["test_error"] < 0.45
+        assert [p["seed"] for p in r["per_seed"]] == [42, 43, 44]
+        assert abs(r["lam"] - sum(p["lam"] for p in r["per_seed"]) / 3) < 1e-9
     assert crr["lam"] < plain["lam"]                     # CRR lowers λ on the boundary band
+    assert js["paired"]["lam"]["n"] == 3 and js["paired"]["lam"]["mean"] < 0
     assert crr["scale"] == 3e-3 and plain["scale"] == 0.0
     t = js["timing_s_per_step"]
     assert set(t) == {"plain", "ours", "baseline"} and all(v > 0 for v in t.values())
@@ -116,4 +121,29 @@ def test_python_dash_m_help():
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     p = subprocess.run([sys.executable, "-m", "curvrate_fast", "--help"], capture_output=True,
                        text=True, env=env, timeout=120)
-    assert p.returncode == 0 and "reproduce" in p.stdout and "bench" in p.stdout
+    assert p.returncode == 0 and "reproduce" in p.stdout and "bench" in p.stdout and "gpu-check" in p.stdout
+
+
+def test_gpu_check_forwards_arguments(monkeypatch, tmp_path):
+    """``gpu-check`` runs the checkout's bench/gpu_check.py main() with the arguments untouched."""
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "gpu_check.py").write_text("SEEN = []\n\ndef main(argv):\n    SEEN.append(argv)\n    "
+                                        "print('fake gpu_check', argv)\n    return 3\n")
+    monkeypatch.setattr(cli, "_bench_dirs", lambda: [tmp_path / "nowhere", bench])
+    assert cli.main(["gpu-check", "--smoke", "--out", "d", "--help"]) == 3
+
+
+def test_gpu_check_without_a_checkout_says_so(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(cli, "_bench_dirs", lambda: [tmp_path / "a" / "bench", tmp_path / "b" / "bench"])
+    assert cli.main(["gpu-check", "--out", "d"]) == 2
+    err = capsys.readouterr().err
+    assert "bench/gpu_check.py not found" in err and "source checkout" in err and "PYTHONPATH=." in err
+
+
+def test_gpu_check_is_found_from_the_package():
+    """From this checkout the real script is found beside the package (its --help exits 0)."""
+    assert any((d / "gpu_check.py").is_file() for d in cli._bench_dirs())
+    with pytest.raises(SystemExit) as e:
+        cli.main(["gpu-check", "--help"])
+    assert e.value.code == 0

@@ -1,4 +1,4 @@
-"""The Two Moons protocol (curvrate_fast.experiments.two_moons, SPEC.md §6): the data follow
+"""The Two Moons protocol (curvrate_fast.experiments.two_moons, docs/math.md §6): the data follow
 scikit-learn draw for draw, the batch order follows the DataLoader, both engines agree, and CRR
 lowers λ."""
 from __future__ import annotations

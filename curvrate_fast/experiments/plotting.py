@@ -27,7 +27,8 @@ def plot_demo(runs: Sequence[Dict], path: str, title: Optional[str] = None) -> s
     least-squares line, whose slope is λ), and λ over the epochs.
 
     ``runs``: dicts with ``label``, ``log_norms`` (y_1..y_N), ``lam`` and ``history`` (a list of
-    dicts with ``epoch`` and ``lam``). Returns ``path``.
+    dicts with ``epoch``, ``lam`` and optionally ``lam_sd``, drawn as a ± band: the demo passes
+    means over seeds). Returns ``path``.
     """
     import numpy as np
     plt = _pyplot()
@@ -41,8 +42,12 @@ def plot_demo(runs: Sequence[Dict], path: str, title: Optional[str] = None) -> s
         ax1.plot(n, b + run["lam"] * n, "-", color=c, alpha=0.6)
         hist = run.get("history") or []
         if hist:
-            ax2.plot([h["epoch"] for h in hist], [h["lam"] for h in hist], "o-", color=c, ms=3,
-                     label=run["label"])
+            ep = np.array([h["epoch"] for h in hist], dtype=float)
+            lam = np.array([h["lam"] for h in hist], dtype=float)
+            ax2.plot(ep, lam, "o-", color=c, ms=3, label=run["label"])
+            sd = np.array([h.get("lam_sd", np.nan) for h in hist], dtype=float)
+            if np.isfinite(sd).any():                      # several seeds: ± 1 sd band
+                ax2.fill_between(ep, lam - sd, lam + sd, color=c, alpha=0.15, lw=0)
     ax1.set_xlabel("order n")
     ax1.set_ylabel("mean log |d_n|  (boundary band)")
     ax1.set_xticks(range(1, max(len(r["log_norms"]) for r in runs) + 1))

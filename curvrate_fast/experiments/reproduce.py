@@ -1,6 +1,6 @@
 """``python -m curvrate_fast reproduce two-moons | analytic``: the paper's numbers, ours beside them.
 
-Two Moons (SPEC.md §6, protocol in :mod:`curvrate_fast.experiments.two_moons`):
+Two Moons (docs/math.md §6, protocol in :mod:`curvrate_fast.experiments.two_moons`):
 
 - the CRR sweep at 30 % label noise, scales 0, 1e-3, 2e-3, 3e-3, 5e-3, 1e-2, 40 seeds;
 - the label-noise rows 0 %, 30 %, 45 % (no CRR), 40 seeds;
@@ -360,7 +360,7 @@ def format_report(results: Sequence[SeedResult], wall_time: Optional[float] = No
 
 
 def environment(device=None) -> Dict[str, str]:
-    """Device, versions, commit and date, for the results files (DESIGN.md §5)."""
+    """Device, versions, commit and date, for the results files (docs/design.md §5)."""
     device = tm.resolve_device(device)
     env = {"device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                       else f"cpu ({platform.processor() or platform.machine()}, "
@@ -396,7 +396,7 @@ def write_results(results: Sequence[SeedResult], out_dir: str, name: str, *,
     with open(js, "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=1)
     with open(md, "w", encoding="utf-8") as f:
-        f.write("# Two Moons reproduction (SPEC.md §6)\n\n")
+        f.write("# Two Moons reproduction (docs/math.md §6)\n\n")
         f.write(format_report(results, wall_time, env))
     return js, md
 
@@ -409,6 +409,6 @@ def load_results(path: str) -> Tuple[List[SeedResult], Dict]:
 
 
 def analytic_report() -> str:
-    """SPEC.md §5's analytic table, ours beside the paper's."""
+    """docs/math.md §5's analytic table, ours beside the paper's."""
     from curvrate_fast.analytic import analytic_table, format_analytic_table
     return format_analytic_table(analytic_table())

@@ -1,4 +1,4 @@
-"""The paper's Two Moons protocol (SPEC.md §6), for our Taylor-mode engine and for nested autograd.
+"""The paper's Two Moons protocol (docs/math.md §6), for our Taylor-mode engine and for nested autograd.
 
 Followed from the author's notebook ``notebooks-(temp)/crr_theoretical_validations_and_mlp.ipynb``
 (repository ``jacobposchl/flatgrad``), functions ``make_data``, ``MLP``, ``train_model``,
@@ -22,7 +22,7 @@ Followed from the author's notebook ``notebooks-(temp)/crr_theoretical_validatio
   the other from the global generator (so the directions continue the training's random
   stream), d_1..d_{n_max} of the per-sample CE with the true (noisy) labels; y_n = mean over all
   samples and directions of log(max(|d_n|, 1e-12)); λ = least-squares slope of y_n on n
-  (SPEC.md §3 estimator A). Model in eval mode, float32.
+  (docs/math.md §3 estimator A). Model in eval mode, float32.
 - seeds: data seed 42 + i, model seed 42 + i + 1000.
 
 ``engine="ours"`` measures λ with :func:`curvrate_fast.curvature.curvature_rate` and penalizes with
@@ -60,7 +60,7 @@ __all__ = [
 
 ENGINES = ("ours", "baseline")
 
-#: The paper's Two Moons numbers (SPEC.md §6; the notebook's printed output).
+#: The paper's Two Moons numbers (docs/math.md §6; the notebook's printed output).
 PAPER = {
     "noise": {0.0: (0.0342, 1.9773), 0.3: (0.3225, 1.5865), 0.45: (0.4737, 0.7791)},  # (error, λ)
     "sweep": {0.0: (0.3225, 1.5865), 1e-3: (0.3227, 1.3860), 2e-3: (0.3229, 1.2737),
@@ -330,7 +330,7 @@ def boundary_lambda(model: nn.Module, x: Tensor, y: Tensor, *, engine: str = "ou
 
 
 def expected_calibration_error(logits: Tensor, y: Tensor, n_bins: int = 10) -> float:
-    """ECE with 10 equal-width bins on the max softmax probability (SPEC.md §6), by the
+    """ECE with 10 equal-width bins on the max softmax probability (docs/math.md §6), by the
     library's :mod:`curvrate_fast.calibration`."""
     from curvrate_fast.calibration import expected_calibration_error as ece
     return float(ece(logits, y, n_bins=n_bins))
