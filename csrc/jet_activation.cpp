@@ -1,9 +1,9 @@
 // CPU kernels for elementwise activation jets (the `cpp` backend of curvrate_fast).
 //
-// For an input series u(t) = sum_j u_j t^j (normalized Taylor coefficients, SPEC.md §1) and an
+// For an input series u(t) = sum_j u_j t^j (normalized Taylor coefficients, docs/math.md §1) and an
 // elementwise phi, the forward computes, per element and in one pass, the jets of
 //   y(t) = phi(u(t))      and      w(t) = phi'(u(t))
-// to order K with the recurrences of SPEC.md §2 (Griewank & Walther ch. 13):
+// to order K with the recurrences of docs/math.md §2 (Griewank & Walther ch. 13):
 //   tanh:     y_k = (1/k) sum_j j u_j z_{k-j},  z = 1 - y^2          (w = z)
 //   sigmoid:  s_k = (1/k) sum_j j u_j w_{k-j},  w = s - s^2
 //   softplus: y_k = (1/k) sum_j j u_j sigma(beta u)_{k-j}            (w = sigma(beta u))
@@ -26,7 +26,8 @@ namespace {
 constexpr int kMaxOrder = 8;
 constexpr int kBlock = 64;  // elements per block: the inner loops run over them and vectorize
 
-enum Kind { TANH, SIGMOID, SOFTPLUS, SILU, GELU, GELU_TANH, RELU, LEAKY_RELU };
+// the codes of curvrate_fast/activation_kinds.py (checked by tests/test_activation_kinds.py)
+enum Kind { TANH = 0, SIGMOID = 1, GELU = 2, GELU_TANH = 3, SILU = 4, SOFTPLUS = 5, RELU = 6, LEAKY_RELU = 7 };
 
 Kind parse_kind(const std::string& s) {
   if (s == "tanh") return TANH;
@@ -74,7 +75,7 @@ inline void square_coeff(const Block<T, K>& y, T* out, int k) {
     for (int i = 0; i < kBlock; ++i) out[i] += y[k / 2][i] * y[k / 2][i];
 }
 
-// tanh: y_0 = tanh u_0, z = 1 - y^2, y_k = (1/k) sum j u_j z_{k-j}  (SPEC.md §2)
+// tanh: y_0 = tanh u_0, z = 1 - y^2, y_k = (1/k) sum j u_j z_{k-j}  (docs/math.md §2)
 // The primal values that need transcendental functions (tanh u_0, sigma(u_0), erf, exp) are
 // computed before the block loop by ATen's vectorized kernels and arrive in y[0] / w[0] / p.
 template <typename T, int K>
@@ -87,7 +88,7 @@ inline void tanh_series(const Block<T, K>& u, Block<T, K>& y, Block<T, K>& z) {
   }
 }
 
-// sigmoid: w = s (1 - s), s_k = (1/k) sum j u_j w_{k-j}  (SPEC.md §2)
+// sigmoid: w = s (1 - s), s_k = (1/k) sum j u_j w_{k-j}  (docs/math.md §2)
 template <typename T, int K>
 inline void sigmoid_series(const Block<T, K>& u, Block<T, K>& s, Block<T, K>& w) {
   for (int i = 0; i < kBlock; ++i) w[0][i] = s[0][i] * (T(1) - s[0][i]);
@@ -137,7 +138,7 @@ void block(Kind kind, const Block<T, K>& u, const T* P0, const T* P1, Block<T, K
       cauchy<T, K>(a, d, w);
       return;
     }
-    case GELU: {  // y = u Phi(u), w = Phi + u phi(u); Phi by the erf recurrence (SPEC.md §2)
+    case GELU: {  // y = u Phi(u), w = Phi + u phi(u); Phi by the erf recurrence (docs/math.md §2)
       const T r2 = T(M_SQRT1_2);
       for (int k = 0; k <= K; ++k)
         for (int i = 0; i < kBlock; ++i) a[k][i] = r2 * u[k][i];      // v = u/sqrt2

@@ -1,18 +1,18 @@
-r"""Analytic validation of the curvature rate λ (SPEC.md §5, paper §5.1).
+r"""Analytic validation of the curvature rate λ (docs/math.md §5, paper §5.1).
 
 Everything here is plain NumPy (float64); torch tensors are accepted wherever an array is (they are
 detached and moved to the CPU). Nothing here differentiates a network: these are the closed-form
-checks that tie the estimator of SPEC.md §3 to the radius of convergence and to the spectral edge.
+checks that tie the estimator of docs/math.md §3 to the radius of convergence and to the spectral edge.
 
 **1. Radius of convergence.** For f analytic at 0 with Taylor coefficients c_n = f⁽ⁿ⁾(0)/n! and radius of
 convergence R, Cauchy–Hadamard gives limsup (1/n) log|c_n| = −log R. With the *normalized* (divided by
-n!) convention of SPEC.md §5, λ = −log R. The three test functions and their exact coefficients are
+n!) convention of docs/math.md §5, λ = −log R. The three test functions and their exact coefficients are
 
     1/(1−x)      c_n = 1                 R = 1     λ = 0
     1/(1−2x)     c_n = 2ⁿ                R = 1/2   λ = log 2 = 0.693147
     1/(1−x)³     c_n = (n+1)(n+2)/2      R = 1     λ = 0
 
-(SPEC.md notes that the paper misprints the third as (1−x³)⁻¹.) A pole of order m gives
+(docs/math.md notes that the paper misprints the third as (1−x³)⁻¹.) A pole of order m gives
 log|c_n| = −n·log R + (m−1)·log n + const + O(1/n), so the fit
 
     y_n = log|c_n| ≈ β + α·n + κ·log n,     n = 2..60,
@@ -21,14 +21,14 @@ absorbs the polynomial prefactor in κ·log n; α estimates λ and R̂ = e^{−�
 fit with weights w_n = 1/(1 + 0.02·n) that multiply the **squared** residuals, i.e. it minimises
 Σ_n w_n (y_n − β − α n − κ log n)² (the standard WLS convention; ``numpy.polyfit(w=...)`` would instead
 multiply the residuals, i.e. square the weights, and does *not* reproduce the paper). This convention
-reproduces SPEC.md §5 to the printed digits: α = 0.000000, 0.693147, 0.011665 (R̂ = 0.988403, a 1.16 %
+reproduces docs/math.md §5 to the printed digits: α = 0.000000, 0.693147, 0.011665 (R̂ = 0.988403, a 1.16 %
 error, from the O(1/n) corrections of log((n+1)(n+2)/2) that κ·log n cannot absorb), and α = 0.0845
 (R̂ = 0.9190) for the third function when the κ·log n term is dropped.
 
 **2. Spectral edge.** A bandlimited f with spectrum supported on |ξ| ≤ Ω has
 ‖Dⁿf‖₂² = (1/2π)∫|ξ|^{2n}|f̂|² dξ ≍ Ω^{2n+1}/(2n+1) for a flat spectrum, so
 z_n = log‖Dⁿf‖₂ = n·log Ω − ½·log(2n+1) + const and the slope of z_n against n is log Ω (here the
-derivatives are *not* divided by n!). SPEC.md §5's signal: grid x ∈ [−10, 10), N = 8192 points,
+derivatives are *not* divided by n!). docs/math.md §5's signal: grid x ∈ [−10, 10), N = 8192 points,
 dx = 20/N, ξ = 2π·rfftfreq(N, dx), Ω = 0.35·max ξ = 450.3787, H(ξ) = e^{iφ(ξ)} for ξ ≤ Ω and 0 above,
 Dⁿf = irfft((iξ)ⁿ·H, N), z_n = log sqrt(Σ (Dⁿf)²·dx) for n = 0..30. Weighted (1/(1 + 0.05 n), same
 convention) fits give Ω̂ = e^α = 427.23 (5.1 % low: the −½ log(2n+1) term biases a pure line) and, with
@@ -41,11 +41,11 @@ all 4097 bins gives bit-identical results (bin 0 gets the first draw either way)
 Ω̂ only in the 4th decimal of the linear fit (427.2320 vs 427.2325) and not at all with the κ·log n term
 (which does not use n = 0).
 
-**3. Two conventions.** The network estimator (SPEC.md §3, estimator A) does *not* divide by n! and fits
+**3. Two conventions.** The network estimator (docs/math.md §3, estimator A) does *not* divide by n! and fits
 n = 1..4 by ordinary least squares. On the analytic functions that slope of log|f⁽ⁿ⁾(0)| is 1.063, 1.756,
 1.597 — mostly log n! growth, not −log R. :func:`unnormalized_slope` computes it.
 
-:func:`analytic_table` collects every number of SPEC.md §5 next to the paper's, and
+:func:`analytic_table` collects every number of docs/math.md §5 next to the paper's, and
 :func:`format_analytic_table` renders it (used by ``python -m curvrate_fast reproduce analytic``).
 """
 from __future__ import annotations
@@ -82,7 +82,7 @@ __all__ = [
 
 
 class AnalyticFunction(NamedTuple):
-    """One test function of SPEC.md §5: a display name, its radius of convergence and ``log c_n``."""
+    """One test function of docs/math.md §5: a display name, its radius of convergence and ``log c_n``."""
 
     key: str
     display: str
@@ -146,7 +146,7 @@ def exact_log_coefficients(name: str, n_max: int = 60, *, n_min: int = 2,
 
 def exact_taylor_coefficients(name: str, n_max: int = 60, *, n_min: int = 2,
                               normalized: bool = True) -> Tuple[np.ndarray, np.ndarray]:
-    """Exact Taylor coefficients at x = 0 of an analytic test function of SPEC.md §5.
+    """Exact Taylor coefficients at x = 0 of an analytic test function of docs/math.md §5.
 
     ``name`` is ``"geometric"`` / ``"1/(1-x)"`` (c_n = 1), ``"geometric2"`` / ``"1/(1-2x)"``
     (c_n = 2ⁿ) or ``"cubic_pole"`` / ``"1/(1-x)^3"`` (c_n = (n+1)(n+2)/2). Returns ``(n, values)`` with
@@ -223,7 +223,7 @@ def weighted_log_linear_fit(y: Any, n: Any, *, log_term: bool = True,
     """Weighted least squares y_n ≈ β + α·n (+ κ·log n) with weights 1/(1 + weight_decay·n).
 
     The weights multiply the squared residuals: minimise Σ w_n (y_n − β − α n − κ log n)². This is the
-    convention that reproduces SPEC.md §5. ``y`` are already-logged values; see
+    convention that reproduces docs/math.md §5. ``y`` are already-logged values; see
     :func:`radius_of_convergence_fit` for the version that takes coefficients.
 
     >>> fit = weighted_log_linear_fit([0.0, 1.0, 2.0, 3.0], [1, 2, 3, 4], log_term=False)
@@ -271,11 +271,11 @@ def weighted_log_linear_fit(y: Any, n: Any, *, log_term: bool = True,
 
 def radius_of_convergence_fit(coeffs: Any, n: Any = None, *, log_term: bool = True,
                               weight_decay: float = 0.02, is_log: bool = False) -> RadiusFit:
-    """Estimate λ = α and R̂ = e^{−α} from Taylor coefficients (SPEC.md §5).
+    """Estimate λ = α and R̂ = e^{−α} from Taylor coefficients (docs/math.md §5).
 
     Fits y_n = log|c_n| ≈ β + α·n + κ·log n by weighted least squares with weights 1/(1 + 0.02 n) on
     the squared residuals. ``coeffs`` are c_n = f⁽ⁿ⁾(0)/n! (any sign, none zero), or already
-    ``log|c_n|`` if ``is_log=True``. ``n`` defaults to 2, 3, … (SPEC.md's range starts at 2).
+    ``log|c_n|`` if ``is_log=True``. ``n`` defaults to 2, 3, … (docs/math.md's range starts at 2).
     ``log_term=False`` drops κ·log n.
 
     >>> n, c = exact_taylor_coefficients("1/(1-x)^3", 60)
@@ -306,7 +306,7 @@ def unnormalized_slope(name_or_derivs: Any, orders: Sequence[int] = (1, 2, 3, 4)
     """Ordinary least-squares slope of log|f⁽ⁿ⁾(0)| on n (no n!), as the network estimator computes it.
 
     ``name_or_derivs`` is the name of an analytic test function (its exact derivatives are used) or the
-    derivatives d_n themselves at ``orders``. SPEC.md §5: 1.063, 1.756, 1.597 on the three functions
+    derivatives d_n themselves at ``orders``. docs/math.md §5: 1.063, 1.756, 1.597 on the three functions
     for n = 1..4 — a different quantity from −log R.
 
     >>> round(unnormalized_slope("1/(1-x)"), 3), round(unnormalized_slope("1/(1-x)^3"), 3)
@@ -338,7 +338,7 @@ def unnormalized_slope(name_or_derivs: Any, orders: Sequence[int] = (1, 2, 3, 4)
 
 @dataclass(frozen=True, eq=False)
 class BandlimitedSignal:
-    """SPEC.md §5's bandlimited test signal and the log-norms of its derivatives.
+    """docs/math.md §5's bandlimited test signal and the log-norms of its derivatives.
 
     ``x`` grid, ``dx`` spacing, ``xi`` angular rfft frequencies, ``omega`` the band edge Ω, ``H`` the
     (complex) rfft spectrum, ``orders`` n = 0..n_max, ``z`` = log ‖Dⁿf‖₂ (Riemann sum, no n!).
@@ -362,7 +362,7 @@ class BandlimitedSignal:
 def bandlimited_signal(n_points: int = 8192, x_min: float = -10.0, x_max: float = 10.0, *,
                        band_fraction: float = 0.35, seed: int = 123, n_max: int = 30,
                        phase: str = "in_band") -> BandlimitedSignal:
-    """Build SPEC.md §5's bandlimited signal and z_n = log sqrt(Σ (Dⁿf)²·dx), n = 0..n_max.
+    """Build docs/math.md §5's bandlimited signal and z_n = log sqrt(Σ (Dⁿf)²·dx), n = 0..n_max.
 
     Grid x = x_min + k·dx, dx = (x_max − x_min)/n_points (so x ∈ [−10, 10)), ξ = 2π·rfftfreq(N, dx),
     Ω = band_fraction·max ξ, H = e^{iφ} on ξ ≤ Ω and 0 above. ``phase="in_band"`` (default) draws
@@ -411,7 +411,7 @@ def bandlimited_signal(n_points: int = 8192, x_min: float = -10.0, x_max: float 
 
 @dataclass(frozen=True)
 class SpectralEdgeFit:
-    """Both spectral-edge fits of SPEC.md §5.
+    """Both spectral-edge fits of docs/math.md §5.
 
     ``linear``: z_n ≈ β + α n over all orders (n = 0..30); ``with_log``: z_n ≈ β + α n + κ log n over
     n ≥ 1. Ω̂ = e^α. ``omega`` is the true edge when known (else ``None``).
@@ -442,7 +442,7 @@ class SpectralEdgeFit:
 
 def spectral_edge_fit(z: Any = None, n: Any = None, *, omega: Optional[float] = None,
                       weight_decay: float = 0.05, log_n_min: int = 1) -> SpectralEdgeFit:
-    """Estimate the band edge Ω̂ = e^α from log-norms z_n = log‖Dⁿf‖ (SPEC.md §5).
+    """Estimate the band edge Ω̂ = e^α from log-norms z_n = log‖Dⁿf‖ (docs/math.md §5).
 
     Without arguments it uses :func:`bandlimited_signal` (and its Ω). ``n`` defaults to 0, 1, ….
     The linear fit uses all orders; the κ·log n fit uses orders n ≥ ``log_n_min``. Weights
@@ -476,12 +476,12 @@ def spectral_edge_fit(z: Any = None, n: Any = None, *, omega: Optional[float] = 
 
 
 # ---------------------------------------------------------------------------------------------------
-# The table of SPEC.md §5
+# The table of docs/math.md §5
 # ---------------------------------------------------------------------------------------------------
 
 
 class AnalyticRow(NamedTuple):
-    """One number of SPEC.md §5: what it is, our value, the paper's value as printed, display digits."""
+    """One number of docs/math.md §5: what it is, our value, the paper's value as printed, display digits."""
 
     name: str
     value: float
@@ -489,7 +489,7 @@ class AnalyticRow(NamedTuple):
     decimals: int
 
 
-#: SPEC.md §5's printed numbers (as printed).
+#: docs/math.md §5's printed numbers (as printed).
 PAPER_VALUES: Dict[str, str] = {
     "alpha geometric": "0.000000", "R_hat geometric": "1",
     "alpha geometric2": "0.693147", "R_hat geometric2": "0.5",
@@ -502,9 +502,9 @@ PAPER_VALUES: Dict[str, str] = {
 
 
 def analytic_table() -> List[AnalyticRow]:
-    """Every number of SPEC.md §5, recomputed, next to the paper's value.
+    """Every number of docs/math.md §5, recomputed, next to the paper's value.
 
-    Rows are :class:`AnalyticRow` ``(name, value, paper, decimals)``: ``paper`` is the string SPEC.md
+    Rows are :class:`AnalyticRow` ``(name, value, paper, decimals)``: ``paper`` is the string docs/math.md
     prints, ``decimals`` the digits to show ``value`` with. Takes ~0.1 s.
 
     >>> rows = analytic_table()

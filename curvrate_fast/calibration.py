@@ -1,4 +1,4 @@
-r"""Calibration metrics of the paper's MNIST experiments (SPEC.md §6).
+r"""Calibration metrics of the paper's MNIST experiments (docs/math.md §6).
 
 **ECE.** With confidence c_i = max_k softmax(z_i)_k, prediction ŷ_i = argmax_k z_ik and
 M = 10 equal-width bins B_m = (m/M, (m+1)/M] (a sample falls in the bin with lower < c ≤ upper):
@@ -55,7 +55,7 @@ def confidence_and_correct(logits: ArrayLike, labels: ArrayLike, *, probs: bool 
 
 def reliability_bins(logits: ArrayLike, labels: ArrayLike, n_bins: int = 10, *,
                      probs: bool = False) -> List[Dict[str, float]]:
-    """Per-bin statistics of the ECE (SPEC.md §6): for each bin (lower, upper], its count,
+    """Per-bin statistics of the ECE (docs/math.md §6): for each bin (lower, upper], its count,
     accuracy and mean confidence (NaN for an empty bin).
 
     Example::
@@ -79,7 +79,7 @@ def reliability_bins(logits: ArrayLike, labels: ArrayLike, n_bins: int = 10, *,
 def expected_calibration_error(logits: ArrayLike, labels: ArrayLike, n_bins: int = 10, *,
                                probs: bool = False) -> float:
     """ECE = Σ_m (|B_m|/N)·|acc(B_m) − conf(B_m)| over ``n_bins`` equal-width bins of the max
-    softmax probability, a sample in the bin with lower < c ≤ upper (SPEC.md §6). Computed in
+    softmax probability, a sample in the bin with lower < c ≤ upper (docs/math.md §6). Computed in
     float64. Pass ``probs=True`` if you give probabilities instead of logits.
 
     Example::

@@ -1,7 +1,7 @@
 """The ``cpp`` backend: CPU kernels from csrc/ for elementwise activation jets.
 
 The kernels (``csrc/jet_activation.cpp``) compute, per element in one pass, the jets of φ(u(t)) and
-φ′(u(t)) by the recurrences of SPEC.md §2, and the backward as the Toeplitz product
+φ′(u(t)) by the recurrences of docs/math.md §2, and the backward as the Toeplitz product
 ḡu_j = Σ_{k≥j} ḡy_k·w_{k−j} (see ``curvrate_fast.activation_jet``). They are registered as torch
 custom ops (``torch.ops.curvrate_fast.*``) and built once with the system C++ compiler:
 
@@ -29,7 +29,7 @@ from torch import Tensor
 
 __all__ = ["available", "build", "activation_jet_cpp", "MAX_ORDER"]
 
-MAX_ORDER = 8
+from .activation_kinds import MAX_KERNEL_ORDER as MAX_ORDER, kernel_params  # noqa: E402
 _lock = threading.Lock()
 _state = {"loaded": False, "error": None, "prebuilt_checked": False}
 
@@ -49,13 +49,38 @@ def _ops_registered() -> bool:
         return False
 
 
+def _build_dir() -> Path:
+    return Path(os.environ.get("CURVRATE_CPP_BUILD_DIR",
+                               Path.home() / ".cache" / "curvrate_fast" / "cpp"))
+
+
+def _source_hash() -> str:
+    import hashlib
+    h = hashlib.sha256(_source().read_bytes())
+    h.update(torch.__version__.encode())  # a build against another torch is not loadable
+    return h.hexdigest()
+
+
+_MARKER = "curvrate_fast_cpp.source-sha256"
+
+
 def _try_prebuilt() -> bool:
-    """Load the library built by ``CURVRATE_BUILD_CPP=1 pip install …`` (curvrate_fast/_C*.so).
-    Looked for once per process: this runs on the hot path of every activation rule."""
+    """Load a library built earlier: by ``CURVRATE_BUILD_CPP=1 pip install …``
+    (curvrate_fast/_C*.so), or by ``build()``/``build-cpp`` in another process (the JIT cache, used
+    only when its recorded source hash matches this installation's source and torch). Looked for
+    once per process: this runs on the hot path of every activation rule."""
     if _state["prebuilt_checked"]:
         return False
     _state["prebuilt_checked"] = True
-    for lib in sorted(Path(__file__).resolve().parent.glob("_C*.so")):
+    candidates = sorted(Path(__file__).resolve().parent.glob("_C*.so"))
+    cache = _build_dir()
+    marker = cache / _MARKER
+    try:
+        if marker.exists() and marker.read_text().strip() == _source_hash():
+            candidates += sorted(cache.glob("curvrate_fast_cpp*.so"))
+    except (OSError, FileNotFoundError):
+        pass
+    for lib in candidates:
         try:
             torch.ops.load_library(str(lib))
         except Exception:  # noqa: BLE001 - a stale or foreign build: fall through to JIT
@@ -72,8 +97,7 @@ def build(verbose: bool = False) -> None:
             _state["loaded"] = True
             return
         from torch.utils.cpp_extension import load
-        build_dir = Path(os.environ.get("CURVRATE_CPP_BUILD_DIR",
-                                        Path.home() / ".cache" / "curvrate_fast" / "cpp"))
+        build_dir = _build_dir()
         build_dir.mkdir(parents=True, exist_ok=True)
         try:
             load(name="curvrate_fast_cpp", sources=[str(_source())], extra_cflags=["-O3", "-march=native"],
@@ -81,6 +105,8 @@ def build(verbose: bool = False) -> None:
         except Exception as e:  # noqa: BLE001
             _state["error"] = e
             raise RuntimeError(f"building the curvrate_fast C++ kernels failed: {e}") from e
+        # later processes find this build under backend="auto" (_try_prebuilt)
+        (build_dir / _MARKER).write_text(_source_hash())
         _state["loaded"] = True
 
 
@@ -118,10 +144,5 @@ def activation_jet_cpp(c: Tensor, kind: str, order: int, **params) -> Tensor:
     """Jet (order+1, *S) of an elementwise activation of c (n+1, *S) by the C++ kernel."""
     if order > MAX_ORDER:
         raise ValueError(f"the cpp backend supports orders up to {MAX_ORDER}, got {order}")
-    if kind == "softplus":
-        p1, p2 = float(params.get("beta", 1.0)), float(params.get("threshold", 20.0))
-    elif kind == "leaky_relu":
-        p1, p2 = float(params.get("negative_slope", 0.01)), 0.0
-    else:
-        p1, p2 = 0.0, 0.0
+    kind, p1, p2 = kernel_params(kind, params)
     return _CppActivationJet.apply(c, kind, order, p1, p2)

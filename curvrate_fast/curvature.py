@@ -1,12 +1,12 @@
-r"""The curvature rate λ of a network's loss in input space (SPEC.md §3, paper §2.1).
+r"""The curvature rate λ of a network's loss in input space (docs/math.md §3, paper §2.1).
 
 λ(f) = limsup (1/n) log‖Dⁿf‖, estimated from the directional derivatives
 d_n[k, b] = dⁿ/dtⁿ ℓ_b(x_b + t·u_{k,b}) at t = 0 of the per-sample loss ℓ_b (default: cross-entropy
 with the given labels) along K = ``n_dirs`` random unit directions per sample, n = 1..N
-(``max_order``). The network estimators never divide by n! (SPEC.md §3); ``normalize="factorial"``
-uses f_n = d_n/n! instead, the analytic convention of SPEC.md §5 (where λ = −log R).
+(``max_order``). The network estimators never divide by n! (docs/math.md §3); ``normalize="factorial"``
+uses f_n = d_n/n! instead, the analytic convention of docs/math.md §5 (where λ = −log R).
 
-Three estimators, exactly as SPEC.md §3 defines them:
+Three estimators, exactly as docs/math.md §3 defines them:
 
 **A, "slope"** (paper: Two Moons and MNIST global λ). Over all samples × directions,
 y_n = mean log(max(|d_n|, 1e-12)), and λ is the ordinary least-squares slope of y_n on n; for
@@ -56,7 +56,7 @@ __all__ = ["CurvatureRate", "CurvatureWarning", "Band", "BandSelection", "curvat
            "estimate_from_derivatives", "ols_slope", "select_band", "band_indices",
            "max_softmax_confidence", "ESTIMATORS", "LOG_CLAMP", "D1_SKIP", "D_MIN_PER_DIRECTION"]
 
-#: estimator names (SPEC.md §3 A, B, C)
+#: estimator names (docs/math.md §3 A, B, C)
 ESTIMATORS = ("slope", "log_ratio", "per_direction")
 #: the clamp max(|d_n|, 1e-12) of estimator A and the ε of the ratios in estimator B
 LOG_CLAMP = 1e-12
@@ -76,7 +76,7 @@ class CurvatureWarning(UserWarning):
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class BandSelection:
-    """Which samples lie in a confidence band (SPEC.md §3 "Where").
+    """Which samples lie in a confidence band (docs/math.md §3 "Where").
 
     ``indices``: the selected samples (ascending); ``confidence``: the max softmax probability of
     every sample; ``n_in_band``: how many lay in [lo, hi]; ``fallback``: True when fewer than
@@ -168,7 +168,7 @@ class CurvatureRate:
 def ols_slope(y: Tensor, orders: Optional[Sequence[float]] = None) -> Tensor:
     """Ordinary least-squares slope of ``y`` (last axis) on ``orders`` (default 1..N).
 
-    For n = 1..4 the weights are (−3, −1, 1, 3)/10 (SPEC.md §3, estimator A).
+    For n = 1..4 the weights are (−3, −1, 1, 3)/10 (docs/math.md §3, estimator A).
 
     Example::
 
@@ -314,7 +314,7 @@ _IMPL = {"slope": _estimate_slope, "log_ratio": _estimate_log_ratio,
 def estimate_from_derivatives(derivatives: Tensor, estimator: str = "slope", *,
                               normalize: Optional[str] = None) -> CurvatureRate:
     """λ from derivatives you already have: ``derivatives`` of shape (N, B) (one direction per
-    sample) or (N, K, B), entry [n−1, k, b] = d_n of sample b along direction k (SPEC.md §3).
+    sample) or (N, K, B), entry [n−1, k, b] = d_n of sample b along direction k (docs/math.md §3).
 
     ``normalize`` is only recorded in the result (pass it if your values are f_n = d_n/n!).
 
@@ -369,7 +369,7 @@ def _as_band(band) -> Band:
 def band_indices(confidence: Tensor, band: Union[Tuple[float, float], Band] = (0.45, 0.65), *,
                  min_count: Optional[int] = None, fallback_count: Optional[int] = None
                  ) -> BandSelection:
-    """Samples whose confidence lies in the closed band [lo, hi] (SPEC.md §3 "Where").
+    """Samples whose confidence lies in the closed band [lo, hi] (docs/math.md §3 "Where").
 
     When fewer than ``min_count`` (default 1) qualify, the paper's fallback takes the
     ``fallback_count`` (default 600) samples closest to the band, by the distance
@@ -409,7 +409,7 @@ def select_band(model: Callable[[Tensor], Tensor], x: Tensor,
                 band: Union[Tuple[float, float], Band] = (0.45, 0.65), *,
                 min_count: Optional[int] = None, fallback_count: Optional[int] = None,
                 batch_size: Optional[int] = None) -> BandSelection:
-    """The boundary band of SPEC.md §3: samples of ``x`` whose max softmax probability under
+    """The boundary band of docs/math.md §3: samples of ``x`` whose max softmax probability under
     ``model`` lies in ``band``, with the paper's fallback (see :func:`band_indices`). Call it with
     the model in the mode you measure in (eval).
 
@@ -472,11 +472,11 @@ def curvature_rate(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Ten
                    normalize: Optional[str] = None, generator: Optional[torch.Generator] = None,
                    directions: Optional[Tensor] = None, batch_size: Optional[int] = None,
                    eval_mode: Optional[bool] = True) -> CurvatureRate:
-    r"""The curvature rate λ of ``model`` at the samples ``x`` (SPEC.md §3).
+    r"""The curvature rate λ of ``model`` at the samples ``x`` (docs/math.md §3).
 
     d_n[k, b] = dⁿ/dtⁿ loss_fn(model(x_b + t·u_{k,b}), y_b) at t = 0 for n = 1..``max_order`` and
     ``n_dirs`` random unit directions u_{k,b} per sample (u = randn/(‖randn‖₂ + 1e-12) per sample,
-    SPEC.md §1; from ``generator`` if given, else the global RNG), all directions of all samples
+    docs/math.md §1; from ``generator`` if given, else the global RNG), all directions of all samples
     in ONE batched Taylor-mode pass, then λ by ``estimator``:
 
     - ``"slope"`` (A): OLS slope of y_n = mean log(max(|d_n|, 1e-12)) on n; n = 1..4:
@@ -492,7 +492,7 @@ def curvature_rate(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Ten
             lies in [lo, hi]; with fewer than ``min_count`` (1) such samples, the ``fallback_count``
             (600) closest ones are used instead, with a :class:`CurvatureWarning` and
             ``band_fallback=True`` in the result.
-        normalize: ``"factorial"`` uses f_n = d_n/n! (SPEC.md §5's analytic convention; λ ≈ −log R).
+        normalize: ``"factorial"`` uses f_n = d_n/n! (docs/math.md §5's analytic convention; λ ≈ −log R).
             The thresholds 1e-12 / 1e-8 / 1e-10 then apply to f_n.
         directions: explicit directions instead of random ones, shape ``x.shape`` or
             ``(K, *x.shape)`` (then ``n_dirs`` is ignored); with a band, they are indexed with it.

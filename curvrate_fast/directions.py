@@ -1,6 +1,6 @@
-r"""Random unit directions and polarization (SPEC.md §1, §4).
+r"""Random unit directions and polarization (docs/math.md §1, §4).
 
-**Directions.** The paper draws one independent unit vector per sample (SPEC.md §1):
+**Directions.** The paper draws one independent unit vector per sample (docs/math.md §1):
 
     u_b = g_b / (‖g_b‖₂ + 1e-12),   g_b ~ N(0, I) of the shape of one sample,
 
@@ -9,7 +9,7 @@ shared across the batch. :func:`sample_directions` draws ``n_dirs`` such sets wi
 consecutive ``torch.randn(x.shape)`` calls (the order in which the reference code draws them).
 
 **Polarization.** A mixed derivative with distinct directions is a signed sum of pure-direction
-derivatives (SPEC.md §4):
+derivatives (docs/math.md §4):
 
     Dⁿf[u_1,…,u_n] = 1/(2^{n−1}·n!) · Σ_{ε∈{±1}^{n−1}} (Π_i ε_i) · Dⁿf[(u_1 + Σ_i ε_i u_{i+1})ⁿ].
 
@@ -36,13 +36,13 @@ from torch import Tensor
 __all__ = ["DIRECTION_EPS", "normalize_directions", "sample_directions", "check_directions",
            "polarization", "polarization_weights"]
 
-#: the ε in u = g / (‖g‖₂ + ε) (SPEC.md §1, the reference code's value)
+#: the ε in u = g / (‖g‖₂ + ε) (docs/math.md §1, the reference code's value)
 DIRECTION_EPS = 1e-12
 
 
 def normalize_directions(u: Tensor, batch_dims: int = 1) -> Tensor:
     """u / (‖u‖₂ + 1e-12), the norm taken per sample over every entry after the first
-    ``batch_dims`` axes (SPEC.md §1).
+    ``batch_dims`` axes (docs/math.md §1).
 
     Example::
 
@@ -59,7 +59,7 @@ def sample_directions(x: Tensor, n_dirs: int = 1, *, generator: Optional[torch.G
     """``n_dirs`` independent random unit directions per sample, shape ``(n_dirs, *x.shape)``.
 
     Each set is one ``torch.randn(x.shape)`` call (with ``generator`` if given, else the global
-    RNG), normalized per sample: u_b = g_b / (‖g_b‖₂ + 1e-12) (SPEC.md §1). ``dtype`` defaults to
+    RNG), normalized per sample: u_b = g_b / (‖g_b‖₂ + 1e-12) (docs/math.md §1). ``dtype`` defaults to
     ``x.dtype``. The numbers are drawn on the generator's device (a CPU generator works for CUDA
     inputs) and moved to ``x.device``.
 
@@ -111,14 +111,14 @@ def check_directions(u: Tensor, x: Tensor, *, name: str = "directions") -> Tenso
 
 def polarization(us: Sequence[Tensor], order: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """Directions and weights that turn pure-direction jets into the mixed derivative
-    Dᵐf[u_1,…,u_m] (SPEC.md §4), for every m ≤ n from the same 2^{n−1} directions.
+    Dᵐf[u_1,…,u_m] (docs/math.md §4), for every m ≤ n from the same 2^{n−1} directions.
 
     Returns ``W`` of shape ``(2^{n−1}, *u.shape)`` with W_ε = u_1 + Σ_{i=2..n} ε_i u_i, and ``c`` of
     shape ``(2^{n−1},)`` with c_ε = Π_{i=2..m} ε_i / 2^{n−1} (m = ``order``, default n), such that
 
         Dᵐf[u_1,…,u_m] = Σ_ε c_ε · f_m(W_ε),   f_m(w) = Dᵐf[wᵐ] / m!  (normalized coefficient).
 
-    For m = n this is SPEC.md §4's formula. For m < n it holds because averaging
+    For m = n this is docs/math.md §4's formula. For m < n it holds because averaging
     Π_{i=2..m} ε_i · Dᵐf[W_εᵐ] over all ε ∈ {±1}^{n−1} keeps only the multinomial terms in which
     u_2..u_m appear an odd number of times and u_{m+1}..u_n an even number; with m slots in total
     the only such term is m!·Dᵐf[u_1,…,u_m]. So the lower orders of the notebooks' loop (which

@@ -1,4 +1,4 @@
-r"""Record the curvature rate λ (SPEC.md §3) and the per-order mean log norms y_n over training,
+r"""Record the curvature rate λ (docs/math.md §3) and the per-order mean log norms y_n over training,
 write them to CSV and plot them (the paper's λ-dynamics figures, e.g. Two Moons with CRR 3e-3).
 
 Each record is one row: ``step``, ``lambda``, ``lambda_std`` (spread over directions),

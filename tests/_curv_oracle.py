@@ -1,5 +1,5 @@
 """Shared helpers of test_curvature / test_crr / test_compat_flatgrad / test_tracking: tiny models
-and nested-autograd oracles written from SPEC.md §3–4 (the paper's method)."""
+and nested-autograd oracles written from docs/math.md §3–4 (the paper's method)."""
 from __future__ import annotations
 
 from typing import List, Sequence

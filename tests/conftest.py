@@ -1,5 +1,5 @@
 """Test setup: Triton kernels run through the interpreter on machines without a GPU. The variable
-must be set before any kernel module is imported (DESIGN.md §4)."""
+must be set before any kernel module is imported (docs/design.md §4)."""
 import os
 
 try:

@@ -1,4 +1,4 @@
-"""Tests of curvrate_fast.analytic: SPEC.md §5's numbers to the printed digits, and bad input."""
+"""Tests of curvrate_fast.analytic: docs/math.md §5's numbers to the printed digits, and bad input."""
 from __future__ import annotations
 
 import doctest

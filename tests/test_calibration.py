@@ -1,4 +1,4 @@
-"""curvrate_fast.calibration: ECE (SPEC.md §6: 10 equal-width bins, lower < conf ≤ upper) and the
+"""curvrate_fast.calibration: ECE (docs/math.md §6: 10 equal-width bins, lower < conf ≤ upper) and the
 hard-20 % accuracy on hand-checkable examples."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""curvrate_fast.compat.flatgrad against nested-autograd oracles written from SPEC.md §1, §3, §4, §6
+"""curvrate_fast.compat.flatgrad against nested-autograd oracles written from docs/math.md §1, §3, §4, §6
 that make the same torch.randn calls: same seed → same directions, same numbers, same RNG state."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from curvrate_fast.curvature import CurvatureWarning
 from _curv_oracle import ce_none, data, nested_mixed, tiny_mlp
 
 
-# --- oracles (SPEC.md) ----------------------------------------------------------------------------
+# --- oracles (docs/math.md) ----------------------------------------------------------------------------
 def o_sample(B, shape, device="cpu"):
     g = torch.randn(B, *shape, device=device)                                   # SPEC §1
     n = g.reshape(B, -1).norm(dim=1).reshape((B,) + (1,) * len(shape))

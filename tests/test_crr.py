@@ -1,4 +1,4 @@
-"""curvrate_fast.crr: the CRR penalty (SPEC.md §4) against nested autograd in float64 — values and
+"""curvrate_fast.crr: the CRR penalty (docs/math.md §4) against nested autograd in float64 — values and
 parameter gradients, fixed and per-order (polarization) directions, subset, reductions, scale —
 and CRRLoss with every-k-th-step application."""
 from __future__ import annotations

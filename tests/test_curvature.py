@@ -1,4 +1,4 @@
-"""curvrate_fast.curvature: the λ estimators of SPEC.md §3 on hand-checkable derivative arrays,
+"""curvrate_fast.curvature: the λ estimators of docs/math.md §3 on hand-checkable derivative arrays,
 curvature_rate against nested autograd (float64), the boundary band and its fallback, and bad input."""
 from __future__ import annotations
 

@@ -2,7 +2,7 @@ r"""Drop-in replacement for the public functions of the reference package ``flat
 (repository ``jacobposchl/flatgrad``: ``flatgrad/derivatives.py``,
 ``flatgrad/sampling/lambda_estimation.py``, ``flatgrad/sampling/regularizers.py``,
 ``flatgrad/sampling/training.py``), with the same names, signatures, return types and values,
-but the derivatives computed in ONE batched Taylor-mode pass (SPEC.md §2) instead of nested
+but the derivatives computed in ONE batched Taylor-mode pass (docs/math.md §2) instead of nested
 ``autograd.grad`` loops over directions and orders.
 
 Random numbers: every function draws its directions exactly as the reference does, one
@@ -12,7 +12,7 @@ the same order, normalized by ``/(‖·‖₂ + 1e-12)`` per sample; the referen
 and the global RNG ends in the same state; the returned numbers agree with the reference up to
 floating-point rounding of the derivatives (Taylor mode and nested autograd round differently).
 
-Conventions kept from the reference (SPEC.md §3–4):
+Conventions kept from the reference (docs/math.md §3–4):
 
 - ``compute_directional_derivatives`` and ``estimate_lambda_per_direction`` call
   ``loss_fn(logits, labels)``, which must return per-sample losses; the regularizers call
@@ -72,7 +72,7 @@ def sample_unit_directions(batch_size: int, input_shape: Tuple[int, ...],
                            device: torch.device) -> Tensor:
     """``batch_size`` random unit-norm directions of shape ``input_shape``:
     u_b = g_b / (‖g_b‖₂ + 1e-12), g = ``torch.randn(batch_size, *input_shape, device=device)``
-    (one call, default dtype; SPEC.md §1). Returns shape ``(batch_size, *input_shape)``.
+    (one call, default dtype; docs/math.md §1). Returns shape ``(batch_size, *input_shape)``.
 
     Example::
 
@@ -142,7 +142,7 @@ def compute_directional_derivatives(model: torch.nn.Module, inputs: Tensor, labe
                                     directions: Tensor, loss_fn: Callable, min_order: int,
                                     max_order: int, create_graph: bool = True) -> List[Tensor]:
     """Directional derivatives d_n[b] = dⁿ/dtⁿ loss_fn(model(x + t·u), y)[b], n = min_order..max_order,
-    as a list of (B,) tensors (SPEC.md §3), differentiable to the parameters when
+    as a list of (B,) tensors (docs/math.md §3), differentiable to the parameters when
     ``create_graph``. ``loss_fn(logits, labels)`` must return per-sample losses.
 
     Example::
@@ -191,7 +191,7 @@ def estimate_lambda_from_derivatives(derivatives: List[Tensor], abs_derivatives:
                                      min_first_derivative: float = 1e-8) -> Optional[float]:
     """Mean over samples of mean_n log(max(d_{n+1}/(d_n + 1e-12), 1e-10)) (with |·| when
     ``abs_derivatives``), skipping samples with d_1 < ``min_first_derivative`` and non-finite
-    values (SPEC.md §3, estimator B as the package implements it). ``None`` (with a warning) when
+    values (docs/math.md §3, estimator B as the package implements it). ``None`` (with a warning) when
     fewer than 2 orders or no valid sample.
 
     Example::
@@ -225,7 +225,7 @@ def estimate_lambda_per_direction(model: torch.nn.Module, inputs: Tensor, labels
                                   loss_fn: Callable, max_order: int = 4, K_dirs: int = 5,
                                   min_first_derivative: float = 1e-8,
                                   return_derivatives: bool = False) -> dict:
-    """λ per random direction, then mean and spread (SPEC.md §3, estimator C): per direction, a
+    """λ per random direction, then mean and spread (docs/math.md §3, estimator C): per direction, a
     sample is valid while |d_1| ≥ ``min_first_derivative`` and every |d_n| is finite and > 1e-10;
     y_n = mean log |d_n| over the valid samples (stop at the first order with none); the slope of
     ``np.polyfit`` of y_n on n. All K_dirs directions run in one batched pass, in eval mode.
@@ -296,7 +296,7 @@ def _reduction_none(loss_fn: Callable) -> Callable:
 def compute_lambda_regularizer(model: torch.nn.Module, inputs: Tensor, labels: Tensor,
                                loss_fn: Callable, start_n: int = 1, end_n: int = 4, K_dirs: int = 5,
                                scale: float = 1e-3) -> Tensor:
-    """CRR as the package defines it (SPEC.md §4): scale · (1/K_dirs) Σ_k Σ_{n=start_n..end_n}
+    """CRR as the package defines it (docs/math.md §4): scale · (1/K_dirs) Σ_k Σ_{n=start_n..end_n}
     mean_b |d_n[k, b]|, one fixed direction per sample and per k, model in eval mode, the
     inputs detached; differentiable to the parameters. ``loss_fn(logits, labels,
     reduction='none')``.
@@ -323,7 +323,7 @@ def compute_lambda_target_regularizer(model: torch.nn.Module, inputs: Tensor, la
                                       loss_fn: Callable, target_lambda: float, max_order: int = 4,
                                       K_dirs: int = 5, scale: float = 1.0) -> Tensor:
     """scale · (λ − target_lambda)², λ = mean over directions of the batch mean of
-    mean_n log(clamp((|d_{n+1}| + 1e-12)/(|d_n| + 1e-12), min=1e-10)) (SPEC.md §4);
+    mean_n log(clamp((|d_{n+1}| + 1e-12)/(|d_n| + 1e-12), min=1e-10)) (docs/math.md §4);
     differentiable. With max_order < 2 the reference returns a zero tensor (requires_grad), and so
     does this.
 
@@ -356,7 +356,7 @@ def compute_lambda_target_regularizer(model: torch.nn.Module, inputs: Tensor, la
 # ---------------------------------------------------------------------------------------------
 def compute_ece(logits: Tensor, labels: Tensor, n_bins: int = 10) -> float:
     """Expected calibration error with ``n_bins`` equal-width bins (lower < conf ≤ upper) of the
-    max softmax probability (SPEC.md §6), with the reference's float32 bin edges
+    max softmax probability (docs/math.md §6), with the reference's float32 bin edges
     (``torch.linspace(0, 1, n_bins + 1)``). See :func:`curvrate_fast.expected_calibration_error`
     for the float64 version.
 

@@ -16,47 +16,17 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..activation_jet import activation_jet_reference
+from ..activation_kinds import ACTIVATIONS, MAX_KERNEL_ORDER, kernel_params
 from ._backend import KERNEL_DTYPES, triton_available
 from ._ops import ensure_registered
 
 __all__ = ["activation_jet", "bias_activation_jet", "reference_activation_jet", "KINDS", "MAX_KERNEL_ORDER",
            "activation_params"]
 
-#: activations with a fused kernel ("identity" = bias only)
-KINDS = ("tanh", "sigmoid", "gelu", "gelu_tanh", "silu", "softplus", "relu", "leaky_relu", "identity")
-#: highest order the kernels are compiled for (O(K²) unrolled terms); above it the reference runs
-MAX_KERNEL_ORDER = 8
-
-
-def activation_params(kind: Optional[str], params: Dict) -> Tuple[str, float, float]:
-    """Normalize (kind, params) to the kernels' (kind, p0, p1).
-
-    softplus: ``beta`` (1.0), ``threshold`` (20.0); leaky_relu: ``negative_slope`` (0.01, alias
-    ``slope``); gelu: ``approximate`` ("none" or "tanh", the latter selects gelu_tanh).
-    """
-    kind = "identity" if kind is None else kind
-    params = dict(params)
-    p0 = p1 = 0.0
-    if kind == "gelu":
-        if params.pop("approximate", "none") == "tanh":
-            kind = "gelu_tanh"
-    elif kind == "gelu_tanh":
-        params.pop("approximate", None)
-    elif kind == "softplus":
-        p0 = float(params.pop("beta", 1.0))
-        p1 = float(params.pop("threshold", 20.0))
-        if p0 == 0.0:
-            raise ValueError("softplus needs beta != 0")
-    elif kind == "leaky_relu":
-        slope = params.pop("negative_slope", None)
-        alt = params.pop("slope", None)
-        p0 = float(0.01 if slope is None and alt is None else (slope if slope is not None else alt))
-    params.pop("inplace", None)
-    if kind not in KINDS:
-        raise ValueError(f"unknown activation {kind!r}; supported: {KINDS}")
-    if params:
-        raise TypeError(f"unexpected parameters for {kind}: {sorted(params)}")
-    return kind, p0, p1
+#: activations with a fused kernel ("identity" = bias only), and the highest order the kernels
+#: are built for: both from the one table (``curvrate_fast.activation_kinds``)
+KINDS = tuple(ACTIVATIONS)
+activation_params = kernel_params
 
 
 # -- reference (pure PyTorch, any device and dtype) ----------------------------------------------
@@ -68,7 +38,7 @@ def _pad(out: List[Tensor], order: int, like: Tensor) -> Tensor:
 
 
 def reference_activation_jet(c: Tensor, kind: str, order: int, p0: float = 0.0, p1: float = 0.0) -> Tensor:
-    """The jet of ``kind`` by the recurrences of :mod:`curvrate_fast.series` (SPEC.md §2), with the
+    """The jet of ``kind`` by the recurrences of :mod:`curvrate_fast.series` (docs/math.md §2), with the
     Toeplitz backward of :mod:`curvrate_fast.activation_jet` (the engine's reference path)."""
     if c.shape[0] > order + 1:  # slicing only when needed: a no-op slice still adds a backward copy
         c = c[: order + 1]

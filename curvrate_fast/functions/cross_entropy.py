@@ -19,12 +19,12 @@ from ._ops import ensure_registered
 
 __all__ = ["cross_entropy_jet", "reference_cross_entropy_jet"]
 
-MAX_KERNEL_ORDER = 8
+from ..activation_kinds import MAX_KERNEL_ORDER  # noqa: E402  (one limit for all kernels)
 
 
 def reference_cross_entropy_jet(z: Tensor, target: Tensor, order: int, ignore_index: int = -100,
                                 weight: Optional[Tensor] = None) -> Tensor:
-    """SPEC.md §2: shift by the constant max of z_0, exp jet, class sum, log jet, minus z_y's jet."""
+    """docs/math.md §2: shift by the constant max of z_0, exp jet, class sum, log jet, minus z_y's jet."""
     K = order
     u = list(z[: K + 1].unbind(0))
     m = u[0].detach().amax(dim=-1, keepdim=True)

@@ -1,6 +1,6 @@
 """Linear and convolution layers on jets with a fused bias + activation epilogue.
 
-Two implementations of φ(x Wᵀ + b) on stacked jets (SPEC.md §2, linear maps: every stored coefficient
+Two implementations of φ(x Wᵀ + b) on stacked jets (docs/math.md §2, linear maps: every stored coefficient
 through the same map, the bias on coefficient 0 only; stacking the coefficients along the batch axis
 reads the weight once):
 
@@ -13,14 +13,14 @@ reads the weight once):
   tiles and writes ∂L/∂pre (the activation's transposed Cauchy product in the epilogue), then
   ∂x = ∂pre·W, ∂W = Σ_j ∂pre_jᵀ x_j (cuBLAS) and ∂b = Σ ∂pre_0.
 
-Which is faster depends on the shape and the GPU (DESIGN.md §2: fuse only where it measures faster),
+Which is faster depends on the shape and the GPU (docs/design.md §2: fuse only where it measures faster),
 so ``impl="auto"`` (the default, or ``engine_settings(linear_impl=...)`` / ``CURVRATE_LINEAR_IMPL``)
 times both on the first call for each shape — forward, plus backward when gradients are needed — and
 keeps the winner for the process (:func:`linear_impl_choices` shows the decisions). Without a GPU
 (the interpreter) "auto" means "cublas"; "fused" can be forced there for tests.
 
 Convolutions always take the cuDNN + epilogue path (a Triton implicit-GEMM convolution was not
-written: DESIGN.md asks for one only where it measures faster than cuDNN).
+written: docs/design.md asks for one only where it measures faster than cuDNN).
 """
 from __future__ import annotations
 
