@@ -38,7 +38,9 @@ setup(
         "experiments": ["scikit-learn", "matplotlib", "tqdm", "mlxtend", "pytorch-optimizer"],
         "test": ["pytest", "hypothesis", "scikit-learn", "matplotlib", "tqdm", "triton>=3.0",
                  "pytest-benchmark", "scipy", "transformers>=5.23", "mlxtend",
-                 "pytorch-optimizer"],
+                 "pytorch-optimizer", "ruff",
+                 # PyTorch's operator database (tests/test_opinfo.py) imports expecttest and mpmath
+                 "expecttest", "mpmath"],
     },
     entry_points={"console_scripts": ["curvrate-fast=curvrate_fast.cli:main"]},
     ext_modules=ext_modules,

@@ -9,18 +9,37 @@ Example::
     >>> u = torch.nn.functional.normalize(torch.randn(128, 2), dim=1)
     >>> d = curvrate_fast.loss_directional_derivatives(model, x, y, u, order=4)   # (4, 128)
 """
+from . import compat
 from .api import directional_derivatives, input_jet, jet, loss_directional_derivatives
-from .jets import (JetError, JetTensor, OpReport, RuleMissingError, RuleRegistrationError,
-                   configure, engine_settings, register, track_ops, unregister)
-from .jets import kit
-from .rules import SampleMixingError
 from .calibration import expected_calibration_error, hard_fraction_accuracy, reliability_bins
 from .crr import CRRLoss, crr_penalty
-from .curvature import (Band, BandSelection, CurvatureRate, CurvatureWarning, band_indices,
-                        curvature_rate, estimate_from_derivatives, ols_slope, select_band)
+from .curvature import (
+                   Band,
+                   BandSelection,
+                   CurvatureRate,
+                   CurvatureWarning,
+                   band_indices,
+                   curvature_rate,
+                   estimate_from_derivatives,
+                   ols_slope,
+                   select_band,
+)
 from .directions import normalize_directions, polarization, sample_directions
+from .jets import (
+                   JetError,
+                   JetTensor,
+                   OpReport,
+                   RuleMissingError,
+                   RuleRegistrationError,
+                   configure,
+                   engine_settings,
+                   kit,
+                   register,
+                   track_ops,
+                   unregister,
+)
+from .rules import SampleMixingError
 from .tracking import LambdaTracker
-from . import compat
 
 __version__ = "0.1.0"
 

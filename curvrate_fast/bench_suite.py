@@ -320,6 +320,7 @@ def func_jvp_derivatives(model, x, y, u, order, loss_fn=None):
 def derivative_fn(method: str) -> Callable:
     """The derivative function of a method (``compile`` uses the reference rules)."""
     import curvrate_fast as cf
+
     from . import baseline
 
     if method == "baseline":
@@ -361,9 +362,10 @@ def _traced_compiled_step(model: nn.Module, x, y, u, order: int,
     the ops the rules run on the coefficients are what it records, forward and backward) and
     compiled by ``torch.compile``; the first call traces and compiles. The gradients are written to
     ``.grad`` like the other methods' ``backward``."""
-    import curvrate_fast as cf
     from torch.func import functional_call
     from torch.fx.experimental.proxy_tensor import make_fx
+
+    import curvrate_fast as cf
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     names = [n for n, _ in named]

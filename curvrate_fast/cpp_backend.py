@@ -29,7 +29,9 @@ from torch import Tensor
 
 __all__ = ["available", "build", "activation_jet_cpp", "MAX_ORDER"]
 
-from .activation_kinds import MAX_KERNEL_ORDER as MAX_ORDER, kernel_params  # noqa: E402
+from .activation_kinds import MAX_KERNEL_ORDER as MAX_ORDER  # noqa: E402
+from .activation_kinds import kernel_params
+
 _lock = threading.Lock()
 _state = {"loaded": False, "error": None, "prebuilt_checked": False}
 

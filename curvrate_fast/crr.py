@@ -37,8 +37,7 @@ from torch import Tensor, nn
 
 from .api import jet
 from .curvature import check_labels
-from .directions import (_check_positive_int, check_directions, polarization, polarization_weights,
-                         sample_directions)
+from .directions import _check_positive_int, check_directions, polarization, polarization_weights, sample_directions
 
 __all__ = ["crr_penalty", "CRRLoss", "parse_orders", "subset_indices"]
 

@@ -17,8 +17,9 @@ With normalized Taylor coefficients f_n(w) = Dⁿf[wⁿ]/n! this reads
 Dⁿf[u_1,…,u_n] = Σ_ε c_ε · f_n(w_ε) with c_ε = Π ε_i / 2^{n−1}, w_ε = u_1 + Σ ε_i u_{i+1}.
 :func:`polarization` returns the 2^{n−1} directions w_ε and the weights c_ε; all of them are rows of
 one batched jet pass. The same rows also give every lower mixed derivative Dᵐf[u_1,…,u_m], m < n
-(weights Π_{i<m} ε_i / 2^{n−1}), so the orders 1..n of the notebooks' loop need 2^{n−1} rows in all. This is how ``crr_penalty(directions="per_order")`` reproduces the notebooks'
-fresh direction at every order (nested ``grad`` of ⟨grad, u_1⟩, then ⟨·, u_2⟩, …) exactly.
+(weights Π_{i<m} ε_i / 2^{n−1}), so the orders 1..n of the notebooks' loop need 2^{n−1} rows in
+all. This is how ``crr_penalty(directions="per_order")`` reproduces the notebooks' fresh direction
+at every order (nested ``grad`` of ⟨grad, u_1⟩, then ⟨·, u_2⟩, …) exactly.
 
 Example::
 

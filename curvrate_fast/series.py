@@ -24,7 +24,8 @@ Series = List[Tensor]
 
 __all__ = [
     "Series", "add", "sub", "neg", "scale", "mul", "square", "div", "reciprocal", "exp", "log",
-    "pow_scalar", "pow_int", "pow_tensor", "sqrt", "rsqrt", "tanh", "tanh_with_derivative", "sigmoid", "sigmoid_with_derivative", "sin_cos", "sin", "cos", "softplus", "erf",
+    "pow_scalar", "pow_int", "pow_tensor", "sqrt", "rsqrt", "tanh", "tanh_with_derivative", "sigmoid",
+    "sigmoid_with_derivative", "sin_cos", "sin", "cos", "softplus", "erf",
     "gelu", "gelu_tanh", "silu", "elu", "log1p", "expm1",
     "atan", "integrate",
 ]

@@ -22,9 +22,8 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch.overrides import TorchFunctionMode  # noqa: E402
-
 import transformers  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
 
 D64 = torch.float64
 TEXT_ATTN = ("eager", "sdpa")

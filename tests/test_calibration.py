@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from curvrate_fast.calibration import (expected_calibration_error, hard_fraction_accuracy,
-                                       reliability_bins)
+from curvrate_fast.calibration import expected_calibration_error, hard_fraction_accuracy, reliability_bins
 from curvrate_fast.compat import flatgrad as fg
 
 P = torch.tensor([[0.93, 0.07], [0.82, 0.18], [0.29, 0.71], [0.36, 0.64], [0.5, 0.5]],

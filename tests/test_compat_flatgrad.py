@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _curv_oracle import ce_none, data, nested_mixed, tiny_mlp
 
 from curvrate_fast.compat import flatgrad as fg
 from curvrate_fast.curvature import CurvatureWarning
-
-from _curv_oracle import ce_none, data, nested_mixed, tiny_mlp
 
 
 # --- oracles (docs/math.md) ----------------------------------------------------------------------------

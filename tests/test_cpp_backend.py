@@ -3,12 +3,11 @@ Toeplitz backward, every activation, orders 1..8, float32 and float64, short sto
 import pytest
 import torch
 import torch.nn as nn
+from _oracle import derivatives_and_grads, rel_err
+from models import mlp
 
 from curvrate_fast import cpp_backend
 from curvrate_fast.activation_jet import KINDS, activation_jet_reference
-
-from _oracle import derivatives_and_grads, rel_err
-from models import mlp
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -3,15 +3,13 @@ parameter gradients, fixed and per-order (polarization) directions, subset, redu
 and CRRLoss with every-k-th-step application."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
+from _curv_oracle import data, nested_fixed, nested_mixed, tiny_mlp, unit
 
 from curvrate_fast.crr import CRRLoss, crr_penalty, parse_orders, subset_indices
 from curvrate_fast.directions import sample_directions
-
-from _curv_oracle import data, nested_fixed, nested_mixed, tiny_mlp, unit
 
 
 def _grads(model, value):

@@ -8,14 +8,20 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from _curv_oracle import data, nested_fixed, tiny_mlp, unit
 
 from curvrate_fast import baseline
-from curvrate_fast.curvature import (Band, CurvatureWarning, band_indices, curvature_rate,
-                                     estimate_from_derivatives, model_mode, ols_slope, select_band)
-from curvrate_fast.directions import (check_directions, polarization,
-                                      sample_directions)
-
-from _curv_oracle import data, nested_fixed, tiny_mlp, unit
+from curvrate_fast.curvature import (
+    Band,
+    CurvatureWarning,
+    band_indices,
+    curvature_rate,
+    estimate_from_derivatives,
+    model_mode,
+    ols_slope,
+    select_band,
+)
+from curvrate_fast.directions import check_directions, polarization, sample_directions
 
 E = math.e
 

@@ -2,10 +2,9 @@
 import pytest
 import torch
 import torch.nn as nn
+from models import mlp
 
 import curvrate_fast as cf
-
-from models import mlp
 
 
 @pytest.fixture

@@ -4,12 +4,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _oracle import rel_err
+from models import EncoderClassifier, MnistCNN, ResidualLN, SpecialFunctionModel, mlp
 
 import curvrate_fast as cf
 from curvrate_fast import baseline
-
-from _oracle import rel_err
-from models import EncoderClassifier, MnistCNN, SpecialFunctionModel, ResidualLN, mlp
 
 D64 = torch.float64
 

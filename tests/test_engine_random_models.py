@@ -1,13 +1,12 @@
 """Random architectures, orders, shapes and directions against the float64 oracle (hypothesis)."""
 import torch
 import torch.nn as nn
+from _oracle import rel_err
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import curvrate_fast as cf
 from curvrate_fast import baseline
-
-from _oracle import rel_err
 
 ACTS = [nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.Softplus, nn.ELU, nn.LeakyReLU, nn.Mish]
 

@@ -4,11 +4,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _oracle import rel_err
 
 import curvrate_fast as cf
 from curvrate_fast import baseline
-
-from _oracle import rel_err
 
 D64 = torch.float64
 
@@ -100,7 +99,8 @@ CASES = {
     "nll_loss": lambda z: F.nll_loss(F.log_softmax(z, 1), torch.tensor([5, 3, 1, 0]), reduction="none"),
     "mse_loss": lambda z: F.mse_loss(torch.tanh(z), torch.ones_like(z)),
     "l1_loss": lambda z: F.l1_loss(z, torch.zeros_like(z), reduction="none"),
-    "bce_logits": lambda z: F.binary_cross_entropy_with_logits(z, torch.rand(4, 6, generator=torch.Generator().manual_seed(0), dtype=D64)),
+    "bce_logits": lambda z: F.binary_cross_entropy_with_logits(
+        z, torch.rand(4, 6, generator=torch.Generator().manual_seed(0), dtype=D64)),
     # norms
     "layer_norm": nn.LayerNorm(6, dtype=D64),
     "rms_norm": nn.RMSNorm(6, dtype=D64),

@@ -5,8 +5,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-
 from _oracle import derivatives_and_grads, rel_err
 
 pytest.importorskip("triton")

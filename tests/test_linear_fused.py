@@ -27,6 +27,7 @@ from curvrate_fast.functions.activation import activation_params, reference_acti
 LJ = _backend.kernel_module("linear_jet")
 
 from curvrate_fast.activation_kinds import KINDS as _TABLE_KINDS  # noqa: E402
+
 KINDS = list(_TABLE_KINDS) + [None]
 # (batch shape, in D, out N): rows M = prod(batch)
 SHAPES = [((63,), 40, 33), ((3, 41), 17, 70), ((1,), 5, 3), ((123,), 37, 9), ((), 21, 11)]

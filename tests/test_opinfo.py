@@ -5,10 +5,9 @@ no code with the engine. No op may give a silent wrong answer or an unclear erro
 the full run is docs/opinfo.md (`python tests/_opinfo.py --out docs/opinfo.md`)."""
 import collections
 
+import _opinfo
 import pytest
 import torch
-
-import _opinfo
 
 OPS = _opinfo.float64_ops()
 NAMES = [_opinfo.op_name(o) for o in OPS]

@@ -48,16 +48,15 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import _models_hf as H  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from _oracle import fd_jet  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
 import curvrate_fast as cf  # noqa: E402
 from curvrate_fast import baseline  # noqa: E402
-
-import _models_hf as H  # noqa: E402
-from _oracle import fd_jet  # noqa: E402
 
 D64 = torch.float64
 K = 4

@@ -6,12 +6,11 @@ autograd (``baseline.jet``) on real-valued end results, and closed forms."""
 import pytest
 import torch
 import torch.nn.functional as F
+from _oracle import assert_matches_fd, rel_err
 
 import curvrate_fast as cf
 from curvrate_fast import baseline
 from curvrate_fast.jets.tensor import JetError, make_jet
-
-from _oracle import assert_matches_fd, rel_err
 
 D64 = torch.float64
 C128 = torch.complex128

@@ -6,12 +6,11 @@ gradients through the coefficients by ``torch.autograd.gradcheck``; the clear er
 import pytest
 import torch
 import torch.nn.functional as F
+from _oracle import assert_matches_fd
 
 import curvrate_fast as cf
 from curvrate_fast import baseline
 from curvrate_fast.jets.tensor import JetError, JetTensor, is_jet
-
-from _oracle import assert_matches_fd
 
 D64 = torch.float64
 

@@ -3,17 +3,17 @@ rules/scatter.py and the fixes in rules/reductions.py) against oracles that shar
 engine: float64 nested autograd (curvrate_fast.baseline.jet), finite-difference Chebyshev fits
 (_oracle.fd_jet) where PyTorch has no higher derivatives, and exact polynomial products where the
 inputs contain zeros."""
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _oracle import assert_matches_fd
 
 import curvrate_fast as cf
 from curvrate_fast import baseline
 from curvrate_fast.jets.tensor import JetError, JetTensor
-
-from _oracle import assert_matches_fd
 
 D64 = torch.float64
 
@@ -30,9 +30,10 @@ def packed(fn, shapes):
     def g(z):
         parts, o = [], 0
         for s, n in zip(shapes, sizes):
-            parts.append(z[o:o + n].reshape(s))
+            parts.append(z[o : o + n].reshape(s))
             o += n
         return fn(*parts)
+
     return g
 
 
@@ -94,8 +95,10 @@ SELECTION = {
     "kthvalue": (lambda x: torch.kthvalue(x, 2).values, [X3]),
     "median_all": (lambda x: torch.median(smooth(x)), [X]),
     "median_dim": (lambda x: torch.median(x, 1).values, [X3]),
-    "nanmedian": (lambda x: torch.nanmedian(torch.where(torch.arange(7) % 3 == 0, float("nan"), smooth(x)), 1).values,
-                  [X]),
+    "nanmedian": (
+        lambda x: torch.nanmedian(torch.where(torch.arange(7) % 3 == 0, float("nan"), smooth(x)), 1).values,
+        [X],
+    ),
     "nanmedian_all": (lambda x: torch.nanmedian(torch.where(torch.arange(7) == 2, float("nan"), x)), [X]),
     "mode_unique_values": (lambda x: torch.mode(smooth(x), 1).values, [X]),
     "mode_copies_move_together": (lambda x: torch.mode(torch.cat([x, x[:, 5:]], 1), 1).values, [X]),
@@ -103,19 +106,23 @@ SELECTION = {
     "cummin": (lambda x: torch.cummin(x, dim=0).values, [X3]),
     "aminmax": (lambda x: torch.stack(torch.aminmax(smooth(x), dim=1)), [X]),
     "aminmax_all": (lambda x: torch.stack(torch.aminmax(x)), [X3]),
-    "max_dim_0d": (lambda x: torch.max(smooth(x[0, 0]), 0).values + torch.min(x[1, 1], dim=-1, keepdim=True)[0],
-                   [X]),
+    "max_dim_0d": (lambda x: torch.max(smooth(x[0, 0]), 0).values + torch.min(x[1, 1], dim=-1, keepdim=True)[0], [X]),
     "quantile_scalar": (lambda x: torch.quantile(smooth(x), 0.3, dim=1), [X]),
-    "quantile_vec_keepdim": (lambda x: torch.quantile(x, torch.tensor([0.1, 0.5, 0.95], dtype=D64), dim=0, keepdim=True),
-                             [X]),
+    "quantile_vec_keepdim": (
+        lambda x: torch.quantile(x, torch.tensor([0.1, 0.5, 0.95], dtype=D64), dim=0, keepdim=True),
+        [X],
+    ),
     "quantile_all": (lambda x: torch.quantile(smooth(x), 0.7), [X]),
     "quantile_midpoint": (lambda x: torch.quantile(x, 0.4, dim=2, interpolation="midpoint"), [X3]),
-    "quantile_lower_higher_nearest": (lambda x: torch.stack([torch.quantile(x, 0.45, 1, interpolation=m)
-                                                             for m in ("lower", "higher", "nearest")]), [X]),
-    "quantile_q_jet": (lambda x, q: torch.quantile(smooth(x), q, dim=1),
-                       [X, torch.tensor([0.2, 0.6], dtype=D64)]),
-    "nanquantile": (lambda x: torch.nanquantile(torch.where(torch.arange(7) % 4 == 1, float("nan"), smooth(x)), 0.35, dim=1),
-                    [X]),
+    "quantile_lower_higher_nearest": (
+        lambda x: torch.stack([torch.quantile(x, 0.45, 1, interpolation=m) for m in ("lower", "higher", "nearest")]),
+        [X],
+    ),
+    "quantile_q_jet": (lambda x, q: torch.quantile(smooth(x), q, dim=1), [X, torch.tensor([0.2, 0.6], dtype=D64)]),
+    "nanquantile": (
+        lambda x: torch.nanquantile(torch.where(torch.arange(7) % 4 == 1, float("nan"), smooth(x)), 0.35, dim=1),
+        [X],
+    ),
 }
 
 
@@ -129,8 +136,10 @@ UNIQUE = {  # no autograd through unique: the FD oracle
     "unique_copies": (lambda x: torch.unique(torch.cat([smooth(x), smooth(x)[:, :3]], 1)), [X]),
     "unique_dim_inverse": (lambda x: torch.unique(torch.cat([x, x[:2]]), dim=0, return_inverse=True)[0], [X]),
     "unique_consecutive": (lambda x: torch.unique_consecutive(x.repeat_interleave(2, 1), dim=1), [X]),
-    "unique_consecutive_flat": (lambda x: torch.unique_consecutive(smooth(x).repeat_interleave(3), return_counts=True)[0],
-                                [X]),
+    "unique_consecutive_flat": (
+        lambda x: torch.unique_consecutive(smooth(x).repeat_interleave(3), return_counts=True)[0],
+        [X],
+    ),
 }
 
 
@@ -172,6 +181,7 @@ def test_mode_raises_when_copies_separate():
 
 # -- products and scans -------------------------------------------------------------------------
 
+
 def poly_prod(xs, us, K):
     """Exact Taylor coefficients of Π_i (x_i + t u_i) (polynomial multiplication; zeros allowed)."""
     c = torch.zeros(K + 1, dtype=D64)
@@ -195,7 +205,7 @@ def test_prod_with_zeros_exact():
     cp = cf.jet(lambda z: torch.cumprod(z, dim=1), x, u, K)
     for r in range(2):
         for i in range(5):
-            close(cp[:, r, i], poly_prod(x[r, :i + 1], u[r, :i + 1], K), 1e-12)
+            close(cp[:, r, i], poly_prod(x[r, : i + 1], u[r, : i + 1], K), 1e-12)
 
 
 PRODUCTS = {
@@ -204,24 +214,26 @@ PRODUCTS = {
     "prod_0d": (lambda x: torch.prod(x[0, 0], 0) * torch.prod(x[1, 1]), [X]),
     "cumprod": (lambda x: torch.cumprod(smooth(x), 2), [X3]),
     "var_mean": (lambda x: torch.stack(torch.var_mean(smooth(x), 1)), [X]),
-    "var_mean_correction": (lambda x: torch.stack(torch.var_mean(x, dim=(0, 2), correction=0, keepdim=True)),
-                            [X3]),
+    "var_mean_correction": (lambda x: torch.stack(torch.var_mean(x, dim=(0, 2), correction=0, keepdim=True)), [X3]),
     "std_mean": (lambda x: torch.stack(torch.std_mean(smooth(x), dim=0, unbiased=False)), [X]),
     "std_mean_all": (lambda x: torch.stack(torch.std_mean(x)), [X]),
-    "nansum": (lambda x: torch.nansum(torch.where(torch.arange(7) % 3 == 0, float("nan"), smooth(x)), dim=1),
-               [X]),
-    "nanmean": (lambda x: torch.nanmean(torch.where(torch.arange(7) % 3 == 0, float("nan"), smooth(x)), dim=1, keepdim=True),
-                [X]),
+    "nansum": (lambda x: torch.nansum(torch.where(torch.arange(7) % 3 == 0, float("nan"), smooth(x)), dim=1), [X]),
+    "nanmean": (
+        lambda x: torch.nanmean(torch.where(torch.arange(7) % 3 == 0, float("nan"), smooth(x)), dim=1, keepdim=True),
+        [X],
+    ),
     "nansum_all": (lambda x: torch.nansum(torch.where(torch.arange(7) == 1, float("nan"), x)), [X]),
-    "norm_inf": (lambda x: torch.norm(smooth(x), float("inf"), dim=1) + torch.norm(x, float("-inf"), dim=1),
-                 [X]),
+    "norm_inf": (lambda x: torch.norm(smooth(x), float("inf"), dim=1) + torch.norm(x, float("-inf"), dim=1), [X]),
     "norm_p": (lambda x: torch.norm(smooth(x), 3, dim=1) + torch.linalg.vector_norm(x, -1.5, dim=1), [X]),
-    "norm_0d": (lambda x: torch.norm(x[0, 0], float("-inf")) + torch.norm(x[0, 1], 2) + torch.norm(x[0, 2], 3),
-                [X]),
-    "vector_norm_all": (lambda x: torch.linalg.vector_norm(x, float("-inf")) + torch.linalg.vector_norm(x, 2.5, keepdim=True),
-                        [X3]),
-    "dist": (lambda x, y: torch.stack([torch.dist(x, y), torch.dist(x, y, float("inf")), torch.dist(x, y, 1.5)]),
-             [X, rnd(7, seed=5)]),
+    "norm_0d": (lambda x: torch.norm(x[0, 0], float("-inf")) + torch.norm(x[0, 1], 2) + torch.norm(x[0, 2], 3), [X]),
+    "vector_norm_all": (
+        lambda x: torch.linalg.vector_norm(x, float("-inf")) + torch.linalg.vector_norm(x, 2.5, keepdim=True),
+        [X3],
+    ),
+    "dist": (
+        lambda x, y: torch.stack([torch.dist(x, y), torch.dist(x, y, float("inf")), torch.dist(x, y, 1.5)]),
+        [X, rnd(7, seed=5)],
+    ),
 }
 
 
@@ -253,7 +265,7 @@ def test_norm_p0_is_a_constant():
 
 # -- scatter and index ops ---------------------------------------------------------------------
 
-IDX = torch.tensor([[0, 1, 2, 0, 3], [3, 2, 1, 0, 0]])          # repeats: several sources per place
+IDX = torch.tensor([[0, 1, 2, 0, 3], [3, 2, 1, 0, 0]])  # repeats: several sources per place
 IDX1 = torch.tensor([0, 2, 2, 4, 1, 0])
 
 
@@ -262,40 +274,66 @@ def _segments(reduce, **kw):
 
 
 SCATTER_FD = {  # PyTorch has no (higher) derivatives for some of these: the FD oracle
-    "scatter_multiply": (lambda x, s: torch.scatter(x, 1, IDX, s, reduce="multiply"),
-                         [rnd(2, 6, seed=5), rnd(2, 5, seed=6)]),
-    "scatter_value_multiply": (lambda x: torch.scatter(x, 1, IDX, 1.7, reduce="multiply"),
-                               [rnd(2, 6, seed=5)]),
-    "scatter_value_add": (lambda x: torch.scatter(x, 0, IDX[:, :4] % 2, -0.5, reduce="add"),
-                          [rnd(2, 6, seed=5)]),
-    "scatter_reduce_prod_self": (lambda x, s: torch.scatter_reduce(x, 1, IDX, s, "prod"),
-                                 [rnd(2, 6, seed=5), rnd(2, 5, seed=6)]),
-    "scatter_reduce_prod_noself": (lambda x, s: torch.scatter_reduce(x, 1, IDX, s, "prod", include_self=False),
-                                   [rnd(2, 6, seed=5), rnd(2, 5, seed=6)]),
-    "index_reduce_prod": (lambda x, s: torch.index_reduce(x, 0, IDX1, s, "prod"),
-                          [rnd(5, 3, seed=7), rnd(6, 3, seed=8)]),
-    "index_reduce_prod_noself": (lambda x, s: x.index_reduce(1, IDX1 % 3, s, "prod", include_self=False),
-                                 [rnd(2, 3, seed=7), rnd(2, 6, seed=8)]),
-    "segment_prod_lengths": (lambda x: torch.segment_reduce(x, "prod", lengths=torch.tensor([[2, 0, 3], [1, 4, 0]]), axis=1, initial=1.5),
-                             [rnd(2, 5, 2, seed=9)]),
-    "segment_prod_offsets": (lambda x: torch.segment_reduce(x, "prod", offsets=torch.tensor([0, 2, 2, 5]), axis=0),
-                             [rnd(5, 3, seed=9)]),
-    "scatter_reduce_prod_zeros": (lambda x, s: torch.scatter_reduce(x * torch.tensor([1.0, 0, 1, 1, 1, 1], dtype=D64), 1, IDX, s * torch.tensor([1.0, 1, 0, 1, 0], dtype=D64), "prod"),
-                                  [rnd(2, 6, seed=5), rnd(2, 5, seed=6)]),
-    "segment_prod_zeros": (lambda x: torch.segment_reduce(x * torch.tensor([1.0, 0, 1, 1, 0], dtype=D64), "prod", lengths=torch.tensor([2, 3])),
-                           [rnd(5, seed=9)]),
-    "scatter_add_reduce": (lambda x, s: torch.scatter(x, 1, IDX, s, reduce="add"),
-                           [rnd(2, 6, seed=5), rnd(2, 5, seed=6)]),
-    "segment_sum_2d": (_segments("sum", lengths=torch.tensor([[2, 0, 3], [1, 4, 0]]), axis=1, initial=0.5),
-                       [rnd(2, 5, 3, seed=9)]),
+    "scatter_multiply": (
+        lambda x, s: torch.scatter(x, 1, IDX, s, reduce="multiply"),
+        [rnd(2, 6, seed=5), rnd(2, 5, seed=6)],
+    ),
+    "scatter_value_multiply": (lambda x: torch.scatter(x, 1, IDX, 1.7, reduce="multiply"), [rnd(2, 6, seed=5)]),
+    "scatter_value_add": (lambda x: torch.scatter(x, 0, IDX[:, :4] % 2, -0.5, reduce="add"), [rnd(2, 6, seed=5)]),
+    "scatter_reduce_prod_self": (
+        lambda x, s: torch.scatter_reduce(x, 1, IDX, s, "prod"),
+        [rnd(2, 6, seed=5), rnd(2, 5, seed=6)],
+    ),
+    "scatter_reduce_prod_noself": (
+        lambda x, s: torch.scatter_reduce(x, 1, IDX, s, "prod", include_self=False),
+        [rnd(2, 6, seed=5), rnd(2, 5, seed=6)],
+    ),
+    "index_reduce_prod": (
+        lambda x, s: torch.index_reduce(x, 0, IDX1, s, "prod"),
+        [rnd(5, 3, seed=7), rnd(6, 3, seed=8)],
+    ),
+    "index_reduce_prod_noself": (
+        lambda x, s: x.index_reduce(1, IDX1 % 3, s, "prod", include_self=False),
+        [rnd(2, 3, seed=7), rnd(2, 6, seed=8)],
+    ),
+    "segment_prod_lengths": (
+        lambda x: torch.segment_reduce(x, "prod", lengths=torch.tensor([[2, 0, 3], [1, 4, 0]]), axis=1, initial=1.5),
+        [rnd(2, 5, 2, seed=9)],
+    ),
+    "segment_prod_offsets": (
+        lambda x: torch.segment_reduce(x, "prod", offsets=torch.tensor([0, 2, 2, 5]), axis=0),
+        [rnd(5, 3, seed=9)],
+    ),
+    "scatter_reduce_prod_zeros": (
+        lambda x, s: torch.scatter_reduce(
+            x * torch.tensor([1.0, 0, 1, 1, 1, 1], dtype=D64),
+            1,
+            IDX,
+            s * torch.tensor([1.0, 1, 0, 1, 0], dtype=D64),
+            "prod",
+        ),
+        [rnd(2, 6, seed=5), rnd(2, 5, seed=6)],
+    ),
+    "segment_prod_zeros": (
+        lambda x: torch.segment_reduce(
+            x * torch.tensor([1.0, 0, 1, 1, 0], dtype=D64), "prod", lengths=torch.tensor([2, 3])
+        ),
+        [rnd(5, seed=9)],
+    ),
+    "scatter_add_reduce": (
+        lambda x, s: torch.scatter(x, 1, IDX, s, reduce="add"),
+        [rnd(2, 6, seed=5), rnd(2, 5, seed=6)],
+    ),
+    "segment_sum_2d": (
+        _segments("sum", lengths=torch.tensor([[2, 0, 3], [1, 4, 0]]), axis=1, initial=0.5),
+        [rnd(2, 5, 3, seed=9)],
+    ),
     "segment_mean": (_segments("mean", lengths=torch.tensor([1, 1, 2, 1])), [rnd(5, 2, seed=9)]),
-    "segment_mean_initial": (_segments("mean", offsets=torch.tensor([0, 2, 2, 5]), initial=1.0),
-                             [rnd(5, seed=9)]),
-    "segment_max_initial_wins": (_segments("max", lengths=torch.tensor([2, 0, 3]), initial=0.2),
-                                 [rnd(5, 4, seed=9)]),
+    "segment_mean_initial": (_segments("mean", offsets=torch.tensor([0, 2, 2, 5]), initial=1.0), [rnd(5, seed=9)]),
+    "segment_max_initial_wins": (_segments("max", lengths=torch.tensor([2, 0, 3]), initial=0.2), [rnd(5, 4, seed=9)]),
     "segment_min": (_segments("min", lengths=torch.tensor([[2, 3], [4, 1]]), axis=1), [rnd(2, 5, seed=9)]),
     "as_strided_scatter":  # PyTorch's own backward is wrong here (src a view at an offset)
-        (lambda x, s: torch.as_strided_scatter(x, s, (2, 3), (7, 2), 1), [X, rnd(2, 3, seed=3)]),
+    (lambda x, s: torch.as_strided_scatter(x, s, (2, 3), (7, 2), 1), [X, rnd(2, 3, seed=3)]),
     "chunk_cat": (lambda a, b: torch._chunk_cat([a, b], 1, 3), [rnd(2, 5, seed=1), rnd(2, 3, 2, seed=2)]),
 }
 
@@ -307,49 +345,95 @@ def test_scatter_fd(name):
 
 
 SCATTER = {
-    "scatter_src": (lambda x, s: torch.scatter(x, 1, torch.tensor([[0, 2, 4], [5, 1, 3]]), s),
-                    [rnd(2, 6, seed=5), rnd(2, 3, seed=6)]),
+    "scatter_src": (
+        lambda x, s: torch.scatter(x, 1, torch.tensor([[0, 2, 4], [5, 1, 3]]), s),
+        [rnd(2, 6, seed=5), rnd(2, 3, seed=6)],
+    ),
     "scatter_value": (lambda x: x.scatter(0, torch.tensor([[1, 0, 1]]), -2.5) * x, [rnd(2, 6, seed=5)]),
-    "scatter_0d": (lambda x, s: torch.scatter(x[0, 0], 0, torch.tensor(0), s[0, 0]) * x[0, 1],
-                   [rnd(2, 6, seed=5), rnd(2, 5, seed=6)]),
-    "scatter_reduce_sum": (lambda x, s: torch.scatter_reduce(smooth(x), 1, IDX, s, "sum", include_self=False),
-                           [rnd(2, 6, seed=5), rnd(2, 5, seed=6)]),
-    "scatter_reduce_mean": (lambda x, s: torch.scatter_reduce(x, 1, IDX, smooth(s), "mean"),
-                            [rnd(2, 6, seed=5), rnd(2, 5, seed=6)]),
-    "scatter_reduce_mean_noself": (lambda x, s: torch.scatter_reduce(x, 1, IDX, s, "mean", include_self=False),
-                                   [rnd(2, 6, seed=5), rnd(2, 5, seed=6)]),
-    "scatter_reduce_amax": (lambda x, s: torch.scatter_reduce(smooth(x), 1, IDX, s, "amax"),
-                            [rnd(2, 6, seed=5), rnd(2, 5, seed=6)]),
-    "scatter_reduce_amin_noself": (lambda x, s: torch.scatter_reduce(x, 1, IDX, smooth(s), "amin", include_self=False),
-                                   [rnd(2, 6, seed=5), rnd(2, 5, seed=6)]),
-    "index_reduce_mean": (lambda x, s: torch.index_reduce(x, 0, IDX1, s, "mean", include_self=False),
-                          [rnd(5, 3, seed=7), rnd(6, 3, seed=8)]),
-    "index_reduce_amax": (lambda x, s: torch.index_reduce(x, 0, IDX1, smooth(s), "amax"),
-                          [rnd(5, 3, seed=7), rnd(6, 3, seed=8)]),
-    "index_reduce_amin_0d": (lambda x, s: torch.index_reduce(x[0, 0], 0, torch.tensor([0]), s[0, 0], "amin"),
-                             [rnd(5, 3, seed=7), rnd(6, 3, seed=8)]),
-    "index_put": (lambda x, v: x.index_put((torch.tensor([0, 2]), torch.tensor([1, 1])), v),
-                  [rnd(3, 4, seed=7), rnd(2, seed=8)]),
-    "index_put_acc_bool": (lambda x, v: torch.index_put(x, (torch.tensor([True, False, True]),), v, accumulate=True),
-                           [rnd(3, 4, seed=7), rnd(4, seed=8)]),
-    "index_put_acc_repeat": (lambda x, v: torch.index_put(x, (torch.tensor([[0], [2]]), torch.tensor([1, 1, 3])), v, True),
-                             [rnd(3, 4, seed=7), rnd(2, 3, seed=8)]),
-    "index_put_const_values": (lambda x: torch.index_put(x, (torch.tensor([1]),), torch.tensor(0.5, dtype=D64)),
-                               [rnd(3, 4, seed=7)]),
+    "scatter_0d": (
+        lambda x, s: torch.scatter(x[0, 0], 0, torch.tensor(0), s[0, 0]) * x[0, 1],
+        [rnd(2, 6, seed=5), rnd(2, 5, seed=6)],
+    ),
+    "scatter_reduce_sum": (
+        lambda x, s: torch.scatter_reduce(smooth(x), 1, IDX, s, "sum", include_self=False),
+        [rnd(2, 6, seed=5), rnd(2, 5, seed=6)],
+    ),
+    "scatter_reduce_mean": (
+        lambda x, s: torch.scatter_reduce(x, 1, IDX, smooth(s), "mean"),
+        [rnd(2, 6, seed=5), rnd(2, 5, seed=6)],
+    ),
+    "scatter_reduce_mean_noself": (
+        lambda x, s: torch.scatter_reduce(x, 1, IDX, s, "mean", include_self=False),
+        [rnd(2, 6, seed=5), rnd(2, 5, seed=6)],
+    ),
+    "scatter_reduce_amax": (
+        lambda x, s: torch.scatter_reduce(smooth(x), 1, IDX, s, "amax"),
+        [rnd(2, 6, seed=5), rnd(2, 5, seed=6)],
+    ),
+    "scatter_reduce_amin_noself": (
+        lambda x, s: torch.scatter_reduce(x, 1, IDX, smooth(s), "amin", include_self=False),
+        [rnd(2, 6, seed=5), rnd(2, 5, seed=6)],
+    ),
+    "index_reduce_mean": (
+        lambda x, s: torch.index_reduce(x, 0, IDX1, s, "mean", include_self=False),
+        [rnd(5, 3, seed=7), rnd(6, 3, seed=8)],
+    ),
+    "index_reduce_amax": (
+        lambda x, s: torch.index_reduce(x, 0, IDX1, smooth(s), "amax"),
+        [rnd(5, 3, seed=7), rnd(6, 3, seed=8)],
+    ),
+    "index_reduce_amin_0d": (
+        lambda x, s: torch.index_reduce(x[0, 0], 0, torch.tensor([0]), s[0, 0], "amin"),
+        [rnd(5, 3, seed=7), rnd(6, 3, seed=8)],
+    ),
+    "index_put": (
+        lambda x, v: x.index_put((torch.tensor([0, 2]), torch.tensor([1, 1])), v),
+        [rnd(3, 4, seed=7), rnd(2, seed=8)],
+    ),
+    "index_put_acc_bool": (
+        lambda x, v: torch.index_put(x, (torch.tensor([True, False, True]),), v, accumulate=True),
+        [rnd(3, 4, seed=7), rnd(4, seed=8)],
+    ),
+    "index_put_acc_repeat": (
+        lambda x, v: torch.index_put(x, (torch.tensor([[0], [2]]), torch.tensor([1, 1, 3])), v, True),
+        [rnd(3, 4, seed=7), rnd(2, 3, seed=8)],
+    ),
+    "index_put_const_values": (
+        lambda x: torch.index_put(x, (torch.tensor([1]),), torch.tensor(0.5, dtype=D64)),
+        [rnd(3, 4, seed=7)],
+    ),
     "put": (lambda x, s: torch.put(x, torch.tensor([5, -1, 0]), s), [rnd(3, 4, seed=7), rnd(3, seed=8)]),
-    "put_accumulate": (lambda x, s: x.put(torch.tensor([5, 5, 0]), s, accumulate=True),
-                       [rnd(3, 4, seed=7), rnd(3, seed=8)]),
+    "put_accumulate": (
+        lambda x, s: x.put(torch.tensor([5, 5, 0]), s, accumulate=True),
+        [rnd(3, 4, seed=7), rnd(3, seed=8)],
+    ),
     "index_fill": (lambda x: torch.index_fill(x, 1, torch.tensor([0, 2]), -1.25) * x, [rnd(3, 4, seed=7)]),
-    "index_fill_0d_jet_value": (lambda x, v: torch.index_fill(x[0, 0], 0, torch.tensor([0]), v[0]) + x.index_fill(0, torch.tensor([1]), v[1]).sum(),
-                                [rnd(3, 4, seed=7), rnd(2, seed=8)]),
-    "masked_scatter": (lambda x, s: torch.masked_scatter(x, torch.tensor([True, False, True, True]), s),
-                       [rnd(3, 4, seed=7), rnd(13, seed=8)]),
-    "masked_scatter_broadcast_input": (lambda x, s: torch.masked_scatter(x, torch.tensor([[True, False, True, True], [False] * 4, [True] * 4]), s),
-                                       [rnd(4, seed=7), rnd(2, 4, seed=8)]),
-    "unsafe_masked_index": (lambda x: torch._unsafe_masked_index(x, torch.tensor([[True, False, True]]), [torch.tensor([[0, 5, 2]]), torch.tensor([[1], [3]])], 0.25),
-                            [rnd(3, 4, seed=7)]),
-    "unsafe_masked_index_put_acc": (lambda x, v: torch._unsafe_masked_index_put_accumulate(x, torch.tensor([[True], [False], [True]]), [torch.tensor([0, 9, 0])], v),
-                                    [rnd(3, 4, seed=7), rnd(3, 4, seed=8)]),
+    "index_fill_0d_jet_value": (
+        lambda x, v: (
+            torch.index_fill(x[0, 0], 0, torch.tensor([0]), v[0]) + x.index_fill(0, torch.tensor([1]), v[1]).sum()
+        ),
+        [rnd(3, 4, seed=7), rnd(2, seed=8)],
+    ),
+    "masked_scatter": (
+        lambda x, s: torch.masked_scatter(x, torch.tensor([True, False, True, True]), s),
+        [rnd(3, 4, seed=7), rnd(13, seed=8)],
+    ),
+    "masked_scatter_broadcast_input": (
+        lambda x, s: torch.masked_scatter(x, torch.tensor([[True, False, True, True], [False] * 4, [True] * 4]), s),
+        [rnd(4, seed=7), rnd(2, 4, seed=8)],
+    ),
+    "unsafe_masked_index": (
+        lambda x: torch._unsafe_masked_index(
+            x, torch.tensor([[True, False, True]]), [torch.tensor([[0, 5, 2]]), torch.tensor([[1], [3]])], 0.25
+        ),
+        [rnd(3, 4, seed=7)],
+    ),
+    "unsafe_masked_index_put_acc": (
+        lambda x, v: torch._unsafe_masked_index_put_accumulate(
+            x, torch.tensor([[True], [False], [True]]), [torch.tensor([0, 9, 0])], v
+        ),
+        [rnd(3, 4, seed=7), rnd(3, 4, seed=8)],
+    ),
 }
 
 
@@ -381,56 +465,114 @@ def test_scatter_repeated_places_take_one_source_whole():
 STRUCTURAL = {
     "narrow_tensor_start": (lambda x: torch.narrow(smooth(x), 1, torch.tensor(2), 3), [X]),
     "narrow_copy": (lambda x: torch.narrow_copy(x, 0, 1, 2), [X]),
-    "tensor_split_tensor": (lambda x: torch.cat([p.sum(1) for p in torch.tensor_split(smooth(x), torch.tensor([1, 4]), dim=1)]),
-                            [X]),
-    "tensor_split_0d_sections": (lambda x: torch.stack([p.sum() for p in x.tensor_split(torch.tensor(3), 1)]),
-                                 [X]),
+    "tensor_split_tensor": (
+        lambda x: torch.cat([p.sum(1) for p in torch.tensor_split(smooth(x), torch.tensor([1, 4]), dim=1)]),
+        [X],
+    ),
+    "tensor_split_0d_sections": (lambda x: torch.stack([p.sum() for p in x.tensor_split(torch.tensor(3), 1)]), [X]),
     "aten_slice": (lambda x: torch.ops.aten.slice.Tensor(smooth(x), 1, 1, 6, 2), [X]),
     "as_strided_copy": (lambda x: torch.as_strided_copy(smooth(x), (3, 3), (1, 3), 2), [X]),
     "as_strided": (lambda x: smooth(x).as_strided((2, 2, 2), (7, 1, 3)), [X]),
-    "combinations": (lambda x: torch.combinations(smooth(x), 3) * torch.combinations(x, 2, with_replacement=True).sum(),
-                     [rnd(5, seed=1)]),
+    "combinations": (
+        lambda x: torch.combinations(smooth(x), 3) * torch.combinations(x, 2, with_replacement=True).sum(),
+        [rnd(5, seed=1)],
+    ),
     "cartesian_prod": (lambda a, b: torch.cartesian_prod(smooth(a), b, a), [rnd(3, seed=1), rnd(2, seed=2)]),
-    "meshgrid_xy": (lambda a, b: torch.stack(torch.meshgrid(smooth(a), b, indexing="xy")),
-                    [rnd(3, seed=1), rnd(4, seed=2)]),
-    "meshgrid_ij_const": (lambda a: torch.stack(torch.meshgrid([a, torch.ones(2, dtype=D64)], indexing="ij")),
-                          [rnd(3, seed=1)]),
-    "broadcast_tensors": (lambda a, b: torch.stack(torch.broadcast_tensors(a, smooth(b))),
-                          [rnd(3, 1, seed=1), rnd(4, seed=2)]),
-    "atleast_3d": (lambda a, b: torch.atleast_3d(a, b)[0] * torch.atleast_3d(b)[..., :1].sum(),
-                   [rnd(3, seed=1), rnd(2, 3, seed=2)]),
+    "meshgrid_xy": (
+        lambda a, b: torch.stack(torch.meshgrid(smooth(a), b, indexing="xy")),
+        [rnd(3, seed=1), rnd(4, seed=2)],
+    ),
+    "meshgrid_ij_const": (
+        lambda a: torch.stack(torch.meshgrid([a, torch.ones(2, dtype=D64)], indexing="ij")),
+        [rnd(3, seed=1)],
+    ),
+    "broadcast_tensors": (
+        lambda a, b: torch.stack(torch.broadcast_tensors(a, smooth(b))),
+        [rnd(3, 1, seed=1), rnd(4, seed=2)],
+    ),
+    "atleast_3d": (
+        lambda a, b: torch.atleast_3d(a, b)[0] * torch.atleast_3d(b)[..., :1].sum(),
+        [rnd(3, seed=1), rnd(2, 3, seed=2)],
+    ),
     "atleast_1d_2d": (lambda a: torch.atleast_1d(a[0]) * torch.atleast_2d(a), [rnd(3, seed=1)]),
-    "column_stack": (lambda a, b, c: torch.column_stack([a, smooth(b), c]) * torch.column_stack([c[0]]),
-                     [rnd(3, seed=1), rnd(3, 2, seed=2), rnd(3, seed=3)]),
-    "splits": (lambda x: torch.cat([p.reshape(-1) for p in (*torch.hsplit(x, 2), *torch.vsplit(x, [1]),
-                                                         *torch.split_with_sizes(x, [1, 3]),
-                                                         *torch.unsafe_split(x, 3, 1), *torch.unsafe_chunk(x, 2))]), [rnd(4, 6, seed=1)]),
+    "column_stack": (
+        lambda a, b, c: torch.column_stack([a, smooth(b), c]) * torch.column_stack([c[0]]),
+        [rnd(3, seed=1), rnd(3, 2, seed=2), rnd(3, seed=3)],
+    ),
+    "splits": (
+        lambda x: torch.cat(
+            [
+                p.reshape(-1)
+                for p in (
+                    *torch.hsplit(x, 2),
+                    *torch.vsplit(x, [1]),
+                    *torch.split_with_sizes(x, [1, 3]),
+                    *torch.unsafe_split(x, 3, 1),
+                    *torch.unsafe_chunk(x, 2),
+                )
+            ]
+        ),
+        [rnd(4, 6, seed=1)],
+    ),
     "dsplit": (lambda x: torch.stack(torch.dsplit(smooth(x), 5)), [X3]),
-    "copies": (lambda x: torch.cat([t.reshape(-1) for t in (
-        torch.view_copy(x, (2, 14)), torch.permute_copy(x, (1, 0)), torch.t_copy(x), torch.transpose_copy(x, 0, 1),
-        torch.unsqueeze_copy(x, 1), torch.squeeze_copy(x[:1]), torch.expand_copy(x[:1], (3, 7)),
-        torch.diagonal_copy(x, 1), *torch.unbind_copy(x, 1), torch.unfold_copy(x, 1, 3, 2), torch.alias_copy(x),
-        *torch.split_with_sizes_copy(x, [3, 4], 1), torch.select_copy(x, 0, 2), torch.slice_copy(x, 1, 0, 5, 2))]), [X]),
+    "copies": (
+        lambda x: torch.cat(
+            [
+                t.reshape(-1)
+                for t in (
+                    torch.view_copy(x, (2, 14)),
+                    torch.permute_copy(x, (1, 0)),
+                    torch.t_copy(x),
+                    torch.transpose_copy(x, 0, 1),
+                    torch.unsqueeze_copy(x, 1),
+                    torch.squeeze_copy(x[:1]),
+                    torch.expand_copy(x[:1], (3, 7)),
+                    torch.diagonal_copy(x, 1),
+                    *torch.unbind_copy(x, 1),
+                    torch.unfold_copy(x, 1, 3, 2),
+                    torch.alias_copy(x),
+                    *torch.split_with_sizes_copy(x, [3, 4], 1),
+                    torch.select_copy(x, 0, 2),
+                    torch.slice_copy(x, 1, 0, 5, 2),
+                )
+            ]
+        ),
+        [X],
+    ),
     "sum_to_size": (lambda x: smooth(x).sum_to_size(1, 5) + x.sum_to_size((4, 1)).sum(), [X3]),
     "fill_jet_value": (lambda x, v: torch.fill(x, v[0]) * x, [X, rnd(1, seed=3)]),
     "zero_": (lambda x: (x * 1).zero_() + smooth(x), [X]),
     "fill_": (lambda x: (x * 1).fill_(2.0) * x, [X]),
-    "diff_prepend": (lambda x: torch.diff(smooth(x), n=2, dim=1, prepend=torch.ones(4, 1, dtype=D64), append=x[:, :2]),
-                     [X]),
-    "gradient_coords": (lambda x, c0, c1: torch.stack(torch.gradient(smooth(x), spacing=[c0.cumsum(0) * 0.1 + torch.arange(4), c1.exp().cumsum(0)], edge_order=2)),
-                        [X[:, :5], rnd(4, seed=2), rnd(5, seed=3)]),
-    "gradient_coords_order1": (lambda x, c: torch.gradient(x, spacing=[c.exp().cumsum(0)], dim=1)[0],
-                               [X, rnd(7, seed=2)]),
-    "gradient_scalar": (lambda x: torch.cat([g.reshape(-1) for g in torch.gradient(smooth(x), spacing=0.7, dim=[0, 2], edge_order=2)]),
-                        [X3]),
+    "diff_prepend": (
+        lambda x: torch.diff(smooth(x), n=2, dim=1, prepend=torch.ones(4, 1, dtype=D64), append=x[:, :2]),
+        [X],
+    ),
+    "gradient_coords": (
+        lambda x, c0, c1: torch.stack(
+            torch.gradient(smooth(x), spacing=[c0.cumsum(0) * 0.1 + torch.arange(4), c1.exp().cumsum(0)], edge_order=2)
+        ),
+        [X[:, :5], rnd(4, seed=2), rnd(5, seed=3)],
+    ),
+    "gradient_coords_order1": (
+        lambda x, c: torch.gradient(x, spacing=[c.exp().cumsum(0)], dim=1)[0],
+        [X, rnd(7, seed=2)],
+    ),
+    "gradient_scalar": (
+        lambda x: torch.cat([g.reshape(-1) for g in torch.gradient(smooth(x), spacing=0.7, dim=[0, 2], edge_order=2)]),
+        [X3],
+    ),
     "gradient_default": (lambda x: torch.stack(torch.gradient(x)), [X]),
     "trapezoid_x_jet": (lambda y, x: torch.trapezoid(smooth(y), x.exp().cumsum(0)), [X, rnd(7, seed=2)]),
     "trapz_dx": (lambda y: torch.trapz(smooth(y), dx=0.3, dim=0), [X]),
     "trapezoid_x_2d": (lambda y, x: torch.trapezoid(y, x, dim=0), [X, rnd(4, 7, seed=3)]),
-    "trapezoid_x_broadcast": (lambda y, x: torch.trapezoid(smooth(y), x) + torch.cumulative_trapezoid(y, x, dim=-1).sum(1),
-                              [X3, rnd(1, 5, seed=3)]),
-    "cumulative_trapezoid": (lambda y, x: torch.cumulative_trapezoid(smooth(y), x) + torch.cumulative_trapezoid(y, dx=2.0),
-                             [X, rnd(7, seed=2)]),
+    "trapezoid_x_broadcast": (
+        lambda y, x: torch.trapezoid(smooth(y), x) + torch.cumulative_trapezoid(y, x, dim=-1).sum(1),
+        [X3, rnd(1, 5, seed=3)],
+    ),
+    "cumulative_trapezoid": (
+        lambda y, x: torch.cumulative_trapezoid(smooth(y), x) + torch.cumulative_trapezoid(y, dx=2.0),
+        [X, rnd(7, seed=2)],
+    ),
     "renorm": (lambda x: torch.renorm(smooth(x), 2, 0, 1.5), [X]),
     "renorm_inf": (lambda x: x.renorm(float("inf"), 1, 1.0), [X3]),
 }
@@ -453,16 +595,23 @@ def test_max_pool_backward_linear_in_grad():
 
     def fn(g):
         return torch.ops.aten.max_pool2d_with_indices_backward(g, x, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
+
     g = rnd(*out.shape, seed=2)
     check(lambda z: fn(torch.sin(z)), [g], K=3)
 
 
 # -- jets that store few coefficients, high orders, parameter gradients ------------------------
 
+
 def test_short_jets_and_order_six():
     x, u = rnd(2, 5, seed=1), rnd(2, 5, seed=2)
-    for fn in (lambda z: torch.prod(z, 1), lambda z: torch.cumprod(z, 0), lambda z: torch.sort(z, 1).values,
-               lambda z: torch.quantile(z, 0.3, 1), lambda z: torch.scatter_reduce(z, 1, IDX[:, :3] % 5, z[:, :3], "amin")):
+    for fn in (
+        lambda z: torch.prod(z, 1),
+        lambda z: torch.cumprod(z, 0),
+        lambda z: torch.sort(z, 1).values,
+        lambda z: torch.quantile(z, 0.3, 1),
+        lambda z: torch.scatter_reduce(z, 1, IDX[:, :3] % 5, z[:, :3], "amin"),
+    ):
         close(cf.jet(fn, x, u, 6), baseline.jet(fn, x, u, 6), 1e-9)
     close(cf.jet(lambda z: torch.logcumsumexp(z, 1), x, u, 6), baseline.jet(lambda z: _lcse(z, 1), x, u, 6), 1e-9)
 
@@ -472,7 +621,10 @@ PARAM_CASES = {  # (fn, the same function for the nested-autograd oracle where i
     "cumprod": (lambda z, w: torch.cumprod(torch.sin(z) + w, 1), None),
     "logcumsumexp": (lambda z, w: torch.logcumsumexp(z * w, 1), lambda z, w: _lcse(z * w, 1)),
     "sort_quantile": (lambda z, w: torch.sort(z * w, 1).values[:, 1] + torch.quantile(z + w, 0.4, dim=1), None),
-    "scatter_reduce_amax": (lambda z, w: torch.scatter_reduce(z, 1, IDX[:, :5] % 5, z * w, "amax", include_self=False), None),
+    "scatter_reduce_amax": (
+        lambda z, w: torch.scatter_reduce(z, 1, IDX[:, :5] % 5, z * w, "amax", include_self=False),
+        None,
+    ),
     "scatter_reduce_mean": (lambda z, w: torch.scatter_reduce(z * w, 1, IDX % 5, torch.sin(z * w), "mean"), None),
     "gradient": (lambda z, w: torch.gradient(torch.tanh(z * w), dim=1)[0], None),
 }
@@ -489,6 +641,6 @@ def test_parameter_gradient(name):
     ours = cf.jet(lambda z: fn(z, w), x, u, K)
     ref = baseline.jet(lambda z: (oracle_fn or fn)(z, w), x, u, K)
     close(ours, ref)
-    ga, = torch.autograd.grad((ours.reshape(K + 1, -1)[:, :2] * weights).sum(), w)
-    gb, = torch.autograd.grad((ref.reshape(K + 1, -1)[:, :2] * weights).sum(), w)
+    (ga,) = torch.autograd.grad((ours.reshape(K + 1, -1)[:, :2] * weights).sum(), w)
+    (gb,) = torch.autograd.grad((ref.reshape(K + 1, -1)[:, :2] * weights).sum(), w)
     close(ga, gb, 1e-8)

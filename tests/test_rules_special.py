@@ -243,6 +243,7 @@ def test_bessel_j_y_are_the_jets_of_torchs_evaluation():
     algorithm on the series, so the coefficients are those of the function torch evaluates (the
     finite-difference oracle of torch's op) and within torch's error of the Bessel function's."""
     from _oracle import assert_matches_fd
+
     from curvrate_fast.rules import special
     for which in ("j0", "j1", "y0", "y1"):
         assert special._cephes_matches(which), which
@@ -490,7 +491,7 @@ def test_piecewise_ops():
     a = jet_of(T(2.3, -1.7, 0.4, -0.2, 5.1), seed=21)
     b = jet_of(T(0.7, 0.6, -1.1, 0.9, -2.0), seed=22)
     A, B = a.series(), b.series()
-    for op, name in ((torch.fmod, "fmod"), (torch.remainder, "remainder")):
+    for op in (torch.fmod, torch.remainder):
         q = torch.round((A[0] - op(A[0], B[0])) / B[0])
         expect = torch.stack([op(A[0], B[0])] + [A[k] - q * B[k] for k in (1, 2)] + [torch.zeros(5, dtype=D64)] * 3)
         close(full(op(a, b)), expect, rtol=0, atol=1e-15)

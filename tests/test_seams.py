@@ -5,13 +5,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _oracle import assert_matches_fd, rel_err
 
 import curvrate_fast as cf
 from curvrate_fast import baseline
 from curvrate_fast.jets import registry
 from curvrate_fast.jets.registry import RuleRegistrationError
-
-from _oracle import assert_matches_fd, rel_err
 
 D64 = torch.float64
 

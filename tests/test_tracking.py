@@ -7,11 +7,10 @@ import math
 
 import pytest
 import torch
+from _curv_oracle import data, tiny_mlp
 
 from curvrate_fast.curvature import curvature_rate
 from curvrate_fast.tracking import LambdaTracker
-
-from _curv_oracle import data, tiny_mlp
 
 
 def test_record_csv_roundtrip_and_plot(tmp_path):

@@ -7,10 +7,12 @@ reference evaluated in float64 on the same inputs: forward values and the gradie
 non-contiguous inputs, NaN-poisoned output buffers (an unwritten element fails).
 
 Accuracy criterion (per coefficient k, elementwise):
-    |kernel − ref64| ≤ 1e-5·(|ref64| + 0.1·s_k) + 2·|ref32 − ref64|,   s_k = max(max|ref64_k|, 0.1·max|ref64|)
+    |kernel − ref64| ≤ 1e-5·(|ref64| + 0.1·s_k) + 2·|ref32 − ref64|,
+    s_k = max(max|ref64_k|, 0.1·max|ref64|)
 i.e. 1e-5 relative, with an absolute floor of 1e-6 of the coefficient's largest value for values
 near 0 (but not below 1e-7 of the whole jet's largest value, which only matters for tensors of a
-handful of elements, where cancellation in one element cannot be judged against others); the last term only matters where the float32 reference itself is inaccurate (cancellation
+handful of elements, where cancellation in one element cannot be judged against others); the last
+term only matters where the float32 reference itself is inaccurate (cancellation
 in the recurrences, e.g. the log jet of the cross-entropy at order 6): there the kernel must not be
 worse than the float32 reference. Comparing with float32 reference values directly would be
 meaningless there (e.g. the float32 tanh-GELU reference is off by 1e-3 at order 6; the kernels'
@@ -42,6 +44,7 @@ gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU; none is present")
 
 from curvrate_fast.activation_kinds import KINDS  # noqa: E402
+
 KINDS = list(KINDS)
 PARAMS = {"softplus": {"beta": 1.5, "threshold": 3.0}, "leaky_relu": {"negative_slope": 0.1}}
 SHAPES = [(63,), (123,), (1,), (7, 9), (3, 5, 11)]

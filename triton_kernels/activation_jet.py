@@ -38,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..activation_kinds import ACTIVATIONS as _TABLE, MAX_KERNEL_ORDER
+from ..activation_kinds import ACTIVATIONS as _TABLE
+from ..activation_kinds import MAX_KERNEL_ORDER
 
 try:
     from torch.library import wrap_triton
@@ -364,7 +365,7 @@ def activation_jet_bwd_kernel(x_ptr, b_ptr, gy_ptr, gx_ptr, N, sx, sgy, sgx, C, 
     y, g = _activation_jet(u, ACT, K, NU, p0, p1)
     q = gy_ptr + offs
     gy = (tl.load(q, mask=mask, other=0.0).to(tl.float32),)
-    for k in tl.static_range(1, K + 1):
+    for _k in tl.static_range(1, K + 1):
         q += sgy
         gy = gy + (tl.load(q, mask=mask, other=0.0).to(tl.float32),)
     o = gx_ptr + offs

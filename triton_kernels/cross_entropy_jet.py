@@ -155,7 +155,7 @@ def _scan_classes(z_ptr, rows, rmask, c_lo, c_hi, C, szk, szb, K: tl.constexpr, 
     NEG: tl.constexpr = -3.0e38
     m = tl.full([BLOCK_B, BLOCK_C], NEG, tl.float32)   # per-lane running max of z_0
     S = ()                                              # per-lane partial sums of e_k
-    for k in tl.static_range(K + 1):
+    for _k in tl.static_range(K + 1):
         S = S + (tl.zeros([BLOCK_B, BLOCK_C], tl.float32),)
     row_base = z_ptr + rows[:, None] * szb
     for c0 in range(c_lo, c_hi, BLOCK_C):
@@ -286,7 +286,7 @@ def ce_jet_combine_kernel(ws_ptr, z_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, B, C, 
         mx = tl.maximum(mx, tl.load(base + (s + s0)[None, :], mask=mask, other=NEG))
     M = tl.max(mx, axis=1)
     acc = ()
-    for k in tl.static_range(K + 1):
+    for _k in tl.static_range(K + 1):
         acc = acc + (tl.zeros([BLOCK_B, BLOCK_S], tl.float32),)
     for s in range(0, NS, BLOCK_S):
         mask = rmask[:, None] & ((s + s0) < NS)[None, :]
@@ -328,7 +328,7 @@ def ce_jet_bwd_kernel(z_ptr, t_ptr, w_ptr, lse_ptr, gl_ptr, gz_ptr, B, C, szk, s
     G = ()
     pl = lse_ptr + rows
     pg = gl_ptr + rows
-    for k in tl.static_range(K + 1):
+    for _k in tl.static_range(K + 1):
         L = L + (tl.load(pl, mask=rmask, other=0.0),)
         gk = tl.load(pg, mask=rmask, other=0.0).to(tl.float32)
         G = G + (tl.where(valid, wt * gk, 0.0)[:, None],)

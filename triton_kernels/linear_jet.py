@@ -31,8 +31,16 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .activation_jet import (AUTOTUNE, INTERPRET, MAX_ORDER, _activation_jet, _input_coeff_grad,
-                             activation_code, activation_jet_fwd, wrap_triton)
+from .activation_jet import (
+    AUTOTUNE,
+    INTERPRET,
+    MAX_ORDER,
+    _activation_jet,
+    _input_coeff_grad,
+    activation_code,
+    activation_jet_fwd,
+    wrap_triton,
+)
 
 __all__ = ["channel_layout", "bias_act_epilogue", "linear_pre", "conv_pre", "linear_act_jet", "conv_act_jet",
            "linear_act_jet_fused", "linear_act_jet_fused_bwd", "linear_act_jet_fused_kernel",
@@ -162,7 +170,7 @@ def _pre_activation_tiles(x_ptr, w_ptr, b_ptr, M, N, D, sxk, sxm, sxd, swn, swd,
     xp = x_ptr + rm[:, None] * sxm + rd[None, :] * sxd
     wp = w_ptr + rd[:, None] * swd + rn[None, :] * swn  # the Wᵀ tile (BLOCK_D, BLOCK_N)
     acc = (tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),)
-    for j in tl.static_range(1, NU):
+    for _j in tl.static_range(1, NU):
         acc = acc + (tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32),)
     for d0 in range(0, D, BLOCK_D):
         d_ok = (d0 + rd) < D
@@ -231,7 +239,7 @@ def linear_act_jet_fused_bwd_kernel(x_ptr, w_ptr, b_ptr, gy_ptr, gu_ptr, M, N, D
     out_ok = m_ok[:, None] & n_ok[None, :]
     q = gy_ptr + rm[:, None] * sgym + rn[None, :]
     gy = (tl.load(q, mask=out_ok, other=0.0).to(tl.float32),)
-    for k in tl.static_range(1, K + 1):
+    for _k in tl.static_range(1, K + 1):
         q += sgyk
         gy = gy + (tl.load(q, mask=out_ok, other=0.0).to(tl.float32),)
     o = gu_ptr + rm[:, None] * sgum + rn[None, :]

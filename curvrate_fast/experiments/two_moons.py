@@ -295,8 +295,7 @@ def boundary_lambda(model: nn.Module, x: Tensor, y: Tensor, *, engine: str = "ou
     :func:`curvrate_fast.curvature.curvature_rate` (one Taylor-mode pass over all points and
     directions), ``"baseline"`` with nested autograd and the same estimator.
     """
-    from curvrate_fast.curvature import (CurvatureWarning, curvature_rate,
-                                         estimate_from_derivatives, select_band)
+    from curvrate_fast.curvature import CurvatureWarning, curvature_rate, estimate_from_derivatives, select_band
     from curvrate_fast.directions import sample_directions
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")

@@ -14,11 +14,15 @@ Public helpers (each takes the pure-PyTorch reference path of :mod:`curvrate_fas
 Importing this package does not import triton; the kernels load on first use.
 """
 from ._backend import triton_available
-from .activation import (KINDS, ActivationJetFunction, activation_jet, bias_activation_jet,
-                         reference_activation_jet)
+from .activation import KINDS, ActivationJetFunction, activation_jet, bias_activation_jet, reference_activation_jet
 from .cross_entropy import CrossEntropyJetFunction, cross_entropy_jet, reference_cross_entropy_jet
-from .linear import (LinearActivationJetFunction, choose_linear_impl, conv_activation_jet, linear_activation_jet,
-                     linear_impl_choices)
+from .linear import (
+    LinearActivationJetFunction,
+    choose_linear_impl,
+    conv_activation_jet,
+    linear_activation_jet,
+    linear_impl_choices,
+)
 
 
 def _register_if_useful() -> None:

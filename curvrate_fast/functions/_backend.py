@@ -82,7 +82,7 @@ def kernels() -> ModuleType:
         raise
     parent = sys.modules.get("curvrate_fast")
     if parent is not None:
-        setattr(parent, "triton_kernels", mod)
+        parent.triton_kernels = mod
     return mod
 
 
@@ -117,7 +117,7 @@ def _patch_interpreter_index() -> None:
         out = original(tensor, *args, **kwargs)
         # after the original's own patching; where the interpreter undoes its patches after a launch
         # (Triton 3.6 does), that undo removes this one as well
-        setattr(tensor, "__index__", _index)
+        tensor.__index__ = _index
         return out
 
     interpreter._patch_lang_tensor = patch_lang_tensor

@@ -9,7 +9,7 @@ kernels' maximum order, they run the recurrences of :mod:`curvrate_fast.series`.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 from torch import Tensor

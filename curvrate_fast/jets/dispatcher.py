@@ -53,7 +53,7 @@ _CONSTANT_RESULT_NAMES = frozenset({
     "__floordiv__", "__rfloordiv__", "is_nonzero", "data_ptr", "is_same_size", "__hash__",
     "is_set_to", "untyped_storage", "dim_order", "_is_view", "is_inference", "is_shared",
     "is_pinned", "__contains__", "histc", "bincount", "isin",
-    "heaviside", "is_nonzero", "is_neg", "is_conj", "result_type", "can_cast", "promote_types",
+    "heaviside", "is_neg", "is_conj", "result_type", "can_cast", "promote_types",
     "matrix_rank", "linalg_matrix_rank", "__format__", "__dlpack__", "__dlpack_device__",
 })
 # Conversions that leave torch: the derivatives would be lost silently, so they raise.

@@ -22,14 +22,14 @@ Registering a second rule for the same callable raises (``registry.register``).
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Sequence
 
 import torch
 from torch import Tensor
 
 from .. import series as S
 from .registry import record, register
-from .tensor import JetTensor, is_jet, make_jet, pad_coeffs, primals
+from .tensor import JetTensor, is_jet, make_jet, primals
 
 __all__ = ["def_comp", "def_deriv", "def_taylor", "def_linear", "def_constant", "truncate",
            "compose_taylor"]

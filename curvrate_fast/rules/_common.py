@@ -8,8 +8,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..jets.tensor import (JetError, JetTensor, is_jet, lift, make_jet, order_of, pad_coeffs,
-                           primal, series_of, stored)
+from ..jets.tensor import JetError, JetTensor, is_jet, lift, make_jet, order_of, pad_coeffs, primal, series_of, stored
 
 __all__ = ["JetError", "JetTensor", "is_jet", "lift", "make_jet", "order_of", "pad_coeffs", "primal",
            "series_of", "stored", "aliases", "per_coefficient", "cauchy_op"]

@@ -6,16 +6,15 @@ On CUDA tensors (or when the Triton backend is forced) the fused one-pass kernel
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .. import series as S
+from ..activation_jet import activation_jet_reference
+from ..activation_kinds import KINDS, MAX_KERNEL_ORDER
 from ..jets import registry
 from ..jets.registry import register
-from ..activation_jet import activation_jet_reference
-from ..activation_kinds import ACTIVATIONS, KINDS, MAX_KERNEL_ORDER
 from ._common import aliases, is_jet, make_jet, primal
 
 _FUSED_KINDS = frozenset(KINDS)

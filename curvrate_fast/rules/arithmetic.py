@@ -331,8 +331,12 @@ def minimum(input, other, *, out=None):
 @register(*aliases("clamp"), *aliases("clip"))
 def clamp(input, min=None, max=None, *, out=None):
     if is_jet(min) or is_jet(max):
-        lo = input if min is None else maximum(input, min if is_jet(min) or isinstance(min, Tensor) else torch.as_tensor(min, dtype=input.dtype, device=input.device))
-        return lo if max is None else minimum(lo, max if is_jet(max) or isinstance(max, Tensor) else torch.as_tensor(max, dtype=input.dtype, device=input.device))
+        def bound(b):
+            if is_jet(b) or isinstance(b, Tensor):
+                return b
+            return torch.as_tensor(b, dtype=input.dtype, device=input.device)
+        lo = input if min is None else maximum(input, bound(min))
+        return lo if max is None else minimum(lo, bound(max))
     x0 = input._coeffs[0]
     inside = torch.ones_like(x0, dtype=torch.bool)
     if min is not None:

@@ -32,8 +32,7 @@ from torch import Tensor
 from .. import series as S
 from ..jets.registry import register
 from ..jets.tensor import primals
-from ._common import (JetError, aliases, cauchy_op, is_jet, make_jet, order_of, per_coefficient,
-                      primal)
+from ._common import JetError, aliases, cauchy_op, is_jet, make_jet, order_of, per_coefficient, primal
 
 Series = List[Optional[Tensor]]
 
@@ -564,7 +563,6 @@ def _lu_series(op: str, As: Series, K: int, L0: Tensor, U0: Tensor, pivot_tol: f
     then L21_k = (A21_k − Σ_{j<k} L21_j U11_{k−j}) U11_0^{-1},
     U12_k = L11_0^{-1}(A12_k − Σ_{j≥1} L11_j U12_{k−j}), U22_k = A22_k − Σ_j L21_j U12_{k−j}."""
     m, n = L0.shape[-2], U0.shape[-1]
-    kk = min(m, n)
     r = n if m > n else m - 1
     tall = m > n
     L11_0, U11_0 = L0[..., :r, :r], U0[..., :r, :r]

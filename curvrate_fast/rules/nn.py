@@ -3,7 +3,6 @@ binary cross-entropy with logits (docs/math.md §2: per-sample cross-entropy ℓ
 the max shift, exp jet, class sum, log jet and subtraction of the target's jet)."""
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor

@@ -16,7 +16,6 @@ call; constant companions such as a grid or indices are repeated along it). The 
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -25,7 +24,6 @@ from ..jets.registry import register
 from ._common import JetError, is_jet, make_jet, primal
 from .activations import piecewise_quadratic
 from .pooling import _gather_pool
-
 
 # -- folding the coefficient axis into the batch axis --------------------------------------------
 
