@@ -6,10 +6,10 @@ import math
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import rules  # noqa: F401  (registers every rule)
+from .baseline import per_sample_cross_entropy
 from .jets.dispatcher import model_call
 from .jets.registry import engine_settings, settings, tracing
 from .jets.tensor import JetTensor, is_jet, pad_coeffs
@@ -114,8 +114,7 @@ def directional_derivatives(fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor
     return c[1:] * fact
 
 
-def _default_loss(logits: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(logits, y, reduction="none")
+_default_loss = per_sample_cross_entropy
 
 
 @_eager

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["jet", "directional_derivatives", "loss_directional_derivatives", "primitive_ops",
+           "nested_directional_derivatives", "per_sample_cross_entropy",
            "layer_norm_primitive", "sdpa_primitive", "instance_norm_primitive"]
 
 
@@ -137,8 +138,37 @@ def directional_derivatives(fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor
     return torch.stack([c[n] * math.factorial(n) for n in range(1, order + 1)])
 
 
-def _per_sample_ce(logits: Tensor, y: Tensor) -> Tensor:
+def per_sample_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    """The default loss of every entry point: the per-sample cross-entropy ℓ_b = CE(z_b, y_b)
+    (docs/math.md §3: the function whose derivatives λ and CRR are about)."""
     return F.cross_entropy(logits, y, reduction="none")
+
+
+def nested_directional_derivatives(per_sample_loss: Callable[[Tensor], Tensor], x: Tensor,
+                                   directions, order: int) -> Tensor:
+    """The reference code's loop (docs/math.md §3): s_0 = Σ_b ℓ_b(X); for n = 1..order,
+    g_n = ∂s_{n−1}/∂X (create_graph), d_n[b] = ⟨g_n[b], u_n[b]⟩, s_n = Σ_b d_n[b]. Returns (order, B).
+
+    ``directions`` is one tensor of x's shape (the same u at every order: then d_n is the pure
+    n-th derivative along u) or a callable ``n ↦ u_n`` called after g_n is formed, so that a fresh
+    draw per order consumes the random stream exactly as the reference code does (then d_n is the
+    mixed derivative Dⁿℓ[u_1, …, u_n]). Once s_n no longer depends on X the rest are zero (the
+    directions are still drawn, keeping the stream)."""
+    X = x.detach().clone().requires_grad_(True)
+    s = per_sample_loss(X).sum()
+    out: List[Tensor] = []
+    for n in range(1, order + 1):
+        g = None
+        if s.requires_grad:
+            (g,) = torch.autograd.grad(s, X, create_graph=True, allow_unused=True)
+        u = directions(n, X) if callable(directions) else directions
+        if g is None:
+            d = torch.zeros(X.shape[0], dtype=torch.promote_types(X.dtype, u.dtype), device=X.device)
+        else:
+            d = (g.reshape(g.shape[0], -1) * u.reshape(u.shape[0], -1)).sum(dim=1)
+        out.append(d)
+        s = d.sum()
+    return torch.stack(out)
 
 
 def loss_directional_derivatives(model: Callable[[Tensor], Tensor], x: Tensor, y: Tensor, u: Tensor,
@@ -147,24 +177,9 @@ def loss_directional_derivatives(model: Callable[[Tensor], Tensor], x: Tensor, y
     """The paper's method (docs/math.md §3): s_0 = Σ_b ℓ_b; g_n = ∂s_{n−1}/∂X (create_graph);
     d_n[b] = ⟨g_n[b], u[b]⟩; s_n = Σ_b d_n[b]. ``u`` of shape x.shape gives (order, B); of shape
     (D, *x.shape) gives (order, D, B), looping over the D directions as the reference code does."""
-    loss_fn = loss_fn or _per_sample_ce
+    loss_fn = loss_fn or per_sample_cross_entropy
     if u.dim() == x.dim() + 1:
         return torch.stack([loss_directional_derivatives(model, x, y, u[d], order, loss_fn, primitive)
                             for d in range(u.shape[0])], dim=1)
     with primitive_ops(primitive):
-        X = x.detach().clone().requires_grad_(True)
-        losses = loss_fn(model(X), y)
-        s = losses.sum()
-        ds: List[Tensor] = []
-        for _ in range(order):
-            if not s.requires_grad:  # the previous derivative is constant in x: the rest are zero
-                ds.append(torch.zeros(x.shape[0], dtype=x.dtype, device=x.device))
-                s = ds[-1].sum()
-                continue
-            (g,) = torch.autograd.grad(s, X, create_graph=True, allow_unused=True)
-            if g is None:
-                g = torch.zeros_like(X)
-            d = (g * u).reshape(g.shape[0], -1).sum(1)
-            ds.append(d)
-            s = d.sum()
-    return torch.stack(ds)
+        return nested_directional_derivatives(lambda X: loss_fn(model(X), y), x, u, order)

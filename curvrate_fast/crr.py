@@ -32,10 +32,10 @@ import math
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .api import jet
+from .baseline import per_sample_cross_entropy
 from .curvature import check_labels
 from .directions import _check_positive_int, check_directions, polarization, polarization_weights, sample_directions
 
@@ -45,8 +45,7 @@ OrdersLike = Union[int, Tuple[int, int], Sequence[int], range]
 DirectionsLike = Union[str, Tensor, Sequence[Tensor]]
 
 
-def _default_loss(logits: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(logits, y, reduction="none")
+_default_loss = per_sample_cross_entropy
 
 
 def parse_orders(orders: OrdersLike) -> Tuple[int, ...]:

@@ -208,15 +208,7 @@ def pow_scalar(u: Series, r: float, K: int, y0: Optional[Tensor] = None) -> Seri
     if r == 2.0:
         return square(u, K)
     if r.is_integer() and 0 < r <= 8:
-        result: Optional[Series] = None
-        base, e = list(u[: K + 1]), int(r)
-        while e:
-            if e & 1:
-                result = base if result is None else mul(result, base, K)
-            e >>= 1
-            if e:
-                base = square(base, K)
-        return result  # type: ignore[return-value]
+        return pow_int(u, int(r), K)
     nu = _len(u, K)
     inv0 = 1.0 / u[0]
     y = [torch.pow(u[0], r) if y0 is None else y0]

@@ -1,5 +1,7 @@
 """Each Taylor rule alone against the float64 nested-autograd oracle, orders 1..6 (docs/math.md §2)."""
 
+import zlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -121,7 +123,7 @@ CASES = {
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_rule_matches_oracle(name):
-    torch.manual_seed(hash(name) % 1000)
+    torch.manual_seed(zlib.crc32(name.encode()) % 1000)  # stable across processes (hash() is salted)
     fn = CASES[name]
     x = torch.randn(4, 6, dtype=D64)
     u = torch.randn(4, 6, dtype=D64)

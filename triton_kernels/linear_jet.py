@@ -2,7 +2,8 @@
 
 docs/math.md §2, linear maps: the map is applied to every coefficient, the bias goes to coefficient 0 only,
 and all K+1 coefficients go through ONE call (stacked along the batch axis, so the weight is read
-once): a (n+1)·B-row GEMM by cuBLAS (``F.linear``), or one cuDNN convolution of (n+1)·B images.
+once): a (n+1)·B-row GEMM by cuBLAS (``F.linear``), or one cuDNN convolution of (n+1)·B images
+(both run by the engine's rules; this module is their epilogue).
 The epilogue (:func:`bias_act_epilogue`) is the activation-jet kernel of :mod:`.activation_jet` with
 ``HAS_BIAS``: it reads the n+1 stored pre-activation rows once, adds bias[c] to coefficient 0 in
 registers (the biased pre-activation is never written), applies the activation jet and writes the
@@ -24,10 +25,9 @@ backward in the epilogue, writing only ∂L/∂u (nothing but the input jet is s
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -42,7 +42,7 @@ from .activation_jet import (
     wrap_triton,
 )
 
-__all__ = ["channel_layout", "bias_act_epilogue", "linear_pre", "conv_pre", "linear_act_jet", "conv_act_jet",
+__all__ = ["channel_layout", "bias_act_epilogue",
            "linear_act_jet_fused", "linear_act_jet_fused_bwd", "linear_act_jet_fused_kernel",
            "linear_act_jet_fused_bwd_kernel", "GEMM_CONFIGS", "dot_precision"]
 
@@ -68,46 +68,6 @@ def bias_act_epilogue(pre: torch.Tensor, bias: Optional[torch.Tensor], kind: Opt
     else:
         C, inner = 1, 1
     return activation_jet_fwd(pre, order, kind or "identity", p0, p1, bias=bias, channels=C, inner=inner)
-
-
-def linear_pre(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (n+1, *batch, in) → (n+1, *batch, out): one GEMM of (n+1)·batch rows (no bias)."""
-    return F.linear(x, weight)
-
-
-_IntOrTuple = Union[int, Sequence[int]]
-
-
-def conv_pre(x: torch.Tensor, weight: torch.Tensor, stride: _IntOrTuple = 1, padding: Union[_IntOrTuple, str] = 0,
-             dilation: _IntOrTuple = 1, groups: int = 1) -> torch.Tensor:
-    """x (n+1, B, C_in, *spatial) → (n+1, B, C_out, *spatial'): one convolution of (n+1)·B inputs
-    (no bias); conv1d/2d/3d by the weight's dimension."""
-    nd = weight.dim() - 2
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}.get(nd)
-    if conv is None:
-        raise ValueError(f"conv weight must have 3, 4 or 5 dimensions, got {weight.dim()}")
-    if x.dim() != nd + 3:
-        raise ValueError(f"conv jet input must have shape (n+1, B, C, {'*' * nd}) with {nd} spatial dims, "
-                         f"got {tuple(x.shape)}")
-    n1, B = x.shape[:2]
-    out = conv(x.reshape((n1 * B,) + tuple(x.shape[2:])), weight, None, stride, padding, dilation, groups)
-    return out.reshape((n1, B) + tuple(out.shape[1:]))
-
-
-def linear_act_jet(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], kind: Optional[str],
-                   order: int, p0: float = 0.0, p1: float = 0.0) -> torch.Tensor:
-    """Activation(linear(x)) as a jet: one GEMM + the fused epilogue (forward only; the autograd
-    binding is ``curvrate_fast.functions.linear_activation_jet``)."""
-    return bias_act_epilogue(linear_pre(x, weight), bias, kind, order, -1, p0, p1)
-
-
-def conv_act_jet(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], kind: Optional[str],
-                 order: int, stride: _IntOrTuple = 1, padding: Union[_IntOrTuple, str] = 0,
-                 dilation: _IntOrTuple = 1, groups: int = 1, p0: float = 0.0, p1: float = 0.0) -> torch.Tensor:
-    """Activation(conv(x)) as a jet: one convolution + the fused epilogue (bias per output channel,
-    broadcast over spatial positions, coefficient 0 only)."""
-    pre = conv_pre(x, weight, stride, padding, dilation, groups)
-    return bias_act_epilogue(pre, bias, kind, order, 1, p0, p1)
 
 
 # -- fused GEMM + activation-jet epilogue ----------------------------------------------------------

@@ -95,21 +95,8 @@ class _NotPerSample(Exception):
 
 def _nested(model, inputs: Tensor, labels, u: Tensor, max_order: int, call_loss) -> Tensor:
     """The reference's nested reverse mode for one direction set: (max_order, B)."""
-    X = inputs.detach().requires_grad_(True)
-    s = call_loss(model(X), labels).sum()
-    flat_u = u.reshape(u.shape[0], -1)
-    out: List[Tensor] = []
-    for _ in range(max_order):
-        if s.grad_fn is None:                      # constant from here on: the rest are zero
-            d = torch.zeros(X.shape[0], dtype=torch.promote_types(X.dtype, u.dtype), device=X.device)
-        else:
-            (g,) = torch.autograd.grad(s, X, create_graph=True, allow_unused=True)
-            if g is None:
-                g = torch.zeros_like(X)
-            d = (g.reshape(g.shape[0], -1) * flat_u).sum(dim=1)
-        out.append(d)
-        s = d.sum()
-    return torch.stack(out)
+    from ..baseline import nested_directional_derivatives
+    return nested_directional_derivatives(lambda X: call_loss(model(X), labels), inputs, u, max_order)
 
 
 def _derivatives(model, inputs: Tensor, labels, U: Tensor, max_order: int,

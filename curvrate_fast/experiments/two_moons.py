@@ -241,6 +241,7 @@ def nested_crr_penalty(model: nn.Module, x: Tensor, y: Tensor, *, orders: Tuple[
     g_n = ∂(Σ_b d_{n−1}[b])/∂x, d_n[b] = ⟨g_n[b], u_n[b]⟩ with a fresh unit direction u_n per
     order; returns ``scale · mean_{n=lo..hi} mean_b |d_n[b]|``. Orders are inclusive.
     """
+    from curvrate_fast.baseline import nested_directional_derivatives, per_sample_cross_entropy
     from curvrate_fast.directions import sample_directions
     lo, hi = orders
     if not 1 <= lo <= hi:
@@ -249,17 +250,9 @@ def nested_crr_penalty(model: nn.Module, x: Tensor, y: Tensor, *, orders: Tuple[
         gen_device = generator.device if generator is not None else torch.device("cpu")
         sel = torch.randperm(x.shape[0], generator=generator, device=gen_device)[:subset]
         x, y = x[sel.to(x.device)], y[sel.to(y.device)]
-    X = x.detach().clone().requires_grad_(True)
-    s = F.cross_entropy(model(X), y, reduction="none").sum()
-    terms = []
-    for n in range(1, hi + 1):
-        (g,) = torch.autograd.grad(s, X, create_graph=True)
-        u = sample_directions(X, 1, generator=generator)[0]
-        d = (g * u).reshape(X.shape[0], -1).sum(1)
-        if n >= lo:
-            terms.append(d.abs().mean())
-        s = d.sum()
-    return scale * torch.stack(terms).mean()
+    d = nested_directional_derivatives(lambda X: per_sample_cross_entropy(model(X), y), x,
+                                       lambda n, X: sample_directions(X, 1, generator=generator)[0], hi)
+    return scale * d[lo - 1:].abs().mean(dim=1).mean()
 
 
 def crr_term(engine: str, model: nn.Module, x: Tensor, y: Tensor, *, scale: float,

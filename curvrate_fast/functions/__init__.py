@@ -8,7 +8,8 @@ Public helpers (each takes the pure-PyTorch reference path of :mod:`curvrate_fas
 - :func:`cross_entropy_jet` (z, target, order, ignore_index=-100, weight=None) → (order+1, B)
 - :func:`linear_activation_jet`: cuBLAS GEMM + the fused epilogue, or one Triton GEMM with the
   epilogue fused (``impl=``; "auto" measures both per shape on the GPU)
-- :func:`conv_activation_jet`: one cuDNN convolution + the fused epilogue
+- convolutions: the engine's conv rule runs one convolution of the stacked coefficients and
+  defers the bias to :func:`bias_activation_jet` in the following activation (rules/linear.py)
 - :func:`triton_available` (t) → bool
 
 Importing this package does not import triton; the kernels load on first use.
@@ -19,7 +20,6 @@ from .cross_entropy import CrossEntropyJetFunction, cross_entropy_jet, reference
 from .linear import (
     LinearActivationJetFunction,
     choose_linear_impl,
-    conv_activation_jet,
     linear_activation_jet,
     linear_impl_choices,
 )
@@ -41,6 +41,6 @@ def _register_if_useful() -> None:
 _register_if_useful()
 
 __all__ = ["triton_available", "activation_jet", "bias_activation_jet", "cross_entropy_jet",
-           "linear_activation_jet", "conv_activation_jet", "reference_activation_jet",
+           "linear_activation_jet", "reference_activation_jet",
            "reference_cross_entropy_jet", "ActivationJetFunction", "CrossEntropyJetFunction",
            "LinearActivationJetFunction", "choose_linear_impl", "linear_impl_choices", "KINDS"]

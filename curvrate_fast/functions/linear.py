@@ -1,4 +1,4 @@
-"""Linear and convolution layers on jets with a fused bias + activation epilogue.
+"""Linear layers on jets with a fused bias + activation epilogue.
 
 Two implementations of φ(x Wᵀ + b) on stacked jets (docs/math.md §2, linear maps: every stored coefficient
 through the same map, the bias on coefficient 0 only; stacking the coefficients along the batch axis
@@ -19,13 +19,14 @@ times both on the first call for each shape — forward, plus backward when grad
 keeps the winner for the process (:func:`linear_impl_choices` shows the decisions). Without a GPU
 (the interpreter) "auto" means "cublas"; "fused" can be forced there for tests.
 
-Convolutions always take the cuDNN + epilogue path (a Triton implicit-GEMM convolution was not
-written: docs/design.md asks for one only where it measures faster than cuDNN).
+Convolutions take the cuDNN + epilogue path through the engine's conv rule (rules/linear.py defers
+the bias to the activation's fused kernel); a Triton implicit-GEMM convolution was not written:
+docs/design.md asks for one only where it measures faster than cuDNN.
 """
 from __future__ import annotations
 
 import statistics
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,7 @@ from ._backend import KERNEL_DTYPES, triton_available
 from ._ops import ensure_registered
 from .activation import MAX_KERNEL_ORDER, activation_params, bias_activation_jet
 
-__all__ = ["linear_activation_jet", "conv_activation_jet", "LinearActivationJetFunction", "linear_impl_choices",
+__all__ = ["linear_activation_jet", "LinearActivationJetFunction", "linear_impl_choices",
            "choose_linear_impl"]
 
 
@@ -188,20 +189,3 @@ def linear_activation_jet(x: Tensor, weight: Tensor, bias: Optional[Tensor], kin
         if impl == "fused":
             return _linear_activation_impl("fused", x, weight, bias, kind, order, p0, p1)
     return _linear_activation_impl("cublas", x, weight, bias, kind, order, p0, p1)
-
-
-def conv_activation_jet(x: Tensor, weight: Tensor, bias: Optional[Tensor], kind: Optional[str], order: int,
-                        stride: Union[int, Sequence[int]] = 1, padding: Union[int, Sequence[int], str] = 0,
-                        dilation: Union[int, Sequence[int]] = 1, groups: int = 1, **params) -> Tensor:
-    """φ(conv(x) + b) as a jet: x (n+1, B, C_in, *spatial) → (order+1, B, C_out, *spatial');
-    conv1d/2d/3d by ``weight.dim()``; the bias (C_out,) goes to coefficient 0, broadcast over space."""
-    nd = weight.dim() - 2
-    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}.get(nd)
-    if conv is None:
-        raise ValueError(f"conv weight must have 3, 4 or 5 dimensions, got {weight.dim()}")
-    if x.dim() != nd + 3:
-        raise ValueError(f"x must have shape (n+1, B, C, *spatial) with {nd} spatial dims, got {tuple(x.shape)}")
-    n1, B = x.shape[:2]
-    pre = conv(x.reshape((n1 * B,) + tuple(x.shape[2:])), weight, None, stride, padding, dilation, groups)
-    pre = pre.reshape((n1, B) + tuple(pre.shape[1:]))
-    return bias_activation_jet(pre, bias, kind, order, 1, **params)
