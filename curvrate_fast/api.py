@@ -10,15 +10,17 @@ from torch import Tensor
 
 from . import rules  # noqa: F401  (registers every rule)
 from .baseline import per_sample_cross_entropy
-from .jets.dispatcher import model_call
+from .jets.dispatcher import direction_scale, model_call, unscale_coefficients
 from .jets.registry import engine_settings, settings, tracing
 from .jets.tensor import JetTensor, is_jet, pad_coeffs
 
 __all__ = ["jet", "directional_derivatives", "loss_directional_derivatives", "input_jet"]
 
 # torch.compile cannot trace the jet wrapper subclass (dynamo does not know
-# _make_wrapper_subclass); the entry points run eagerly inside a compiled function (a graph break)
-# instead of failing, and the fused kernels inside them are torch.library ops either way.
+# _make_wrapper_subclass); these entry points run eagerly inside a compiled function (a graph break)
+# instead of failing, and the fused kernels inside them are torch.library ops either way. For no
+# graph break, wrap the loss in curvrate_fast.compile (or use crr_penalty / CRRLoss, which do):
+# inside a compiled step it is one custom op running a captured graph (capture.py, docs/design.md §6).
 _eager = torch.compiler.disable
 
 
@@ -91,10 +93,11 @@ def jet(fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor, order: int, *,
         >>> x, u = torch.randn(5, 3), torch.randn(5, 3)
         >>> c = curvrate_fast.jet(f, x, u, order=4)    # (5, 5, 1): f_0..f_4
     """
-    xj = input_jet(x, u, order)
+    scale = direction_scale(x)  # float16 autocast: along c·u, coefficient k divided by c^k
+    xj = input_jet(x, u if scale == 1.0 else u * scale, order)
     with engine_settings(strict=strict, backend=backend), model_call():
         out = fn(xj)
-    return _coefficients(out, order, "fn")
+    return unscale_coefficients(_coefficients(out, order, "fn"), scale)
 
 
 @_eager
@@ -164,7 +167,8 @@ def loss_directional_derivatives(model: Callable[[Tensor], Tensor], x: Tensor, y
     if D is not None and isinstance(y, Tensor) and y.dim() >= 1:
         Y = y.unsqueeze(0).expand((D,) + tuple(y.shape)).reshape((D * B,) + tuple(y.shape[1:]))
     loss_fn = loss_fn or _default_loss
-    xj = JetTensor(torch.stack([X, U]), order)
+    scale = direction_scale(X)  # float16 autocast: along c·u, coefficient k divided by c^k
+    xj = JetTensor(torch.stack([X, U if scale == 1.0 else U * scale]), order)
     with engine_settings(strict=strict, backend=backend), model_call():
         losses = loss_fn(model(xj), Y)
     rows = X.shape[0]
@@ -173,7 +177,7 @@ def loss_directional_derivatives(model: Callable[[Tensor], Tensor], x: Tensor, y
         raise ValueError(
             f"loss_fn must return one loss per sample, shape ({rows},), got {shape}; for torch "
             "losses pass reduction='none' (e.g. lambda z, y: F.cross_entropy(z, y, reduction='none'))")
-    c = _coefficients(losses, order, "loss_fn")[1:]
+    c = unscale_coefficients(_coefficients(losses, order, "loss_fn"), scale)[1:]
     if normalize is None:
         fact = torch.tensor([math.factorial(n) for n in range(1, order + 1)], dtype=c.dtype,
                             device=c.device).unsqueeze(1)

@@ -26,6 +26,8 @@ constant.
 from __future__ import annotations
 
 import contextlib
+import sys
+import threading
 import types
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
@@ -33,10 +35,11 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from . import registry
-from .registry import op_name, record, settings
+from .registry import op_name, record, settings, tracing
 from .tensor import JetError, JetTensor, RuleMissingError, install_dispatcher, primals
 
-__all__ = ["dispatch", "model_call", "random_op", "constant_result"]
+__all__ = ["dispatch", "model_call", "random_op", "constant_result", "precision", "direction_scale",
+           "unscale_coefficients"]
 
 # Functions whose result does not depend differentiably on the values (metadata, comparisons,
 # integer-valued or piecewise-constant results): evaluated on the primal; the result is a constant.
@@ -60,10 +63,25 @@ _CONSTANT_RESULT_NAMES = frozenset({
 _LEAVES_TORCH = frozenset({"numpy", "__array__", "__reduce_ex__", "__deepcopy__", "__setstate__"})
 # Property getters (Tensor.shape.__get__ etc.) answered from the primal.
 _CONSTANT_GETTERS = frozenset({
-    "shape", "dtype", "device", "ndim", "layout", "requires_grad", "is_cuda", "is_cpu", "is_leaf",
-    "is_sparse", "is_quantized", "is_meta", "is_mps", "is_xpu", "grad_fn", "names", "is_nested",
-    "itemsize", "nbytes", "_version", "is_mkldnn", "output_nr", "_base", "grad",
+    "shape", "dtype", "device", "ndim", "layout", "is_cuda", "is_cpu",
+    "is_sparse", "is_quantized", "is_meta", "is_mps", "is_xpu", "names", "is_nested",
+    "itemsize", "nbytes", "is_mkldnn",
 })
+# Autograd metadata, answered from the stacked coefficient tensor, which carries the jet's autograd
+# graph (the wrapper itself has requires_grad=False): PyTorch's training machinery reads these on
+# a model's outputs (FSDP2 collects the outputs that require grad, DDP skips those without a
+# grad_fn, reentrant checkpointing checks requires_grad of its inputs). ``_base`` is None: a jet
+# is never an autograd view (in-place ops on jets are the engine's, docs/engine.md).
+_AUTOGRAD_GETTERS = {
+    "requires_grad": lambda c: c.requires_grad,
+    "grad_fn": lambda c: c.grad_fn,
+    "is_leaf": lambda c: c.is_leaf,
+    "grad": lambda c: c.grad,
+    "output_nr": lambda c: c.output_nr,
+    "_version": lambda c: c._version,
+    "retains_grad": lambda c: c.retains_grad,
+    "_base": lambda c: None,
+}
 
 # Metadata the wrapper itself answers correctly (its sizes, dtype and device are those of the
 # primal): run without __torch_function__.
@@ -74,6 +92,37 @@ _WRAPPER_METADATA = frozenset({
     torch.Tensor.device.__get__, torch.Tensor.ndim.__get__, torch.Tensor.get_device,
     torch.Tensor.is_cuda.__get__,
 })
+
+
+def _register_hook(jet: JetTensor, hook: Callable) -> Any:
+    """A hook on a jet is a hook on its stacked coefficient tensor: it runs when the gradient of
+    all the jet's coefficients is computed, and receives it, shape (n + 1, *jet.shape) (FSDP2
+    registers its pre-backward hook on a module's outputs this way)."""
+    if not jet._coeffs.requires_grad:
+        raise RuntimeError("cannot register a hook on a jet whose coefficients do not require grad")
+    return jet._coeffs.register_hook(hook)
+
+
+def _retain_grad(jet: JetTensor) -> None:
+    jet._coeffs.retain_grad()
+
+
+def _no_backward(jet: JetTensor, *args, **kwargs) -> None:
+    raise JetError("backward() on a jet: a jet is a Taylor expansion, not a loss; take a scalar "
+                   "function of its coefficients (jet.coeffs), or of the values curvrate_fast's entry "
+                   "points return, and call backward() on that")
+
+
+def _no_accumulate_hook(jet: JetTensor, hook: Callable) -> None:
+    raise JetError("register_post_accumulate_grad_hook on a jet: a jet is computed, never a leaf")
+
+
+_AUTOGRAD_METHODS: Dict[Any, Callable] = {
+    torch.Tensor.register_hook: _register_hook,
+    torch.Tensor.retain_grad: _retain_grad,
+    torch.Tensor.backward: _no_backward,
+    torch.Tensor.register_post_accumulate_grad_hook: _no_accumulate_hook,
+}
 
 
 def _getter_name(func: Any) -> Optional[str]:
@@ -157,32 +206,166 @@ def _in_no_grad_region(args: Tuple, kwargs: Dict) -> bool:
     return any(j._coeffs.requires_grad for j in _jets(args, kwargs))
 
 
-def _custom_function_frame():
-    """The class of the ``torch.autograd.Function`` whose forward is running, if any: autograd
-    runs a custom Function's forward with grad mode off, which must not be mistaken for a no_grad
-    region of the model (its derivative is its backward, which is not a Taylor rule)."""
-    import sys
-    f = sys._getframe(2)
+def _custom_function_frame(depth: int = 3):
+    """The frame of ``torch.autograd.Function.apply`` that is running, if any (its locals hold the
+    Function class ``cls`` and its arguments ``args``): autograd runs a custom Function's forward
+    with grad mode off, which must not be mistaken for a no_grad region of the model (its
+    derivative is its backward, which is not a Taylor rule)."""
+    f = sys._getframe(depth)
     for _ in range(64):
         if f is None:
             return None
         code = f.f_code
         if code.co_name == "apply" and code.co_filename.replace("\\", "/").endswith("torch/autograd/function.py"):
-            return f.f_locals.get("cls")
+            return f
         f = f.f_back
     return None
 
 
-def _refuse_custom_function(func: Any) -> None:
-    cls = _custom_function_frame()
-    if cls is not None:
-        name = getattr(cls, "__qualname__", repr(cls))
-        raise JetError(
-            f"the custom torch.autograd.Function {name} received a jet (its forward called "
-            f"{op_name(func)}): autograd runs its forward without grad and differentiates it by its "
-            "own backward, which is not a Taylor rule, so its higher derivatives cannot be computed "
-            f"here. Write {name}'s forward as ordinary torch ops for the jet pass (e.g. behind a "
-            "flag), or give the model a jet-aware path around it.")
+def _refusal(cls: Any, func: Any, why: str = "") -> JetError:
+    name = getattr(cls, "__qualname__", repr(cls))
+    return JetError(
+        f"the custom torch.autograd.Function {name} received a jet (its forward called "
+        f"{op_name(func)}){why}: autograd runs its forward without grad and differentiates it by its "
+        "own backward, which is not a Taylor rule, so its higher derivatives cannot be computed "
+        f"here. Write {name}'s forward as ordinary torch ops for the jet pass (e.g. behind a "
+        "flag), or give the model a jet-aware path around it. (Functions whose forward returns "
+        "their tensor inputs unchanged or cloned, such as DDP's and FSDP's, and torch.utils."
+        "checkpoint are handled: docs/training.md.)")
+
+
+def _custom_function(frame, func: Any, args: Tuple, kwargs: Dict) -> Any:
+    """An op that meets a jet inside a custom Function's forward (or in autograd's wrapping of its
+    outputs). Three cases are exact; everything else raises:
+
+    - ``torch.utils.checkpoint``'s reentrant ``CheckpointFunction``: its forward runs the checkpointed
+      segment under no_grad, to be recomputed in backward. For the jet pass the segment runs as in
+      the unchecked model (rules recording their graph); the outer node never receives a gradient.
+    - an identity Function (forward returns its tensor inputs as they are, or clones of them, as
+      DDP's ``_DDPSink`` and FSDP2's pre/post-backward Functions do): the Function is applied
+      again to the jets' stacked coefficient tensors, so its backward (and whatever it triggers:
+      DDP's delayed all-reduce, FSDP2's reduce-scatter) runs on the gradient of the coefficients,
+      and the jet continues over its outputs;
+    - anything else raises :class:`JetError`."""
+    cls = frame.f_locals.get("cls")
+    if _is_checkpoint_function(cls):
+        if _decorated_no_grad_below(frame):
+            return constant_result(func, args, kwargs)
+        return _route_with_graph(func, args, kwargs)
+    identity = (func in (torch.Tensor.clone, torch.clone) and args and isinstance(args[0], JetTensor)) or \
+        (func is torch.Tensor.view_as and len(args) == 2 and args[0] is args[1] and isinstance(args[0], JetTensor))
+    if not identity:
+        raise _refusal(cls, func)
+    jet = args[0]
+    outs = _reapplied(frame, cls, func)
+    queue = outs.get(id(jet._coeffs))
+    if not queue:
+        raise _refusal(cls, func, ", and its outputs do not correspond one to one to its jet inputs")
+    out = queue.pop(0)
+    if not queue:
+        del outs[id(jet._coeffs)]
+    if not outs:
+        _REAPPLIED.entries.pop(id(frame), None)
+    return JetTensor(out, jet._order)
+
+
+def _route_with_graph(func: Any, args: Tuple, kwargs: Dict) -> Any:
+    s = settings
+    if s.rules_without_grad:
+        s.rule_depth = 1
+        try:
+            with torch.no_grad():
+                return _route(func, args, kwargs)
+        finally:
+            s.rule_depth = 0
+    with torch.enable_grad():
+        return _route(func, args, kwargs)
+
+
+def _is_checkpoint_function(cls: Any) -> bool:
+    import torch.utils.checkpoint as cp
+    return cls is (_JetCheckpoint.original or getattr(cp, "CheckpointFunction", None))
+
+
+def _decorated_no_grad_below(apply_frame) -> bool:
+    """Whether a function decorated with ``@torch.no_grad()`` / ``@torch.inference_mode()`` (e.g.
+    Hugging Face's rotary embeddings) is running between the current op and ``apply_frame``."""
+    f = sys._getframe(3)
+    while f is not None and f is not apply_frame:
+        if f.f_code.co_name == "decorate_context" and f.f_code.co_filename.replace("\\", "/").endswith(
+                "torch/utils/_contextlib.py"):
+            factory = f.f_locals.get("ctx_factory")
+            cm = getattr(factory, "__self__", None)
+            if isinstance(cm, (torch.no_grad, torch.inference_mode)) or \
+                    (isinstance(cm, torch.set_grad_enabled) and not getattr(cm, "mode", True)):
+                return True
+        f = f.f_back
+    return False
+
+
+class _Reapplied(threading.local):
+    def __init__(self) -> None:
+        self.entries: Dict[int, Tuple[Any, Dict[int, list]]] = {}
+
+
+_REAPPLIED = _Reapplied()
+
+
+class _IdentityRecorder(torch.overrides.TorchFunctionMode):
+    """Watches a custom Function's forward run on coefficient tensors: which outputs are its
+    inputs as they are (``view_as``, autograd's wrapping of a returned input) or their clones, and
+    whether anything else touches them."""
+
+    def __init__(self, sources: Dict[int, torch.Tensor]):
+        super().__init__()
+        self.sources = sources
+        self.pairs: list = []
+        self.other: Optional[Any] = None
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        src = next((a for a in args if isinstance(a, torch.Tensor) and id(a) in self.sources), None)
+        if src is None:
+            return out
+        if func in (torch.Tensor.clone, torch.clone) or (func is torch.Tensor.view_as and args[1] is src):
+            self.pairs.append((src, out))
+        elif not (func in _WRAPPER_METADATA or _getter_name(func) is not None
+                  or _func_name(func) in _CONSTANT_RESULT_NAMES):
+            self.other = func
+        return out
+
+
+def _reapplied(frame, cls: Any, func: Any) -> Dict[int, list]:
+    """The outputs of ``cls`` applied to the coefficient tensors of the jets among the arguments
+    of the ``apply`` call running in ``frame`` (once per call), by the id of their source."""
+    hit = _REAPPLIED.entries.get(id(frame))
+    if hit is not None and hit[0] is frame:
+        return hit[1]
+    loc = frame.f_locals
+    fargs, fkwargs = tuple(loc.get("args", ())), dict(loc.get("kwargs", None) or {})
+    sources = {id(a._coeffs): a._coeffs for a in fargs if isinstance(a, JetTensor)}
+    if not sources:
+        raise _refusal(cls, func, " through a container")
+    rec = _IdentityRecorder(sources)
+    coeff_args = tuple(a._coeffs if isinstance(a, JetTensor) else a for a in fargs)
+    with torch.set_grad_enabled(not settings.rules_without_grad), rec:
+        cls.apply(*coeff_args, **fkwargs)
+    if rec.other is not None:
+        raise _refusal(cls, func, f" and, on plain tensors, {op_name(rec.other)}: it is not an identity")
+    outs: Dict[int, list] = {}
+    for src, out in rec.pairs:
+        outs.setdefault(id(src), []).append(out)
+    # forget calls that have returned (their frames are no longer on the stack)
+    live = set()
+    f = frame
+    while f is not None:
+        live.add(id(f))
+        f = f.f_back
+    for k in [k for k in _REAPPLIED.entries if k not in live]:
+        del _REAPPLIED.entries[k]
+    _REAPPLIED.entries[id(frame)] = (frame, outs)
+    return outs
 
 
 def constant_result(func: Any, args: Tuple, kwargs: Dict, kind: str = "constants") -> Any:
@@ -200,11 +383,26 @@ def dispatch(func: Any, args: Tuple, kwargs: Dict) -> Any:
     if func in _WRAPPER_METADATA:
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
+    getter = _getter_name(func)
+    if getter is not None:
+        if getter in _CONSTANT_GETTERS:
+            return func(*primals(args))
+        answer = _AUTOGRAD_GETTERS.get(getter)
+        if answer is not None and isinstance(args[0], JetTensor):
+            return answer(args[0]._coeffs)
+    method = _AUTOGRAD_METHODS.get(func)
+    if method is not None:
+        return method(*args, **kwargs)
     s = settings
     if s.rule_depth == 0:
         if not torch.is_grad_enabled() and _in_no_grad_region(args, kwargs):
-            _refuse_custom_function(func)
+            frame = _custom_function_frame()
+            if frame is not None:
+                return _custom_function(frame, func, args, kwargs)
             return constant_result(func, args, kwargs)
+    if torch._C._is_any_autocast_enabled():
+        return _autocast(func, args, kwargs)
+    if s.rule_depth == 0:
         if s.rules_without_grad:
             s.rule_depth = 1
             try:
@@ -213,6 +411,144 @@ def dispatch(func: Any, args: Tuple, kwargs: Dict) -> Any:
             finally:
                 s.rule_depth = 0
     return _route(func, args, kwargs)
+
+
+# -- mixed precision ----------------------------------------------------------------------------
+
+_LOW = (torch.float16, torch.bfloat16)
+_CASTABLE = (torch.float16, torch.bfloat16, torch.float32)
+# rules written as compositions of jet ops: under autocast each of their ops gets the policy itself
+# (attention: its matmuls in the autocast dtype, its softmax recurrences in float32)
+_AUTOCAST_BY_PARTS = {torch.nn.functional.scaled_dot_product_attention}
+_AUTOCAST_DTYPES: Dict[Any, Any] = {}
+
+
+def _autocast(func: Any, args: Tuple, kwargs: Dict) -> Any:
+    """The mixed-precision policy (docs/training.md, "Mixed precision"). Under ``torch.autocast``
+    an op on jets gives coefficients of the dtype autocast gives the same op on plain tensors
+    (learned once per op and operand dtypes by running it on the primal values), so the model sees
+    the dtypes it sees in ordinary training; and
+
+    - an op that autocast runs in lower precision (a GEMM, a convolution: it casts a float32
+      operand down) runs its rule on coefficients cast to the autocast dtype, as plain training
+      does (the GEMM accumulates in float32 inside);
+    - every other rule (the Taylor recurrences of activations, normalizations, softmax and
+      losses, products of jets) runs on coefficients upcast to float32, with autocast off inside,
+      and its result is cast to that dtype.
+
+    Float64 operands are never cast. In-place ops, random ops, decompositions and the ops of
+    ``_AUTOCAST_BY_PARTS`` are left to their parts."""
+    jets = list(_jets(args, kwargs))
+    if not jets or func in _AUTOCAST_BY_PARTS or _is_inplace(func) is not None or _rule_for(func) is None \
+            or random_op(func):
+        return _route_plain(func, args, kwargs)
+    device_type = jets[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return _route_plain(func, args, kwargs)
+    low = torch.get_autocast_dtype(device_type)
+    out_dtypes = _autocast_out_dtypes(func, args, kwargs, device_type, low)
+    floats = [d for d in out_dtypes if d in _CASTABLE]
+    if not floats:
+        return _route_plain(func, args, kwargs)
+    target = floats[0]
+    operands = [a.dtype for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+    lowered = target == low and torch.float32 in operands
+    compute = low if lowered else torch.float32
+
+    def cast(a):
+        if isinstance(a, JetTensor):
+            return a if a.dtype == compute or a.dtype not in _CASTABLE else JetTensor(a._coeffs.to(compute), a._order)
+        if isinstance(a, torch.Tensor) and a.dtype in _CASTABLE and a.dtype != compute:
+            return a.to(compute)
+        return a
+
+    from torch.utils._pytree import tree_map
+    cargs, ckwargs = tree_map(cast, args), tree_map(cast, kwargs)
+    with torch._C._DisableAutocast():
+        out = _route_plain(func, cargs, ckwargs)
+
+        def back(o):
+            if isinstance(o, JetTensor) and o.dtype in _CASTABLE and o.dtype != target:
+                return JetTensor(o._coeffs.to(target), o._order)
+            if isinstance(o, torch.Tensor) and not isinstance(o, JetTensor) and o.dtype in _CASTABLE \
+                    and o.dtype != target:
+                return o.to(target)
+            return o
+        return tree_map(back, out) if compute != target else out
+
+
+class _Precision:
+    """``fp16_direction_scale``: under float16 autocast the entry points take the derivatives along
+    c·u instead of u and divide coefficient k by c^k afterwards (in float32): float16's range
+    (6e-8 .. 65504) would otherwise flush the high orders of the hidden layers' coefficients to
+    zero. Any positive power of two keeps the division exact; 0 turns float16 autocast into an
+    error instead."""
+
+    fp16_direction_scale: float = 16.0
+
+
+precision = _Precision()
+
+
+def direction_scale(x: torch.Tensor) -> float:
+    """The factor c the entry points scale their direction by for ``x`` (1 unless float16
+    autocast is on for its device): the mixed-precision policy's treatment of float16."""
+    if not torch._C._is_any_autocast_enabled():
+        return 1.0
+    dt = x.device.type
+    if not (torch.is_autocast_enabled(dt) and torch.get_autocast_dtype(dt) == torch.float16):
+        return 1.0
+    c = float(precision.fp16_direction_scale)
+    if c <= 0:
+        raise JetError("float16 autocast with jets is switched off (precision.fp16_direction_scale = 0): "
+                       "its range underflows the high-order coefficients; use bfloat16, or a "
+                       "direction scale > 0 (docs/training.md, 'Mixed precision')")
+    return c
+
+
+def unscale_coefficients(c: torch.Tensor, scale: float) -> torch.Tensor:
+    """Coefficients (K+1, ...) along c·u turned into those along u: coefficient k divided by c^k,
+    in float32 at least (float16 would underflow again)."""
+    if scale == 1.0:
+        return c
+    if c.dtype in _LOW:
+        c = c.float()
+    if not tracing() and not bool(torch.isfinite(c).all()):
+        raise JetError(
+            f"float16 autocast: the Taylor coefficients along {scale:g}·u overflowed (inf or NaN); "
+            "lower curvrate_fast.jets.dispatcher.precision.fp16_direction_scale (a power of two), or "
+            "use bfloat16 (docs/training.md, 'Mixed precision')")
+    powers = torch.tensor([scale ** -k for k in range(c.shape[0])], dtype=c.dtype, device=c.device)
+    return c * powers.reshape((-1,) + (1,) * (c.dim() - 1))
+
+
+def _route_plain(func: Any, args: Tuple, kwargs: Dict) -> Any:
+    s = settings
+    if s.rules_without_grad and s.rule_depth == 0:
+        s.rule_depth = 1
+        try:
+            with torch.no_grad():
+                return _route(func, args, kwargs)
+        finally:
+            s.rule_depth = 0
+    return _route(func, args, kwargs)
+
+
+def _autocast_out_dtypes(func: Any, args: Tuple, kwargs: Dict, device_type: str, low) -> Tuple:
+    """The floating dtypes of ``func``'s outputs under the current autocast on plain tensors."""
+    leaves = tree_flatten((args, kwargs))[0]
+    key = (func, device_type, low) + tuple(
+        (a.dtype, isinstance(a, JetTensor)) if isinstance(a, torch.Tensor) else a
+        for a in leaves if isinstance(a, (torch.Tensor, torch.dtype)))
+    try:
+        return _AUTOCAST_DTYPES[key]
+    except KeyError:
+        pass
+    with torch.no_grad():
+        out = func(*primals(args), **primals(kwargs))
+    dtypes = tuple(o.dtype for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor))
+    _AUTOCAST_DTYPES[key] = dtypes
+    return dtypes
 
 
 def _rule_for(func: Any) -> Optional[Callable]:
@@ -231,10 +567,6 @@ def _route(func: Any, args: Tuple, kwargs: Dict) -> Any:
     if rule is not None:
         record("rules", func)
         return rule(*args, **kwargs)
-
-    getter = _getter_name(func)
-    if getter is not None and getter in _CONSTANT_GETTERS:
-        return func(*primals(args))
 
     name = _func_name(func)
     if name in _LEAVES_TORCH:
@@ -334,6 +666,9 @@ def model_call() -> Iterator[None]:
     s.model_calls += 1
     outer_no_grad = not torch.is_grad_enabled()
     saved = (s.rules_without_grad, s.rule_depth)
+    ddp_hook = _watch_ddp() if s.model_calls == 1 else None
+    if s.model_calls == 1:
+        _reroute_reentrant_checkpoint(True)
     try:
         if outer_no_grad:
             s.rules_without_grad, s.rule_depth = True, 0
@@ -344,6 +679,102 @@ def model_call() -> Iterator[None]:
     finally:
         s.model_calls -= 1
         s.rules_without_grad, s.rule_depth = saved
+        if ddp_hook is not None:
+            ddp_hook.remove()
+        if s.model_calls == 0:
+            _reroute_reentrant_checkpoint(False)
+
+
+# -- torch.utils.checkpoint(use_reentrant=True) --------------------------------------------------
+
+class _JetCheckpoint:
+    """Stands in for ``torch.utils.checkpoint.CheckpointFunction`` while a jet pass runs.
+
+    The reentrant checkpoint runs its segment under ``no_grad`` inside a custom Function, so a
+    ``with torch.no_grad():`` block the segment enters itself could not be told apart from the
+    checkpoint's own (values computed there must be constants along the path, as in the unchecked
+    model). The jet pass never sends a gradient into that Function anyway (its gradients flow
+    through the coefficient tensors), and memory is not what checkpointing saves there: so a call
+    with a jet among its arguments runs the segment directly, in the caller's grad mode, exactly
+    as the unchecked model; a call without one goes to the real Function."""
+
+    original: Any = None
+
+    @classmethod
+    def apply(cls, function, preserve_rng_state, *args):
+        if any(True for _ in _jets(args, {})):
+            return function(*args)
+        return cls.original.apply(function, preserve_rng_state, *args)
+
+
+_REROUTE_LOCK = threading.Lock()
+_REROUTE_USERS = [0]
+
+
+def _reroute_reentrant_checkpoint(on: bool) -> None:
+    """Install (``on``) or remove :class:`_JetCheckpoint` in ``torch.utils.checkpoint``; counted
+    across threads, so the last pass to finish restores the real Function."""
+    import torch.utils.checkpoint as cp
+    with _REROUTE_LOCK:
+        if on:
+            _REROUTE_USERS[0] += 1
+            if _REROUTE_USERS[0] == 1 and getattr(cp, "CheckpointFunction", None) is not None:
+                _JetCheckpoint.original = cp.CheckpointFunction
+                cp.CheckpointFunction = _JetCheckpoint
+        else:
+            _REROUTE_USERS[0] -= 1
+            if _REROUTE_USERS[0] == 0 and _JetCheckpoint.original is not None:
+                cp.CheckpointFunction = _JetCheckpoint.original
+
+
+# -- DistributedDataParallel(find_unused_parameters=True) ----------------------------------------
+
+class _Link(torch.autograd.Function):
+    """A new wrapper over the same coefficients whose own autograd node points at them.
+
+    DDP with ``find_unused_parameters=True`` finds the parameters a forward used by walking the
+    autograd graph from the outputs' ``grad_fn`` in C++, which reads the wrapper's own (empty)
+    autograd metadata, not the Python answer; a jet it receives from its module is given this link
+    first. The link only makes the graph visible: gradients flow through the coefficients, never
+    through the wrapper, so its backward never runs (it raises if it ever did)."""
+
+    @staticmethod
+    def forward(ctx, coeffs: torch.Tensor, order: int):
+        return JetTensor(coeffs, order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise JetError("a gradient reached a jet's wrapper through PyTorch's autograd; the engine "
+                       "routes gradients through the coefficients only. Please report the model.")
+
+
+def _link_outputs(module, inputs, output):
+    from torch.utils._pytree import tree_map_only
+    return tree_map_only(
+        JetTensor, lambda j: _Link.apply(j._coeffs, j._order) if j._coeffs.requires_grad else j, output)
+
+
+def _ddp_pre_hook(module, inputs):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    if not settings.model_calls or not isinstance(module, DDP):
+        return None
+    if module.find_unused_parameters and not module.static_graph:
+        handle = []
+
+        def once(mod, inp, out):
+            handle[0].remove()
+            return _link_outputs(mod, inp, out)
+        handle.append(module.module.register_forward_hook(once))
+    return None
+
+
+def _watch_ddp():
+    """While a jet pass runs in a process group, a global pre-forward hook notices a DDP module
+    with ``find_unused_parameters=True`` and links its module's output jets (``_Link``)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return torch.nn.modules.module.register_module_forward_pre_hook(_ddp_pre_hook)
 
 
 install_dispatcher(dispatch)
