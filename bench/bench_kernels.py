@@ -193,8 +193,13 @@ class Ctx:
         None in smoke mode (GPU-only statistic)."""
         if self.smoke:
             return None
-        from curvrate_fast.bench_suite import peak_memory_mb
-        return peak_memory_mb(fn, self.dev)
+        import torch
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
 
     def finish(self, d: dict, fwd: Callable, ref: Callable) -> None:
         """The derived columns of a kernel case: speedups over the reference chain (forward, and the

@@ -14,7 +14,7 @@ whatever hangs, and leaves a few flat files in DIR (at most 8 come back from suc
 - ``gpu_check_console.log``: what the sections printed (tracebacks included);
 - ``gpu_check_pytest.log``: the test run's output;
 - ``gpu_check_kernels.md``: bench/bench_kernels.py's tables; ``gpu_check_workloads.md``: the
-  benchmark suite's tables (curvrate_fast/bench_suite.py).
+  benchmark suite's tables (bench/bench_suite.py).
 
 Sections, in this order, each in its own subprocess with a hard timeout (a CUDA hang or crash, or an
 illegal memory access that poisons the CUDA context, ends only that section), each with a share of
@@ -41,7 +41,7 @@ what is left of the budget (time a section leaves unused goes to the later ones)
    split path); every kernel first checked against float64. Then the autotuner's choices and
    ``linear_impl_choices()``. Each of its three parts gets a share of the section's time; cases past
    it are recorded as skipped.
-4. ``workloads``: curvrate_fast/bench_suite.py: the per-sample loss derivatives of orders 1–4 plus
+4. ``workloads``: bench/bench_suite.py: the per-sample loss derivatives of orders 1–4 plus
    the backward of mean|d| for the MLP 784 and the paper's MNIST CNN (batch 128, one direction),
    ours (Triton on CUDA) against nested autograd (target ≥ 10×) and the reference rules, each first
    checked in float64; the CRR training step against a plain step at the paper's settings (MNIST
@@ -990,16 +990,13 @@ def section_kernels(R: Result, spec: dict) -> None:
 
 # -- 4. workloads -----------------------------------------------------------------------------
 def _bench_suite():
-    """The benchmark suite: bench/bench_suite.py once it lives there, else the package's module."""
+    """The benchmark harness, bench/bench_suite.py beside this script."""
     local = HERE / "bench_suite.py"
-    if local.is_file():
-        spec = importlib.util.spec_from_file_location("_gpu_check_bench_suite", local)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-        return mod
-    from curvrate_fast import bench_suite
-    return bench_suite
+    spec = importlib.util.spec_from_file_location("_gpu_check_bench_suite", local)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def section_workloads(R: Result, spec: dict) -> None:
@@ -1014,7 +1011,7 @@ def section_workloads(R: Result, spec: dict) -> None:
     smoke = spec["smoke"]
     if smoke:
         common = dict(device="cpu", batch=2, repeats=(1, 1), budget_s=0.0, warmup=1, memory=False,
-                      compile_backend="eager", threads=1)
+                      compile_backend="eager", threads=1, crr_captured=False)
         # the LM at its real size costs seconds per step on a CPU; the code path is the same
         wl = bs.CRR_ONLY_WORKLOADS["lm"]
 

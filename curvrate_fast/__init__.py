@@ -12,6 +12,7 @@ Example::
 from . import compat
 from .api import directional_derivatives, input_jet, jet, loss_directional_derivatives
 from .calibration import expected_calibration_error, hard_fraction_accuracy, reliability_bins
+from .capture import CaptureError, CompiledLoss, compile
 from .crr import CRRLoss, crr_penalty
 from .curvature import (
                    Band,
@@ -54,4 +55,5 @@ __all__ += [
     "select_band", "band_indices", "Band", "BandSelection", "crr_penalty", "CRRLoss",
     "sample_directions", "normalize_directions", "polarization", "expected_calibration_error",
     "hard_fraction_accuracy", "reliability_bins", "LambdaTracker", "compat",
+    "compile", "CompiledLoss", "CaptureError",
 ]

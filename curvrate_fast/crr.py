@@ -29,15 +29,17 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from .api import jet
 from .baseline import per_sample_cross_entropy
+from .capture import CompiledLoss, backend_of
 from .curvature import check_labels
 from .directions import _check_positive_int, check_directions, polarization, polarization_weights, sample_directions
+from .jets.registry import settings
 
 __all__ = ["crr_penalty", "CRRLoss", "parse_orders", "subset_indices"]
 
@@ -142,7 +144,7 @@ def _loss_coefficients(model, x: Tensor, y, U: Tensor, order: int, loss_fn) -> T
 
 
 def _per_order_directions(directions, xs: Tensor, x_full: Tensor, idx: Optional[Tensor],
-                          N: int, n_dirs: int, generator) -> Tensor:
+                          N: int, n_dirs: int, generator, check_values: bool = True) -> Tensor:
     """u_1..u_N per direction set: shape (D, N, *xs.shape)."""
     if isinstance(directions, str):
         u = sample_directions(xs, n_dirs * N, generator=generator)
@@ -151,7 +153,8 @@ def _per_order_directions(directions, xs: Tensor, x_full: Tensor, idx: Optional[
     if len(us) < N:
         raise ValueError(f"per-order directions: orders up to {N} need {N} direction tensors "
                          f"u_1..u_{N}, got {len(us)}")
-    checked = [check_directions(u, x_full, name=f"directions[{i}]") for i, u in enumerate(us[:N])]
+    checked = [check_directions(u, x_full, name=f"directions[{i}]", values=check_values)
+               for i, u in enumerate(us[:N])]
     D = checked[0].shape[0]
     if any(u.shape[0] != D for u in checked):
         raise ValueError("all per-order direction tensors must hold the same number of directions")
@@ -161,9 +164,13 @@ def _per_order_directions(directions, xs: Tensor, x_full: Tensor, idx: Optional[
     return U
 
 
-def _crr(model, x: Tensor, y, *, loss_fn, orders, n_dirs, directions, order_reduction, subset,
-         scale, generator) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-    """(penalty, per-order terms, per-sample losses at x of the penalized samples, subset idx)."""
+def _crr_plan(x: Tensor, y, *, loss_fn, orders, n_dirs, directions, order_reduction, subset, scale,
+              generator, check_values: bool = True):
+    """The configuration and the random draws of a CRR call, made eagerly (outside any captured
+    graph): (orders, per_order, scale, subset indices or None, directions U). U is (D, B', ...)
+    for fixed directions and (D, N, B', ...) for per-order ones (B' the penalized samples).
+    ``check_values=False`` leaves the checks that read tensor values (label range, zero or
+    non-finite explicit directions) to the caller (a captured program runs them before its graph)."""
     ords = parse_orders(orders)
     _check_positive_int("n_dirs", n_dirs)
     if order_reduction not in ("mean", "sum"):
@@ -174,7 +181,7 @@ def _crr(model, x: Tensor, y, *, loss_fn, orders, n_dirs, directions, order_redu
     if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] < 1:
         raise ValueError("x must be a tensor with a non-empty batch dimension")
     B = x.shape[0]
-    check_labels(y, B, loss_fn)
+    check_labels(y, B, loss_fn, values=check_values)
     per_order = isinstance(directions, (list, tuple)) or (isinstance(directions, str)
                                                         and directions == "per_order")
     if isinstance(directions, str) and directions not in ("fixed", "per_order"):
@@ -185,8 +192,24 @@ def _crr(model, x: Tensor, y, *, loss_fn, orders, n_dirs, directions, order_redu
                         f"{type(directions).__name__}")
     fixed_u = None
     if isinstance(directions, Tensor):
-        fixed_u = check_directions(directions, x)
+        fixed_u = check_directions(directions, x, values=check_values)
     idx = subset_indices(subset, B, generator, x.device)
+    xs = x if idx is None else x[idx]
+    N = ords[-1]
+    if not per_order:
+        U = fixed_u[:, idx] if (fixed_u is not None and idx is not None) else fixed_u
+        if U is None:
+            U = sample_directions(xs, n_dirs, generator=generator)
+    else:
+        U = _per_order_directions(directions, xs, x, idx, N, n_dirs, generator, check_values)
+    return ords, per_order, scale, idx, U
+
+
+def _crr_compute(model, x: Tensor, y, idx: Optional[Tensor], U: Tensor, ords: Tuple[int, ...],
+                 per_order: bool, loss_fn, order_reduction: str, scale: float
+                 ) -> Tuple[Tensor, Tensor, Tensor]:
+    """The deterministic part of CRR (what a captured program records): (penalty, per-order
+    terms, per-sample losses at x of the penalized samples) from the drawn subset and directions."""
     xs, ys = x, y
     if idx is not None:
         xs = x[idx]
@@ -194,16 +217,12 @@ def _crr(model, x: Tensor, y, *, loss_fn, orders, n_dirs, directions, order_redu
             ys = y[idx.to(y.device)]
     N = ords[-1]
     if not per_order:
-        U = fixed_u[:, idx] if (fixed_u is not None and idx is not None) else fixed_u
-        if U is None:
-            U = sample_directions(xs, n_dirs, generator=generator)
         c = _loss_coefficients(model, xs, ys, U, N, loss_fn)             # (N+1, D, B')
         terms = torch.stack([c[n].abs().mean() * math.factorial(n) for n in ords])
     else:
-        Us = _per_order_directions(directions, xs, x, idx, N, n_dirs, generator)  # (D, N, B', ...)
-        D = Us.shape[0]
+        D = U.shape[0]
         # 2^{N−1} polarization rows per direction set serve every order n ≤ N (directions.py)
-        rows = [polarization(list(Us[k].unbind(0)))[0] for k in range(D)]
+        rows = [polarization(list(U[k].unbind(0)))[0] for k in range(D)]
         M = rows[0].shape[0]
         c = _loss_coefficients(model, xs, ys, torch.cat(rows), N, loss_fn)   # (N+1, D·M, B')
         terms_l = []
@@ -213,14 +232,100 @@ def _crr(model, x: Tensor, y, *, loss_fn, orders, n_dirs, directions, order_redu
             terms_l.append(mixed.abs().mean())
         terms = torch.stack(terms_l)
     red = terms.mean() if order_reduction == "mean" else terms.sum()
-    return scale * red, terms, c[0, 0], idx
+    return scale * red, terms, c[0, 0]
+
+
+def _crr(model, x: Tensor, y, *, loss_fn, orders, n_dirs, directions, order_reduction, subset,
+         scale, generator) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """(penalty, per-order terms, per-sample losses at x of the penalized samples, subset idx)."""
+    ords, per_order, scale, idx, U = _crr_plan(
+        x, y, loss_fn=loss_fn, orders=orders, n_dirs=n_dirs, directions=directions,
+        order_reduction=order_reduction, subset=subset, scale=scale, generator=generator)
+    R, terms, losses0 = _crr_compute(model, x, y, idx, U, ords, per_order, loss_fn, order_reduction, scale)
+    return R, terms, losses0, idx
+
+
+# -- captured CRR (docs/design.md §6) ------------------------------------------------------------
+
+def _program_check(model, x, y, idx, U, ords, per_order, loss_fn, order_reduction, scale,
+                   explicit_u: bool) -> None:
+    """The value checks of a captured CRR call, run on the real tensors before its graph (the
+    directions only when the caller gave them: sampled ones are unit vectors by construction)."""
+    check_labels(y, x.shape[0], loss_fn)
+    if explicit_u:
+        check_directions(U.reshape((-1,) + tuple(U.shape[-x.dim():])), x if idx is None else x[idx],
+                         name="directions")
+    if settings.check_finite and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"x contains {int((~torch.isfinite(x)).sum())} NaN or Inf value(s)")
+
+
+def _penalty_program(model, x, y, idx, U, ords, per_order, loss_fn, order_reduction, scale, explicit_u):
+    return _crr_compute(model, x, y, idx, U, ords, per_order, loss_fn, order_reduction, scale)[0]
+
+
+def _task_loss(model, x, y, loss_fn) -> Tensor:
+    fn = loss_fn or per_sample_cross_entropy
+    losses = fn(model(x), y)
+    if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.shape[0] != x.shape[0]:
+        raise ValueError("loss_fn must return one loss per sample (reduction='none')")
+    return losses.mean()
+
+
+def _total_program(model, x, y, idx, U, ords, per_order, loss_fn, order_reduction, scale, explicit_u):
+    """CRRLoss's whole loss in one program: (task + R, task, R, terms)."""
+    R, terms, losses0 = _crr_compute(model, x, y, idx, U, ords, per_order, loss_fn, order_reduction, scale)
+    task = losses0.mean() if idx is None else _task_loss(model, x, y, loss_fn)
+    return task + R, task, R, terms
+
+
+def _total_aux_like(model, x, y, idx, U, ords, *rest):
+    return [((), x.dtype), ((), x.dtype), ((len(ords),), x.dtype)]
+
+
+_PROGRAMS: Dict[Tuple[str, object], CompiledLoss] = {}
+
+
+def _new_program(kind: str, backend: str) -> CompiledLoss:
+    if kind == "penalty":
+        return CompiledLoss(_penalty_program, backend=backend, check=_program_check, name="crr_penalty")
+    return CompiledLoss(_total_program, backend=backend, check=_program_check, aux_like=_total_aux_like,
+                        name="CRRLoss")
+
+
+# made at import for the usual backends: a torch.compile'd step must find them, not create them
+for _kind in ("penalty", "total"):
+    for _backend in ("eager", "inductor"):
+        _PROGRAMS[(_kind, _backend)] = _new_program(_kind, _backend)
+
+
+def _program(kind: str, backend: str) -> CompiledLoss:
+    """The captured CRR program of ``kind`` ("penalty" or "total") for a capture backend (one
+    per process: the configurations are guarded and cached inside it)."""
+    prog = _PROGRAMS.get((kind, backend))
+    if prog is None:
+        if torch.compiler.is_compiling():
+            raise RuntimeError(f"compile={backend!r}: a capture backend other than 'eager' or 'inductor' must "
+                               "be used once outside torch.compile before a compiled step uses it")
+        prog = _PROGRAMS[(kind, backend)] = _new_program(kind, backend)
+    return prog
+
+
+def _capture_backend(compile_arg) -> Optional[str]:
+    """compile=False → None (the eager engine) outside torch.compile; inside a user's
+    torch.compile always a captured program (the engine cannot be traced by dynamo): the graph
+    replayed as it is for compile=False, inductor for True, or the backend named."""
+    b = backend_of(compile_arg)
+    if b is None and torch.compiler.is_compiling():
+        return "eager"
+    return b
 
 
 def crr_penalty(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor], *,
                 loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
                 orders: OrdersLike = (2, 4), n_dirs: int = 1, directions: DirectionsLike = "fixed",
                 order_reduction: str = "mean", subset: Optional[Union[int, float]] = None,
-                scale: float = 1.0, generator: Optional[torch.Generator] = None) -> Tensor:
+                scale: float = 1.0, generator: Optional[torch.Generator] = None,
+                compile: Union[bool, str] = False) -> Tensor:
     r"""The CRR penalty R = scale · reduce_{n∈orders} mean_k mean_b |d_n[k, b]| (docs/math.md §4),
     a 0-d tensor differentiable with respect to the model's parameters.
 
@@ -245,6 +350,17 @@ def crr_penalty(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor
             (``torch.randperm``, drawn before the directions).
         scale: the factor in front.
         generator: a ``torch.Generator`` for the subset and the directions (else the global RNG).
+        compile: ``True`` runs the penalty as a captured program (docs/design.md §6,
+            :func:`curvrate_fast.compile`): recorded once per configuration (shapes, dtype, device,
+            train/eval mode, these arguments) as one ATen graph of the penalty and its gradients,
+            compiled by inductor, then replayed; the subset and the directions are still drawn
+            here, eagerly, at every call and passed in as graph inputs, so the numbers are those of
+            the eager engine (up to float rounding). The first call of a configuration costs the
+            capture and inductor's compile (seconds; see ``compile``). ``"eager"`` replays the
+            recorded graph without compiling it; another string names a ``torch.compile`` backend.
+            Needs ``model`` to be an ``nn.Module`` (its parameters become graph inputs). Inside a
+            user's ``torch.compile`` the penalty is always one captured custom op (no graph break;
+            ``compile=False`` replays the graph uncompiled there).
 
     Example::
 
@@ -252,8 +368,24 @@ def crr_penalty(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor
         ...                              subset=64, scale=3e-3)
         >>> (F.cross_entropy(model(x), y) + R).backward()
     """
-    return _crr(model, x, y, loss_fn=loss_fn, orders=orders, n_dirs=n_dirs, directions=directions,
-                order_reduction=order_reduction, subset=subset, scale=scale, generator=generator)[0]
+    backend = _capture_backend(compile)
+    if backend is None:
+        return _crr(model, x, y, loss_fn=loss_fn, orders=orders, n_dirs=n_dirs, directions=directions,
+                    order_reduction=order_reduction, subset=subset, scale=scale, generator=generator)[0]
+    _check_capturable(model)
+    ords, per_order, scale, idx, U = _crr_plan(
+        x, y, loss_fn=loss_fn, orders=orders, n_dirs=n_dirs, directions=directions,
+        order_reduction=order_reduction, subset=subset, scale=scale, generator=generator,
+        check_values=False)
+    return _program("penalty", backend)(model, x, y, idx, U, ords, per_order, loss_fn, order_reduction, scale,
+                                        not isinstance(directions, str))
+
+
+def _check_capturable(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError("a captured CRR program (compile=..., or a call inside torch.compile) needs the model "
+                        f"as an nn.Module, whose parameters become graph inputs; got {type(model).__name__}. "
+                        "Wrap the function in an nn.Module, or use compile=False outside torch.compile.")
 
 
 class CRRLoss(nn.Module):
@@ -277,6 +409,15 @@ class CRRLoss(nn.Module):
     After each call: :attr:`last_task_loss`, :attr:`last_penalty` (None when skipped) and
     :attr:`last_terms` (per-order mean |d_n|, before scale) hold detached values for logging.
 
+    ``compile=True`` (the fast path for small models; docs/design.md §6): the task loss, the
+    penalty and their gradients run as one captured graph per configuration, compiled by
+    inductor, the subset and the directions drawn here at every call and fed in (see
+    :func:`crr_penalty`); the first call of each configuration costs the capture and the compile
+    (seconds). ``compile="eager"`` replays the captured graph uncompiled. Inside a user's
+    ``torch.compile`` the loss is one custom op either way, without graph breaks; there, with
+    ``every=1``, :attr:`step` is not advanced (an int changing every call would make dynamo
+    recompile every step).
+
     Example::
 
         >>> crit = curvrate_fast.CRRLoss(orders=(2, 3), directions="per_order", subset=64,
@@ -291,8 +432,10 @@ class CRRLoss(nn.Module):
     def __init__(self, *, loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
                  orders: OrdersLike = (2, 4), n_dirs: int = 1, directions: DirectionsLike = "fixed",
                  order_reduction: str = "mean", subset: Optional[Union[int, float]] = None,
-                 scale: float = 1.0, every: int = 1, generator: Optional[torch.Generator] = None):
+                 scale: float = 1.0, every: int = 1, generator: Optional[torch.Generator] = None,
+                 compile: Union[bool, str] = False):
         super().__init__()
+        backend_of(compile)
         parse_orders(orders)
         _check_positive_int("n_dirs", n_dirs)
         _check_positive_int("every", every)
@@ -307,6 +450,7 @@ class CRRLoss(nn.Module):
         self.scale = float(scale)
         self.every = every
         self.generator = generator
+        self.compile = compile
         self.step = 0
         self.last_task_loss: Optional[Tensor] = None
         self.last_penalty: Optional[Tensor] = None
@@ -317,20 +461,31 @@ class CRRLoss(nn.Module):
         return (not self.training) or self.step % self.every == 0
 
     def _task(self, model, x, y) -> Tensor:
-        fn = self.loss_fn or _default_loss
-        losses = fn(model(x), y)
-        if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.shape[0] != x.shape[0]:
-            raise ValueError("loss_fn must return one loss per sample (reduction='none')")
-        return losses.mean()
+        return _task_loss(model, x, y, self.loss_fn)
 
     def forward(self, model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor]) -> Tensor:
-        due = self.penalty_due()
-        if self.training:
+        if self.every == 1:   # no counter to read: a torch.compile'd step keeps one graph
+            due = True
+        else:
+            due = self.penalty_due()
+        if self.training and not (self.every == 1 and torch.compiler.is_compiling()):
             self.step += 1
         if not due or self.scale == 0.0:
             task = self._task(model, x, y)
             self.last_task_loss, self.last_penalty, self.last_terms = task.detach(), None, None
             return task
+        backend = _capture_backend(self.compile)
+        if backend is not None:
+            _check_capturable(model)
+            ords, per_order, scale, idx, U = _crr_plan(
+                x, y, loss_fn=self.loss_fn, orders=self.orders, n_dirs=self.n_dirs,
+                directions=self.directions, order_reduction=self.order_reduction, subset=self.subset,
+                scale=self.scale, generator=self.generator, check_values=False)
+            total, (task, R, terms) = _program("total", backend).call_with_aux(
+                model, x, y, idx, U, ords, per_order, self.loss_fn, self.order_reduction, scale,
+                not isinstance(self.directions, str))
+            self.last_task_loss, self.last_penalty, self.last_terms = task, R, terms
+            return total
         R, terms, losses0, idx = _crr(model, x, y, loss_fn=self.loss_fn, orders=self.orders,
                                       n_dirs=self.n_dirs, directions=self.directions,
                                       order_reduction=self.order_reduction, subset=self.subset,
@@ -343,4 +498,5 @@ class CRRLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"orders={self.orders!r}, n_dirs={self.n_dirs}, directions={self.directions!r}, "
                 f"order_reduction={self.order_reduction!r}, subset={self.subset!r}, "
-                f"scale={self.scale}, every={self.every}")
+                f"scale={self.scale}, every={self.every}"
+                + (f", compile={self.compile!r}" if self.compile else ""))

@@ -441,10 +441,12 @@ def model_mode(model, eval_mode: Optional[bool]) -> Iterator[None]:
             m.training = t
 
 
-def check_labels(y, B: int, loss_fn) -> None:
+def check_labels(y, B: int, loss_fn, values: bool = True) -> None:
     """Labels for the default per-sample cross-entropy: class indices (B,) ≥ 0 or class
     probabilities (B, C). Negative indices would silently hit ``ignore_index`` (loss 0, every
-    derivative 0); indices ≥ C are rejected by the cross-entropy rule."""
+    derivative 0); indices ≥ C are rejected by the cross-entropy rule. ``values=False`` checks
+    shapes and dtypes only: the caller checks the values where they can be read (a captured
+    program before its graph, docs/design.md §6), not inside a trace."""
     if loss_fn is not None:
         if isinstance(y, Tensor) and y.dim() >= 1 and y.shape[0] != B:
             raise ValueError(f"y has {y.shape[0]} entries but x has batch size {B}")
@@ -460,7 +462,7 @@ def check_labels(y, B: int, loss_fn) -> None:
         return
     if y.dim() != 1:
         raise ValueError(f"class indices y must have shape ({B},), got {tuple(y.shape)}")
-    if B and int(y.min()) < 0:
+    if values and B and int(y.min()) < 0:
         raise ValueError(f"labels must be class indices ≥ 0, got {int(y.min())} (a negative label "
                          "would be ignored by cross-entropy and give zero derivatives)")
 

@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from curvrate_fast.bench_suite import MnistCNN  # noqa: F401  (the paper's CNN, docs/math.md §6)
+from curvrate_fast.experiments.mnist import MnistCNN  # noqa: F401  (the paper's CNN, docs/math.md §6)
 
 
 class ResidualLN(nn.Module):

@@ -1,14 +1,22 @@
-"""Smoke test of the benchmark runner (curvrate_fast.bench_suite): tiny sizes, one repeat; checks
-that the rows, the JSON and the markdown are well-formed. Timings themselves are never asserted
-(docs/design.md §5: benchmarks live under bench/, not in timed assertions)."""
+"""Smoke test of the benchmark harness (bench/bench_suite.py, not part of the package): tiny sizes,
+one repeat; checks that the rows, the raw JSON, the markdown and the curated summary are
+well-formed, and that the peers are checked before they are timed. Timings themselves are never
+asserted (docs/design.md §5: benchmarks live under bench/, not in timed assertions)."""
+import importlib.util
 import json
 import math
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from curvrate_fast import bench_suite as bs
+_PATH = Path(__file__).resolve().parents[1] / "bench" / "bench_suite.py"
+_spec = importlib.util.spec_from_file_location("bench_suite", _PATH)
+bs = importlib.util.module_from_spec(_spec)
+sys.modules["bench_suite"] = bs
+_spec.loader.exec_module(bs)
 
 TINY = dict(workloads=["two_moons"], methods=["baseline", "ours", "reference", "func_jvp"],
             dirs=[1, 2], orders=[2], batch=6, repeats=(1, 1), budget_s=0.0, warmup=1,
@@ -112,3 +120,37 @@ def test_compile_method_traces_the_reference_rules(monkeypatch):
     torch.testing.assert_close(d_c, d_r, rtol=1e-12, atol=1e-14)
     for a, b in zip(g_c, g_r):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_peers_and_captured_are_checked_before_timing():
+    """JAX's jet (when installed) and the captured step meet nested autograd in float64 before any
+    timing; torch-jet is skipped with its reason where it cannot be installed."""
+    methods = ["captured", "torch_jet"] + (["jax"] if importlib.util.find_spec("jax") else [])
+    recs = {r["method"]: r for r in bs.check_methods(["two_moons"], ["baseline"] + methods, order=3,
+                                                     batch=4, log=lambda *a: None)}
+    assert recs["captured"]["ok"], recs["captured"]
+    if "jax" in recs:
+        assert recs["jax"]["ok"] and recs["jax"]["deriv_rel_err"] < 1e-10, recs["jax"]
+    tj = recs["torch_jet"]
+    assert tj["ok"] or tj.get("skipped"), tj
+    if tj.get("skipped"):
+        assert "torch-jet" in tj["skipped"]
+
+
+def test_summary_is_curated(tmp_path):
+    """The committed summary: device, versions, commit, date; no host name, no absolute path, no
+    per-repeat times. Raw results default to the ignored bench/results/raw/."""
+    rows = bs.run(dict(TINY, methods=["baseline", "ours"], dirs=[1], crr=False, check=False))
+    env = bs.environment(torch.device("cpu"))
+    assert "host" not in env
+    jpath, mpath = bs.write_summary(rows, env, bs.BenchConfig(), "tiny", out_dir=str(tmp_path),
+                                    command="python bench/bench_suite.py --quick")
+    data = json.loads(open(jpath).read())
+    for key in ("device", "torch", "commit", "date", "python"):
+        assert key in data["meta"]
+    text = open(jpath).read() + open(mpath).read()
+    assert bs.ROOT not in text and os.path.expanduser("~") + "/" not in text
+    assert "times_ms" not in text and "host" not in data["meta"]
+    assert bs.build_parser().parse_args([]).out_dir == bs.RAW
+    with pytest.raises(ValueError):
+        bs.write_summary(rows, env, bs.BenchConfig(), "../x", out_dir=str(tmp_path))

@@ -49,7 +49,8 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert js["paired"]["lam"]["n"] == 3 and js["paired"]["lam"]["mean"] < 0
     assert crr["scale"] == 3e-3 and plain["scale"] == 0.0
     t = js["timing_s_per_step"]
-    assert set(t) == {"plain", "ours", "baseline"} and all(v > 0 for v in t.values())
+    assert set(t) == {"plain", "captured", "ours", "baseline"} and all(v > 0 for v in t.values())
+    assert js["engine"].startswith("captured") and "ours captured" in text
     png = out / "demo_two_moons.png"
     if js["files"]["png"]:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -93,12 +94,25 @@ def test_reproduce_analytic(tmp_path, capsys):
     assert (tmp_path / "analytic.md").exists()
 
 
-def test_bench_forwards_arguments(monkeypatch):
-    from curvrate_fast import bench_suite
-    seen = []
-    monkeypatch.setattr(bench_suite, "main", lambda argv: seen.append(list(argv)) or 7)
+def test_bench_forwards_arguments(monkeypatch, tmp_path, capsys):
+    """``bench`` runs the checkout's bench/bench_suite.py main() with the arguments untouched, and
+    says clearly that it needs a source checkout where there is none."""
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "bench_suite.py").write_text("def main(argv):\n    print('fake bench', argv)\n    return 7\n")
+    monkeypatch.setattr(cli, "_bench_dirs", lambda: [tmp_path / "nowhere", bench])
     assert cli.main(["bench", "--quick", "--help", "x"]) == 7
-    assert seen == [["--quick", "--help", "x"]]
+    assert "fake bench ['--quick', '--help', 'x']" in capsys.readouterr().out
+    monkeypatch.setattr(cli, "_bench_dirs", lambda: [tmp_path / "a" / "bench"])
+    assert cli.main(["bench", "--quick"]) == 2
+    assert "bench/bench_suite.py not found" in capsys.readouterr().err
+
+
+def test_the_wheel_holds_no_benchmark_code():
+    """The package is the library: the harness lives in bench/ (issue 13)."""
+    import importlib.util
+    assert importlib.util.find_spec("curvrate_fast.bench_suite") is None
+    assert any((d / "bench_suite.py").is_file() for d in cli._bench_dirs())
 
 
 def test_usage_and_errors(capsys):

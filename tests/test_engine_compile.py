@@ -1,5 +1,7 @@
-"""A torch.compile'd training step that calls the engine runs it eagerly (graph break) and gives
-the eager result, instead of failing inside dynamo."""
+"""The engine under torch.compile: the jet entry points run eagerly inside a compiled function (a
+graph break, not a failure); make_fx records the engine as one ATen graph (what capture builds
+on, docs/design.md §6); a cf.compile'd loss is one custom op inside a compiled step, with no graph
+break (tests/test_capture.py covers the CRR entry points)."""
 import torch
 import torch.nn as nn
 
@@ -48,3 +50,38 @@ def test_make_fx_records_the_engine_as_one_graph():
     torch.testing.assert_close(d_g, d_e, rtol=1e-6, atol=1e-7)
     for a, b in zip(g_g, g_e):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_compiled_loss_inside_torch_compile_has_no_graph_break():
+    """cf.compile(fn) inside a user's torch.compile(fullgraph=True): one custom op
+    (curvrate::captured_loss), the eager value and gradients."""
+    torch._dynamo.reset()
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(3, 8), nn.GELU(), nn.Linear(8, 2)).double()
+    x, y, u = torch.randn(4, 3).double(), torch.randint(0, 2, (4,)), torch.randn(4, 3).double()
+
+    def penalty(m, x, y, u):
+        return cf.loss_directional_derivatives(m, x, y, u, 3).abs().mean()
+
+    fast = cf.compile(penalty, backend="eager")
+
+    def step(x, y, u):
+        return nn.functional.cross_entropy(model(x), y) + fast(model, x, y, u)
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(step, fullgraph=True, backend=counting_backend)
+    a = compiled(x, y, u)
+    ga = torch.autograd.grad(a, list(model.parameters()))
+    b = nn.functional.cross_entropy(model(x), y) + penalty(model, x, y, u)   # the eager engine
+    gb = torch.autograd.grad(b, list(model.parameters()))
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    for p, q in zip(ga, gb):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
+    assert len(graphs) == 1
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert any("captured_loss" in t for t in targets), targets

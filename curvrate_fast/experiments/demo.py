@@ -1,15 +1,25 @@
 """``python -m curvrate_fast demo``: Two Moons with 30 % label noise, trained without and with
 CRR (orders 2-3, a fresh direction per order, 64 of each 128, scale 3e-3) on several data seeds
 (10 by default), λ tracked over the epochs; then the CRR training step timed with our Taylor-mode
-engine against nested autograd on the same model. Prints a table of means ± standard deviations
+engine against nested autograd on the same model.
+
+The CRR runs train on the library's recommended fast path: the penalty as a captured program
+(``crr_penalty(..., compile=True)``: recorded once per batch shape as one graph of the penalty
+and its gradients, compiled by inductor; docs/design.md §6). Its first call per shape costs the
+capture and inductor's compile (a few seconds each on 2 CPU cores the first time; inductor caches
+on disk, so later runs start faster). The speed line compares a whole training step (CE + CRR,
+backward, Adam) on that path (``CRRLoss(compile=True)``, which also puts the CE in the graph) and
+on the eager engine with nested autograd and a plain step. Prints a table of means ± standard deviations
 over the seeds and the CRR effect paired by seed (mean ± standard error): on Two Moons λ varies
 a lot from seed to seed (0.2 to 1.5 at this noise level), so one seed can show CRR doing almost
 anything; the paired mean over seeds shows what it does. Writes ``demo_two_moons.png`` (means
 over seeds) and ``demo_two_moons.json`` (with every seed's numbers) into the output folder.
 
 The protocol is :mod:`curvrate_fast.experiments.two_moons` (the paper's, docs/math.md §6) with data seeds
-``seed, seed + 1, …`` and model seed = data seed + 1000; the final λ of each run is the same
-number the reproduction reports for that seed.
+``seed, seed + 1, …`` and model seed = data seed + 1000, the same random draws as the reproduction;
+``compile=False`` trains on the eager engine, whose final λ is the number the reproduction reports
+for that seed (the compiled graph sums in another order: its runs agree up to float rounding,
+which 25 epochs of training can grow to a visible difference in the last digits of λ).
 """
 from __future__ import annotations
 
@@ -34,26 +44,39 @@ __all__ = ["run_demo", "crr_step_timing", "format_demo", "DEMO_SEEDS"]
 DEMO_SEEDS = 10
 
 
+#: the timed training steps: a plain one, ours captured (the fast path), ours eager, nested autograd
+TIMED = ("plain", "captured", "ours", "baseline")
+
+
 def crr_step_timing(model: torch.nn.Module, data: tm.TwoMoonsData, *, scale: float = 3e-3,
                     steps: int = 10, rounds: int = 5, warmup: int = 3,
                     batch_size: int = 128) -> Dict[str, float]:
     """Seconds per training step (CE on a batch of 128 + CRR penalty, backward, Adam step) for
-    plain training, our engine and nested autograd, each on its own copy of ``model``; rounds are
-    interleaved and the median per-step time is reported (robust to other load on the machine).
-    """
+    plain training, our captured program (``CRRLoss(compile=True)``: CE, penalty and gradients in
+    one compiled graph), our eager engine and nested autograd, each on its own copy of ``model``;
+    rounds are interleaved, in a new order every round, and the median per-step time is
+    reported (robust to other load on the machine). The capture's first call is in the warm-up."""
+    import random
+
+    from ..crr import CRRLoss
     device = data.x_train.device
     xb, yb = data.x_train[:batch_size], data.y_train[:batch_size]
-    kinds = ("plain",) + tm.ENGINES
+    kinds = TIMED
     models = {k: copy.deepcopy(model).train() for k in kinds}
     opts = {k: torch.optim.Adam(models[k].parameters(), lr=1e-2) for k in kinds}
     gens = {k: torch.Generator(device=device).manual_seed(1234) for k in kinds}
+    crit = CRRLoss(orders=(2, 3), n_dirs=1, directions="per_order", subset=64, scale=scale,
+                   generator=gens["captured"], compile=True)
 
     def step(k: str) -> None:
         m, opt = models[k], opts[k]
         opt.zero_grad()
-        loss = F.cross_entropy(m(xb), yb)
-        if k != "plain":
-            loss = loss + tm.crr_term(k, m, xb, yb, scale=scale, generator=gens[k])
+        if k == "captured":
+            loss = crit(m, xb, yb)
+        else:
+            loss = F.cross_entropy(m(xb), yb)
+            if k != "plain":
+                loss = loss + tm.crr_term(k, m, xb, yb, scale=scale, generator=gens[k])
         loss.backward()
         opt.step()
 
@@ -65,8 +88,11 @@ def crr_step_timing(model: torch.nn.Module, data: tm.TwoMoonsData, *, scale: flo
         for _ in range(warmup):
             step(k)
     per: Dict[str, List[float]] = {k: [] for k in kinds}
+    order = list(kinds)
+    rng = random.Random(0)
     for _ in range(rounds):
-        for k in kinds:
+        rng.shuffle(order)
+        for k in order:
             sync()
             t0 = time.perf_counter()
             for _ in range(steps):
@@ -77,13 +103,13 @@ def crr_step_timing(model: torch.nn.Module, data: tm.TwoMoonsData, *, scale: flo
 
 
 def _demo_seed(seed: int, *, epochs: int, scale: float, label_noise: float, device,
-               use_sklearn, on_epoch) -> List[Dict]:
+               use_sklearn, on_epoch, compile: bool = True) -> List[Dict]:
     """One data seed: a run without and one with CRR (λ tracked every epoch)."""
     data = tm.make_data(seed, label_noise, use_sklearn=use_sklearn).to(device)
     runs = []
     for sc in (0.0, scale):
         tr = tm.train_model(data, seed + 1000, epochs=epochs, crr_scale=sc, engine="ours",
-                            track_every=1, on_epoch=on_epoch)
+                            track_every=1, on_epoch=on_epoch, compile=compile)
         metrics = tm.test_metrics(tr.model, data)
         lam = tm.boundary_lambda(tr.model, data.x_test, data.y_test, engine="ours")
         runs.append({"seed": seed, "test_error": metrics["test_error"], "ece": metrics["ece"],
@@ -121,7 +147,7 @@ def _summarize_runs(label: str, scale: float, per_seed: List[Dict]) -> Dict:
 def run_demo(*, seed: int = 42, n_seeds: int = DEMO_SEEDS, epochs: int = 25, scale: float = 3e-3,
              label_noise: float = 0.3, device=None, out_dir: Optional[str] = "curvrate_out",
              plot: bool = True, progress: bool = True, timing_rounds: int = 5,
-             use_sklearn: Optional[bool] = None) -> Dict:
+             use_sklearn: Optional[bool] = None, compile: bool = True) -> Dict:
     """Run the demo on data seeds ``seed .. seed + n_seeds − 1``; returns a dict with both
     configurations (means over seeds, spreads, per-seed numbers), the paired CRR effect, the
     step timings and the written files."""
@@ -134,7 +160,7 @@ def run_demo(*, seed: int = 42, n_seeds: int = DEMO_SEEDS, epochs: int = 25, sca
     plain, crr = [], []
     for s in seeds:
         a, b = _demo_seed(s, epochs=epochs, scale=scale, label_noise=label_noise, device=device,
-                          use_sklearn=use_sklearn, on_epoch=lambda ep: bar.update(1))
+                          use_sklearn=use_sklearn, on_epoch=lambda ep: bar.update(1), compile=compile)
         plain.append(a)
         crr.append(b)
     timing = crr_step_timing(crr[0]["model"], crr[0]["data"], scale=scale if scale > 0 else 3e-3,
@@ -147,6 +173,7 @@ def run_demo(*, seed: int = 42, n_seeds: int = DEMO_SEEDS, epochs: int = 25, sca
     paired["lam_lower_in"] = sum(b["lam"] < a["lam"] for a, b in zip(plain, crr))
     result = {"seed": seed, "model_seed": seed + 1000, "seeds": seeds, "epochs": epochs,
               "scale": scale, "label_noise": label_noise, "device": str(device),
+              "engine": "captured (crr_penalty(compile=True))" if compile else "eager",
               "timing_s_per_step": timing, "runs": runs, "paired": paired,
               "wall_time_s": None, "files": {}}
     if out_dir:
@@ -207,10 +234,12 @@ def format_demo(result: Dict) -> str:
     lines += ["",
               "CRR training step (batch 128; CE + CRR on 64 samples, orders 2-3, fresh directions; "
               "backward; Adam), median:",
-              f"  plain step {t['plain'] * 1e3:.2f} ms | ours (Taylor mode) {t['ours'] * 1e3:.2f} ms"
-              f" | nested autograd {t['baseline'] * 1e3:.2f} ms",
-              f"  ours is {t['baseline'] / t['ours']:.2f}x the speed of nested autograd; CRR costs "
-              f"{t['ours'] / t['plain']:.1f}x a plain step with ours, "
+              f"  plain step {t['plain'] * 1e3:.2f} ms | ours captured (CRRLoss(compile=True)) "
+              f"{t['captured'] * 1e3:.2f} ms | ours eager {t['ours'] * 1e3:.2f} ms | nested autograd "
+              f"{t['baseline'] * 1e3:.2f} ms",
+              f"  captured: {t['baseline'] / t['captured']:.2f}x the speed of nested autograd "
+              f"(eager engine: {t['baseline'] / t['ours']:.2f}x); CRR costs "
+              f"{t['captured'] / t['plain']:.1f}x a plain step captured, "
               f"{t['baseline'] / t['plain']:.1f}x with nested autograd"]
     files = result.get("files", {})
     if files.get("png"):

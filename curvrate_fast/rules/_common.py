@@ -72,24 +72,47 @@ def per_coefficient(func: Callable, args: tuple, kwargs: dict, *, is_view: bool 
     return _wrap(out, K, is_view)
 
 
-def cauchy_op(op: Callable[[Tensor, Tensor], Tensor], a: Any, b: Any, K: int) -> List[Tensor]:
-    """(a ⋆ b)_k = Σ_j op(a_j, b_{k−j}) for an op bilinear in (a, b) (docs/math.md §2, bilinear).
+#: above this many elements of all products together, cauchy_op sums order by order (memory-bound
+#: sizes: fewer, larger tensors cost more traffic than they save dispatch)
+CAUCHY_BATCH_ELEMENTS = 1 << 21
 
-    All the products one order needs run as one batched call over the pairs (j, k − j).
+
+def cauchy_op(op: Callable[[Tensor, Tensor], Tensor], a: Any, b: Any, K: int) -> Tensor:
+    """(a ⋆ b)_k = Σ_j op(a_j, b_{k−j}) for an op bilinear in (a, b) (docs/math.md §2, bilinear),
+    stacked: shape (n, ...), n ≤ K + 1 the stored coefficients.
+
+    Small products (the dispatch-bound case, e.g. attention's q kᵀ and weights·v on short
+    sequences) run as ONE batched call over all the pairs (j, k − j), at most (K+1)(K+2)/2 of
+    them, summed into their orders by one ``index_add``: three ops per rule whatever K. Large
+    ones (more than ``CAUCHY_BATCH_ELEMENTS`` elements of products in all) run one batched call
+    per order, whose sum reads each product once while it is hot.
     """
     A, B = series_of(a), series_of(b)
     na, nb = len(A), len(B)
     n = min(K + 1, na + nb - 1)
-    Ac = torch.stack(A)
-    Bc = torch.stack(B)
-    out: List[Tensor] = []
+    pairs = [(j, k - j, k) for k in range(n) for j in range(max(0, k - nb + 1), min(k, na - 1) + 1)]
+    first = op(A[0], B[0])                       # order 0 is the one pair (0, 0)
+    if len(pairs) == n:  # one product per order (a constant on one side): no sum needed
+        return torch.stack([first] + [op(A[j], B[i]) for j, i, _ in pairs[1:]])
+    Ac = torch.stack(A) if na > 1 else A[0].unsqueeze(0)
+    Bc = torch.stack(B) if nb > 1 else B[0].unsqueeze(0)
+    dev = Ac.device
     bop = torch.vmap(op)
-    for k in range(n):
-        js = list(range(max(0, k - nb + 1), min(k, na - 1) + 1))
+    rest = pairs[1:]
+    if first.numel() * len(pairs) <= CAUCHY_BATCH_ELEMENTS:
+        ia = torch.tensor([p[0] for p in rest], device=dev)
+        ib = torch.tensor([p[1] for p in rest], device=dev)
+        ko = torch.tensor([p[2] - 1 for p in rest], device=dev)
+        prods = bop(Ac.index_select(0, ia), Bc.index_select(0, ib))
+        higher = prods.new_zeros((n - 1,) + tuple(prods.shape[1:])).index_add_(0, ko, prods)
+        return torch.cat([first.unsqueeze(0), higher])
+    out = [first]
+    for k in range(1, n):
+        js = [p[0] for p in rest if p[2] == k]
         if len(js) == 1:
             out.append(op(A[js[0]], B[k - js[0]]))
             continue
-        ia = torch.tensor(js, device=Ac.device)
-        ib = torch.tensor([k - j for j in js], device=Ac.device)
+        ia = torch.tensor(js, device=dev)
+        ib = torch.tensor([k - j for j in js], device=dev)
         out.append(bop(Ac.index_select(0, ia), Bc.index_select(0, ib)).sum(0))
-    return out
+    return torch.stack(out)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..jets.registry import register
+from ..jets.registry import register, tracing
 from ._common import JetError, is_jet, primal
 
 
@@ -55,9 +55,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask: Optional[Tensor] 
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask
-    # rows with no admissible key: zeros (PyTorch's _safe_softmax), decided by the primal
+    # rows with no admissible key: zeros (PyTorch's _safe_softmax), decided by the primal; a
+    # captured graph (docs/design.md §6) cannot branch on the values, so it always masks
     dead = torch.isneginf(primal(scores)).all(dim=-1, keepdim=True)
-    if bool(dead.any()):
+    if tracing() or bool(dead.any()):
         scores = scores.masked_fill(dead, 0.0)
         weights = torch.softmax(scores, dim=-1).masked_fill(dead, 0.0)
     else:

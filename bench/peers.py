@@ -1,0 +1,171 @@
+"""The peers of the benchmark harness (bench_suite.py): other libraries computing the same
+derivative step, with the same weights, inputs and directions, checked against nested autograd in
+float64 before they are timed.
+
+- ``jax``: ``jax.experimental.jet`` (JAX's Taylor mode) under ``jax.jit``: d_1..d_K of the
+  per-sample cross-entropy along per-sample directions, and ``jax.value_and_grad`` of mean|d| with
+  respect to the weights, one jitted function. The model is ported layer by layer from the torch
+  ``nn.Sequential`` MLPs of the harness (Linear, Tanh, ReLU, GELU, Sigmoid); other models raise
+  :class:`PeerUnavailable` (recorded as skipped, with the reason). JAX runs on the CPU here; with
+  one torch thread it is given one XLA thread too (``XLA_FLAGS``, set before jax is imported).
+  Install: ``pip install -c constraints.txt ".[peers]"``.
+- ``torch_jet``: torch-jet (PyPI ``jet-for-pytorch``), which needs Python ≥ 3.12; where it is not
+  importable the column is skipped with that reason. No adapter is written for it yet: none
+  could be run and checked against the oracle on this project's Python 3.11 machines.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from typing import Callable, List, Tuple
+
+import torch
+import torch.nn as nn
+
+__all__ = ["PeerUnavailable", "make_step", "derivatives_and_grads"]
+
+
+class PeerUnavailable(RuntimeError):
+    """The peer cannot run here (not installed, or no port of this model): a skipped cell."""
+
+
+def _jax():
+    if importlib.util.find_spec("jax") is None:
+        raise PeerUnavailable("jax is not installed (pip install -c constraints.txt '.[peers]')")
+    if "jax" not in sys.modules and torch.get_num_threads() == 1:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "intra_op_parallelism_threads" not in flags:
+            os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false "
+                                       "intra_op_parallelism_threads=1").strip()
+    import jax
+    jax.config.update("jax_enable_x64", True)   # float64 for the correctness check; float32 stays float32
+    return jax
+
+
+def _torch_jet():
+    if sys.version_info < (3, 12):
+        raise PeerUnavailable(f"torch-jet (jet-for-pytorch) needs Python ≥ 3.12; this is "
+                              f"{sys.version_info.major}.{sys.version_info.minor}")
+    if importlib.util.find_spec("jet") is None:
+        raise PeerUnavailable("torch-jet is not installed (pip install jet-for-pytorch)")
+    raise PeerUnavailable("torch-jet is installed but the harness has no adapter for it yet (none could "
+                          "be checked against the oracle on Python 3.11)")
+
+
+def _jax_layers(model: nn.Module):
+    """The MLP as a list of ("linear", index) / (activation name) steps, or PeerUnavailable."""
+    if not isinstance(model, nn.Sequential):
+        raise PeerUnavailable(f"the JAX port covers nn.Sequential MLPs; {type(model).__name__} is not one")
+    acts = {nn.Tanh: "tanh", nn.ReLU: "relu", nn.GELU: "gelu", nn.Sigmoid: "sigmoid"}
+    steps = []
+    n = 0
+    for m in model:
+        if isinstance(m, nn.Linear):
+            steps.append(("linear", n, m.bias is not None))
+            n += 1
+        elif type(m) in acts and (not isinstance(m, nn.GELU) or m.approximate == "none"):
+            steps.append((acts[type(m)],))
+        else:
+            raise PeerUnavailable(f"the JAX port has no layer {type(m).__name__}")
+    return steps
+
+
+def _jax_program(model: nn.Module, order: int):
+    jax = _jax()
+    import jax.numpy as jnp
+    from jax.experimental import jet
+
+    steps = _jax_layers(model)
+
+    def mlp(ps, z):
+        for st in steps:
+            if st[0] == "linear":
+                W, b = ps[st[1]]
+                z = z @ W.T
+                if st[2]:
+                    z = z + b
+            elif st[0] == "tanh":
+                z = jnp.tanh(z)
+            elif st[0] == "relu":
+                z = jax.nn.relu(z)
+            elif st[0] == "gelu":
+                z = jax.nn.gelu(z, approximate=False)
+            else:
+                z = jax.nn.sigmoid(z)
+        return z
+
+    def ce(logits, y):
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), y[:, None], 1)[:, 0]
+
+    def loss(ps, x, y, u):
+        f = lambda z: ce(mlp(ps, z), y)
+        zeros = tuple(jnp.zeros_like(u) for _ in range(order - 1))
+        _, series = jet.jet(f, (x,), ((u,) + zeros,))   # series[n-1] = dⁿ/dtⁿ f(x + t·u)
+        d = jnp.stack(series)
+        return jnp.abs(d).mean(), d
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True)), jnp
+
+
+def _jax_inputs(model, x, y, u, jnp):
+    import numpy as np
+    ps = [(jnp.asarray(m.weight.detach().cpu().numpy()),
+           jnp.asarray(m.bias.detach().cpu().numpy()) if m.bias is not None else None)
+          for m in model if isinstance(m, nn.Linear)]
+    B = x.shape[0]
+    D = None
+    X, U, Y = x, u, y
+    if u.dim() == x.dim() + 1:        # D directions: D·B rows, as the engine batches them
+        D = u.shape[0]
+        X = x.unsqueeze(0).expand((D,) + tuple(x.shape)).reshape((D * B,) + tuple(x.shape[1:]))
+        U = u.reshape((D * B,) + tuple(x.shape[1:]))
+        Y = y.unsqueeze(0).expand((D,) + tuple(y.shape)).reshape(-1)
+    arr = lambda t: jnp.asarray(np.ascontiguousarray(t.detach().cpu().numpy()))
+    return ps, arr(X), arr(Y), arr(U), D, B
+
+
+def _to_torch(a, like: torch.Tensor) -> torch.Tensor:
+    import numpy as np
+    return torch.from_numpy(np.array(a)).to(device=like.device)
+
+
+def derivatives_and_grads(method: str, model: nn.Module, x, y, u, order: int
+                          ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """(d of shape (K, B) or (K, D, B), gradients of mean|d| in ``model.parameters()`` order)."""
+    if method == "torch_jet":
+        _torch_jet()
+    if method != "jax":
+        raise ValueError(f"unknown peer {method!r}")
+    fn, jnp = _jax_program(model, order)
+    ps, X, Y, U, D, B = _jax_inputs(model, x, y, u, jnp)
+    (_, d), g = fn(ps, X, Y, U)
+    d = _to_torch(d, x)
+    if D is not None:
+        d = d.reshape(order, D, B)
+    grads = []
+    for (gw, gb), m in zip(g, [m for m in model if isinstance(m, nn.Linear)]):
+        grads.append(_to_torch(gw, x))
+        if m.bias is not None:
+            grads.append(_to_torch(gb, x))
+    return d, grads
+
+
+def make_step(method: str, model: nn.Module, x, y, u, order: int) -> Callable[[], torch.Tensor]:
+    """The timed step of a peer: the jitted value-and-gradient call, waited for; returns d."""
+    if method == "torch_jet":
+        _torch_jet()
+    if method != "jax":
+        raise ValueError(f"unknown peer {method!r}")
+    if x.device.type != "cpu":
+        raise PeerUnavailable("the JAX peer runs on the CPU here (jax without a GPU build)")
+    fn, jnp = _jax_program(model, order)
+    ps, X, Y, U, D, B = _jax_inputs(model, x, y, u, jnp)
+    import jax
+
+    def step():
+        (v, d), g = fn(ps, X, Y, U)
+        jax.block_until_ready((d, g))
+        out = _to_torch(d, x)
+        return out.reshape(order, D, B) if D is not None else out
+    return step

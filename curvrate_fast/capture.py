@@ -1,0 +1,723 @@
+"""Captured jet programs (docs/design.md §6): a loss computed with jets, recorded once as one ATen
+graph through the rules and replayed, optionally compiled.
+
+The eager engine interprets a model op by op: every torch function that meets a jet pays the
+Python dispatch of ``__torch_function__``, the rule lookup and the rule's own Python. On a small
+model that is the whole cost. :func:`compile` removes it: the first call with a new configuration
+runs the function once under ``make_fx`` (the jet wrapper is Python and invisible to the trace:
+what is recorded are the ATen ops the rules run on the coefficient tensors), **forward and the
+backward to the parameters in one graph**, and hands that graph to ``torch.compile``'s inductor
+(or replays it as it is with ``backend="eager"``); later calls with the same configuration run
+the graph.
+
+What is an input of the graph and what is not:
+
+- **inputs** (read afresh on every call, never baked in): the parameters and buffers of every
+  ``nn.Module`` argument (passed in with ``torch.nn.utils.stateless``, so an optimizer step is
+  seen), every tensor argument (inputs, labels, directions, subset indices: the CRR wrappers draw
+  their random directions and subsets *outside* the graph, eagerly, and pass them in), and the
+  random state: random ops inside the model (dropout) stay random ops of the graph and draw from
+  PyTorch's generator at every call, in eager order (inductor is told ``fallback_random``, so
+  the masks are those the eager engine would draw);
+- **guards** (a change means a new capture, cached beside the old ones): every tensor's shape,
+  dtype, device and ``requires_grad``; every module argument's structure: the class, the
+  train/eval flag and the other attributes (sizes, flags, hooks: by value, or by identity for
+  objects such as functions) of each submodule, and its parameter and buffer names and metadata
+  (two instances of one architecture share their graphs, each feeding its own parameters); every
+  other argument by value (ints, floats, strings, None, tuples of them) or by identity
+  (functions); grad mode; the engine's backend setting;
+- **refused** at capture, with an error that names the cause (a graph that would replay a stale
+  value is never kept): a tensor value read into Python while tracing (``.item()``, ``bool(t)``:
+  the graph would replay that one value), a parameter reached other than through a module
+  argument, a plain tensor attribute of a module (register it as a buffer), a result that is not
+  one scalar tensor.
+
+The graph returns the loss and its gradients with respect to every parameter and tensor argument
+that requires grad; the call returns the loss as a tensor whose backward multiplies those
+gradients by the incoming gradient (exact for a scalar loss; a second derivative through it
+raises). So ``loss.backward()`` and optimizers work as usual, and a custom backward of the engine
+(the Toeplitz backward of the activation jets) is recorded as it runs.
+
+Inside a user's ``torch.compile`` the call is one ``torch.library`` custom op
+(``curvrate::captured_loss``), so dynamo sees no jet and the step compiles without graph breaks
+(``fullgraph=True`` works); the op runs the captured program at run time with real tensors, and
+there its value checks (NaN/Inf, labels) run too.
+
+First-call cost: the capture itself takes about 0.1–0.5 s on small models; inductor then compiles
+the graph, 3–20 s on CPU the first time (its C++ build; later processes reuse inductor's on-disk
+cache), seconds on CUDA. Each new configuration (e.g. the last, smaller batch of an epoch) is one
+more capture and compile.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .jets.registry import settings
+from .jets.tensor import JetError
+
+__all__ = ["compile", "CompiledLoss", "CaptureError"]
+
+
+class CaptureError(JetError):
+    """A function cannot be captured as a graph that replays exactly (the message says why)."""
+
+
+_LOCK = threading.RLock()
+
+# ops whose presence in a captured graph means a tensor value was read into Python while tracing:
+# the Python that read it took one branch, which the graph would replay for every later value
+_VALUE_READS = ("_local_scalar_dense", "item", "nonzero", "equal", "is_nonzero", "unique",
+                "_unique", "_unique2", "masked_select")
+
+
+class _Const:
+    """A non-tensor argument inside the guard key: by value when hashable, else by identity."""
+
+    __slots__ = ("value", "key")
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        try:
+            hash(value)
+            self.key = ("v", type(value).__name__, value)
+        except TypeError:
+            self.key = ("id", id(value))
+
+
+_PRIMITIVE = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
+# what a submodule's __dict__ holds besides its tensors and children: everything else (ints,
+# floats, strings, flags, hooks, functions) can steer its forward, so it is part of the guard
+_NOT_ATTRIBUTES = frozenset({"_parameters", "_buffers", "_modules"})
+
+
+_PRIMITIVE_TYPES = frozenset(_PRIMITIVE)
+
+
+def _attr_key(v, depth: int = 0):
+    if type(v) in _PRIMITIVE_TYPES or isinstance(v, _PRIMITIVE):
+        return v
+    if depth < 3 and isinstance(v, (tuple, list)):
+        return (type(v).__name__,) + tuple(_attr_key(x, depth + 1) for x in v)
+    if depth < 3 and isinstance(v, dict):
+        if not v:
+            return ()
+        return ("dict",) + tuple((k if isinstance(k, _PRIMITIVE) else id(k), _attr_key(x, depth + 1))
+                                 for k, x in v.items())
+    if depth < 3 and isinstance(v, (set, frozenset)) and all(isinstance(x, str) for x in v):
+        return ("set",) + tuple(sorted(v))
+    return ("id", id(v))          # any other object (a function, a tensor attribute...): by identity
+
+
+def _submodule_key(sub: nn.Module) -> tuple:
+    prim = _PRIMITIVE_TYPES
+    out = [type(sub)]
+    for k, v in sub.__dict__.items():
+        if type(v) in prim:
+            out.append(k)
+            out.append(v)
+        elif k not in _NOT_ATTRIBUTES:
+            if type(v) is dict or type(v) is collections.OrderedDict:
+                if v:
+                    out.append(k)
+                    out.append(_attr_key(v))
+            else:
+                out.append(k)
+                out.append(_attr_key(v))
+    return tuple(out)
+
+
+def _module_state(m: nn.Module):
+    """(named parameters, named buffers, structure) in one walk over the submodules (the names
+    and order of ``named_parameters``/``named_buffers`` with ``remove_duplicate=False``). The
+    structure (each submodule's class, train flag and other attributes: sizes, flags, hooks) is
+    what the guard compares instead of the module's identity, so that every instance of one
+    architecture shares its graphs (its own parameters and buffers being the graph inputs)."""
+    params: List[Tuple[str, Tensor]] = []
+    buffers: List[Tuple[str, Tensor]] = []
+    flags: List[Any] = []
+    stack = [("", m)]
+    while stack:
+        prefix, sub = stack.pop()
+        flags.append(prefix)
+        flags.append(_submodule_key(sub))
+        pre = prefix + "." if prefix else ""
+        for n, p in sub._parameters.items():
+            if p is not None:
+                params.append((pre + n, p))
+        for n, b in sub._buffers.items():
+            if b is not None:
+                buffers.append((pre + n, b))
+        children = [(pre + n, c) for n, c in sub._modules.items() if c is not None]
+        stack.extend(reversed(children))
+    return params, buffers, tuple(flags)
+
+
+def _meta(t: Tensor) -> tuple:
+    return (tuple(t.shape), t.dtype, t.device, bool(t.requires_grad))
+
+
+class _Entry:
+    """One captured configuration: the graph, how to feed it, which outputs are gradients."""
+
+    __slots__ = ("runner", "wrt", "n_aux", "graph", "calls")
+
+    def __init__(self, runner, wrt: List[int], n_aux: int, graph) -> None:
+        self.runner = runner
+        self.wrt = wrt          # indices into the flat input list of the tensors differentiated
+        self.n_aux = n_aux
+        self.graph = graph
+        self.calls = 0
+
+
+class _GradsTimesIncoming(torch.autograd.Function):
+    """value (computed, detached) → value, whose backward hands grad_out · g_i to input i."""
+
+    @staticmethod
+    def forward(ctx, value: Tensor, grads: Tuple[Tensor, ...], *wrt: Tensor) -> Tensor:
+        ctx.grads = grads
+        return value
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        grads = ctx.grads
+        del ctx.grads
+        return (None, None) + tuple(None if g is None else g * grad_out for g in grads)
+
+
+class CompiledLoss:
+    """A scalar loss function computed with jets, captured per configuration and replayed
+    (see the module docstring and :func:`compile`). Call it like ``fn``.
+
+    Attributes: ``captures`` (how many graphs were recorded), ``cache_size``; ``graphs()`` the
+    recorded ``torch.fx.GraphModule``\\ s (for inspection)."""
+
+    def __init__(self, fn: Callable[..., Any], *, backend: Optional[str] = "inductor",
+                 options: Optional[Dict[str, Any]] = None, cache_size: int = 8,
+                 check: Optional[Callable[..., None]] = None,
+                 aux_like: Optional[Callable[..., Sequence[Tuple[tuple, torch.dtype]]]] = None,
+                 name: Optional[str] = None) -> None:
+        if not callable(fn):
+            raise TypeError(f"compile needs a callable, got {type(fn).__name__}")
+        if backend is not None and not isinstance(backend, str) and not callable(backend):
+            raise TypeError(f"backend must be None, a torch.compile backend name or callable, got {backend!r}")
+        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
+            raise ValueError(f"cache_size must be an int ≥ 1, got {cache_size!r}")
+        self.fn = fn
+        self.backend = "eager" if backend is None else backend
+        self.options = dict(options or {})
+        self.cache_size = cache_size
+        self.check = check
+        self.aux_like = aux_like
+        self.name = name or getattr(fn, "__qualname__", type(fn).__name__)
+        self.captures = 0
+        self._cache: "collections.OrderedDict[tuple, _Entry]" = collections.OrderedDict()
+        self._lock = _LOCK
+        self._warned_evict = False
+
+    def __repr__(self) -> str:
+        return (f"CompiledLoss({self.name}, backend={self.backend!r}, captures={self.captures}, "
+                f"cached={len(self._cache)})")
+
+    def graphs(self) -> List[torch.fx.GraphModule]:
+        return [e.graph for e in self._cache.values()]
+
+    def clear(self) -> None:
+        """Drop every captured graph (the next call captures again)."""
+        with self._lock:
+            self._cache.clear()
+
+    # -- flattening -------------------------------------------------------------------------
+    def _flatten(self, args: tuple, kwargs: dict):
+        """(flat tensors, layout, guard key). The layout rebuilds the call from the flat list:
+        ("M", module, names of params, names of buffers) | ("T",) | ("C", value)."""
+        flat: List[Tensor] = []
+        layout: List[tuple] = []
+        key: List[Any] = []
+        items = list(args) + [kwargs[k] for k in sorted(kwargs)]
+        for a in items:
+            if isinstance(a, nn.Module):
+                params, buffers, flags = _module_state(a)
+                pn, bn = [n for n, _ in params], [n for n, _ in buffers]
+                layout.append(("M", a, pn, bn))
+                for _, t in params:
+                    flat.append(t)
+                for _, t in buffers:
+                    flat.append(t)
+                key.append(("M", flags,
+                            tuple((n, _meta(t)) for n, t in params),
+                            tuple((n, _meta(t)) for n, t in buffers)))
+            elif isinstance(a, Tensor):
+                if type(a) is not Tensor and not isinstance(a, nn.Parameter):
+                    raise CaptureError(f"compile: a tensor argument of type {type(a).__name__} (a tensor "
+                                       "subclass) cannot be a graph input; pass plain tensors")
+                layout.append(("T",))
+                flat.append(a)
+                key.append(("T", _meta(a)))
+            elif isinstance(a, (list, tuple, dict)) and _has_tensor(a):
+                raise CaptureError("compile: pass tensors and modules as top-level arguments, not inside "
+                                   f"a {type(a).__name__} (a tensor inside a container would be baked "
+                                   "into the graph)")
+            else:
+                c = _Const(a)
+                layout.append(("C", a))
+                key.append(("C", c.key))
+        key.append(("kw", tuple(sorted(kwargs))))
+        key.append(("grad", torch.is_grad_enabled()))
+        key.append(("engine", settings.backend, settings.linear_impl))
+        return flat, layout, tuple(key)
+
+    @staticmethod
+    def _rebuild(layout, flat: Sequence[Tensor], n_args: int, kw_names: Sequence[str]):
+        """Arguments for fn from the flat list; modules come back with a parametrization table."""
+        vals: List[Any] = []
+        tables: List[Tuple[nn.Module, Dict[str, Tensor]]] = []
+        i = 0
+        for item in layout:
+            if item[0] == "M":
+                _, m, pn, bn = item
+                table = {}
+                for n in pn:
+                    table[n] = flat[i]
+                    i += 1
+                for n in bn:
+                    table[n] = flat[i]
+                    i += 1
+                tables.append((m, table))
+                vals.append(m)
+            elif item[0] == "T":
+                vals.append(flat[i])
+                i += 1
+            else:
+                vals.append(item[1])
+        args = tuple(vals[:n_args])
+        kwargs = dict(zip(kw_names, vals[n_args:]))
+        return args, kwargs, tables
+
+    # -- capture ----------------------------------------------------------------------------
+    def _capture(self, flat: List[Tensor], layout, n_args: int, kw_names, wrt: List[int]) -> _Entry:
+        from contextlib import ExitStack
+
+        from torch.fx.experimental.proxy_tensor import make_fx
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        need_grad = bool(wrt)
+        n_aux_box = [0]
+        fn = self.fn
+
+        def joint(*ins):
+            ins = list(ins)
+            leaves = []
+            for i in wrt:
+                leaf = ins[i].detach().requires_grad_(True)
+                ins[i] = leaf
+                leaves.append(leaf)
+            args, kwargs, tables = self._rebuild(layout, ins, n_args, kw_names)
+            with ExitStack() as stack:
+                for m, table in tables:
+                    stack.enter_context(_reparametrize_module(m, table, tie_weights=True, strict=False))
+                with torch.set_grad_enabled(need_grad):
+                    out = fn(*args, **kwargs)
+            value, aux = _split_output(out, self.name)
+            n_aux_box[0] = len(aux)
+            if leaves:
+                grads = torch.autograd.grad(value, leaves, allow_unused=True)
+                grads = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
+            else:
+                grads = []
+            return (value.detach(), *[a.detach() for a in aux], *grads)
+
+        ins = [t.detach() for t in flat]
+        devices = sorted({t.device.index or 0 for t in flat if t.is_cuda})
+        # the trace runs fn once on real tensors: it must not consume random numbers, so that the
+        # first replay draws what an eager call would have drawn
+        with _capture_settings(flat), torch.random.fork_rng(devices=devices):
+            try:
+                gm = make_fx(joint, tracing_mode="real", _allow_non_fake_inputs=True)(*ins)
+            except RuntimeError as e:
+                if "_local_scalar_dense" not in str(e) and "data-dependent" not in str(e):
+                    raise
+                raise CaptureError(_value_read_message(self.name, "aten._local_scalar_dense")) from e
+        _verify_graph(gm, layout, self.name)
+        runner = self._compile_graph(gm, ins)
+        self.captures += 1
+        return _Entry(runner, wrt, n_aux_box[0], gm)
+
+    def _compile_graph(self, gm: torch.fx.GraphModule, example: List[Tensor]):
+        backend = self.backend
+        if backend == "eager":
+            return gm
+        if backend == "inductor":
+            opts = {"fallback_random": True}
+            opts.update(self.options)
+            try:
+                from torch._inductor.compile_fx import compile_fx
+                return compile_fx(gm, example, config_patches=opts)
+            except Exception:  # noqa: BLE001 - an inductor without compile_fx: torch.compile
+                pass
+            return torch.compile(gm, backend="inductor", options=opts, fullgraph=True, dynamic=False)
+        return torch.compile(gm, backend=backend, fullgraph=True, dynamic=False,
+                             options=self.options or None)
+
+    # -- call -------------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs) -> Tensor:
+        if torch.compiler.is_compiling():
+            return _dynamo_call(self, args, kwargs)
+        value, _ = self.call_with_aux(*args, **kwargs)
+        return value
+
+    def call_with_aux(self, *args, **kwargs) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+        """The loss (differentiable) and the detached auxiliary outputs of ``fn``."""
+        if torch.compiler.is_compiling():
+            return _dynamo_call(self, args, kwargs, with_aux=True)
+        if self.check is not None:
+            self.check(*args, **kwargs)
+        else:
+            _check_finite_args(args, kwargs)
+        flat, layout, key = self._flatten(args, kwargs)
+        kw_names = sorted(kwargs)
+        need_grad = torch.is_grad_enabled()
+        with self._lock:
+            entry = self._cache.get(key)
+            if entry is not None:
+                self._cache.move_to_end(key)
+        if entry is None:
+            wrt = [i for i, t in enumerate(flat) if need_grad and t.requires_grad]
+            entry = self._capture(flat, layout, len(args), kw_names, wrt)
+            with self._lock:
+                self._cache[key] = entry
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+                    if not self._warned_evict:
+                        self._warned_evict = True
+                        warnings.warn(f"curvrate_fast.compile({self.name}): more than {self.cache_size} "
+                                      "configurations (shapes, modes, arguments) seen; the oldest graph "
+                                      "was dropped and will be captured again when it comes back. "
+                                      "Raise cache_size, or keep shapes fixed (e.g. drop_last=True).",
+                                      RuntimeWarning, stacklevel=3)
+        entry.calls += 1
+        with torch.no_grad():
+            outs = entry.runner(*[t.detach() for t in flat])
+        outs = list(outs)
+        value = outs[0]
+        aux = tuple(outs[1:1 + entry.n_aux])
+        grads = tuple(outs[1 + entry.n_aux:])
+        if entry.wrt:
+            value = _GradsTimesIncoming.apply(value, grads, *[flat[i] for i in entry.wrt])
+        return value, aux
+
+    # what the custom op of the dynamo path returns: the loss, the aux outputs and the gradients of
+    # the tensors marked in ``mask`` (their requires_grad when dynamo traced the step: at run time
+    # the op sees detached tensors)
+    def _op_outputs(self, args, kwargs, mask: Sequence[bool]) -> List[Tensor]:
+        if self.check is not None:
+            self.check(*args, **kwargs)
+        else:
+            _check_finite_args(args, kwargs)
+        flat, layout, key = self._flatten(args, kwargs)
+        key = key + (("mask", tuple(mask)),)
+        with self._lock:
+            entry = self._cache.get(key)
+        if entry is None:
+            wrt = [i for i, m in enumerate(mask) if m]
+            with _autograd_on(), torch.enable_grad():
+                entry = self._capture(flat, layout, len(args), sorted(kwargs), wrt)
+            with self._lock:
+                self._cache[key] = entry
+        entry.calls += 1
+        with torch.no_grad():
+            return list(entry.runner(*[t.detach() for t in flat]))
+
+
+def _autograd_on():
+    """A custom op's implementation runs with the autograd dispatch keys excluded (it is one node
+    of the outer graph); the capture inside it records a backward, so it turns them back on."""
+    K = torch._C.DispatchKey
+    excl = torch._C._dispatch_tls_local_exclude_set()
+    for k in ("AutogradCPU", "AutogradCUDA", "AutogradXPU", "AutogradMPS", "AutogradOther",
+              "AutogradPrivateUse1", "ADInplaceOrView"):
+        if hasattr(K, k):
+            excl = excl.remove(getattr(K, k))
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excl)
+
+
+def _has_tensor(tree) -> bool:
+    from torch.utils._pytree import tree_flatten
+    return any(isinstance(v, (Tensor, nn.Module)) for v in tree_flatten(tree)[0])
+
+
+def _split_output(out, name: str):
+    if isinstance(out, Tensor):
+        value, aux = out, ()
+    elif isinstance(out, tuple) and out and all(isinstance(o, Tensor) for o in out):
+        value, aux = out[0], out[1:]
+    else:
+        raise CaptureError(f"compile({name}): the function must return one scalar tensor (the loss), or a "
+                           f"tuple (loss, *tensors); got {type(out).__name__}")
+    if value.dim() != 0:
+        raise CaptureError(f"compile({name}): the loss must be a scalar (0-d) tensor, got shape "
+                           f"{tuple(value.shape)}; reduce it (e.g. .mean()) inside the function")
+    if not value.is_floating_point():
+        raise CaptureError(f"compile({name}): the loss must be floating point, got {value.dtype}")
+    from .jets.tensor import is_jet
+    if is_jet(value):
+        raise CaptureError(f"compile({name}): the function returned a jet; return a plain tensor "
+                           "(e.g. the coefficients via curvrate_fast.jet)")
+    return value, aux
+
+
+class _capture_settings:
+    """The engine's settings while tracing: on CPU the pure-PyTorch reference rules (inductor
+    fuses their elementwise recurrences; the C++ kernels are opaque to it), on CUDA the Triton
+    kernels as torch.library ops, unless a backend was forced."""
+
+    def __init__(self, flat: Sequence[Tensor]) -> None:
+        self.flat = flat
+        self.saved = None
+
+    def __enter__(self):
+        self.saved = settings.backend
+        if settings.backend in ("auto", "cpp") and not any(t.is_cuda for t in self.flat):
+            settings.backend = "reference"
+        return self
+
+    def __exit__(self, *exc):
+        settings.backend = self.saved
+        return False
+
+
+def _verify_graph(gm: torch.fx.GraphModule, layout, name: str) -> None:
+    """Refuse a graph that would replay a stale value."""
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            target = node.target
+            base = getattr(getattr(target, "overloadpacket", None), "__name__", None) or \
+                getattr(target, "__name__", "")
+            if base in _VALUE_READS:
+                raise CaptureError(_value_read_message(name, target))
+    # constants of the graph: a parameter (requires grad) reached other than through a module
+    # argument, or a plain tensor attribute of a module argument, would be frozen at its value now
+    attrs: Dict[int, str] = {}
+    for item in layout:
+        if item[0] != "M":
+            continue
+        m = item[1]
+        for mname, sub in m.named_modules():
+            for aname, v in vars(sub).items():
+                if aname in ("_parameters", "_buffers", "_modules"):
+                    continue
+                where = f"{mname + '.' if mname else ''}{aname}"
+                held = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else [v]
+                for t in held:   # a tensor attribute, or one held in a list, tuple or dict attribute
+                    if isinstance(t, Tensor):
+                        attrs[t.untyped_storage().data_ptr()] = where
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        c = getattr(gm, node.target, None)
+        if not isinstance(c, Tensor):
+            continue
+        if c.requires_grad or isinstance(c, nn.Parameter):
+            raise CaptureError(
+                f"compile({name}): a parameter of shape {tuple(c.shape)} entered the graph as a constant: the "
+                "function reaches it other than through a module argument (e.g. a model captured in a "
+                "closure or a global). Pass the model as an argument so that its parameters are graph inputs.")
+        hit = attrs.get(c.untyped_storage().data_ptr()) if c.numel() else None
+        if hit is not None:
+            raise CaptureError(
+                f"compile({name}): the plain tensor attribute '{hit}' of a module entered the graph as a "
+                "constant and would not follow later changes; register it as a buffer "
+                "(module.register_buffer) so that it is a graph input.")
+
+
+def _value_read_message(name: str, what) -> str:
+    return (f"compile({name}): while capturing, a tensor value was read into Python ({what}, e.g. by "
+            ".item(), bool(t), int(t) or a data-dependent shape): a graph would replay the branch taken "
+            "for that one value. Keep such reads out of the function (the library's own checks run "
+            "before the graph), or call it eagerly.")
+
+
+def _check_finite_args(args, kwargs) -> None:
+    if not settings.check_finite:
+        return
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, Tensor) and a.is_floating_point() and not bool(torch.isfinite(a).all()):
+            raise ValueError(f"a tensor argument of shape {tuple(a.shape)} contains NaN or Inf")
+
+
+# =============================================================================================
+# Inside a user's torch.compile: one custom op
+# =============================================================================================
+
+_HANDLES: Dict[int, tuple] = {}
+_HANDLE_KEYS: Dict[tuple, int] = {}
+
+
+@torch._dynamo.assume_constant_result
+def _handle_for(loss: "CompiledLoss", kw_names: tuple, mask: tuple, *static) -> int:
+    """An int naming (compiled loss, the non-tensor arguments, which tensors need gradients) for
+    the custom op: dynamo calls this once while tracing and keeps the int as a constant (the
+    arguments come one by one: dynamo converts a module argument, not a tuple holding one)."""
+    key = (id(loss),) + tuple(("id", id(s)) if isinstance(s, nn.Module) else _Const(s).key
+                              for s in static) + (kw_names, mask)
+    h = _HANDLE_KEYS.get(key)
+    if h is None:
+        h = len(_HANDLES)
+        _HANDLES[h] = (loss, static, kw_names, mask)
+        _HANDLE_KEYS[key] = h
+    return h
+
+
+def _tensors_of(items: tuple) -> List[Tensor]:
+    out: List[Tensor] = []
+    for a in items:
+        if isinstance(a, nn.Module):
+            out.extend(p for _, p in a.named_parameters(remove_duplicate=False))
+            out.extend(b for _, b in a.named_buffers(remove_duplicate=False))
+        elif isinstance(a, Tensor):
+            out.append(a)
+    return out
+
+
+class _TensorSlot:
+    """Marks where a tensor argument goes among the non-tensor arguments of a handle."""
+
+    def __repr__(self) -> str:
+        return "<tensor>"
+
+
+_SLOT = _TensorSlot()
+
+
+def _static_of(items: tuple) -> tuple:
+    return tuple(_SLOT if isinstance(a, Tensor) else a for a in items)
+
+
+def _rebuild_from_handle(h: int, tensors: Sequence[Tensor]):
+    loss, static, kw_names, mask = _HANDLES[h]
+    items, i = [], 0
+    for s in static:
+        if s is _SLOT:
+            items.append(tensors[i])
+            i += 1
+        else:
+            items.append(s)
+            if isinstance(s, nn.Module):
+                i += len(list(s.named_parameters(remove_duplicate=False))) + \
+                    len(list(s.named_buffers(remove_duplicate=False)))
+    n_args = len(static) - len(kw_names)
+    return loss, tuple(items[:n_args]), dict(zip(kw_names, items[n_args:])), mask
+
+
+@torch.library.custom_op("curvrate::captured_loss", mutates_args=())
+def _captured_loss_op(handle: int, tensors: List[Tensor]) -> List[Tensor]:
+    loss, args, kwargs, mask = _rebuild_from_handle(handle, tensors)
+    # the module arguments are the live modules: their parameters must be the tensors passed in
+    expected = _tensors_of(tuple(args) + tuple(kwargs.values()))
+    if len(expected) != len(tensors) or any(
+            e.shape != t.shape or e.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+            for e, t in zip(expected, tensors) if e is not t):
+        raise CaptureError("curvrate::captured_loss: the parameters passed by the compiled graph are not the "
+                           "module's current ones (was the model replaced after torch.compile traced the "
+                           "step?); call torch._dynamo.reset() or compile the step again")
+    return loss._op_outputs(args, kwargs, mask)
+
+
+@_captured_loss_op.register_fake
+def _(handle: int, tensors: List[Tensor]) -> List[Tensor]:
+    loss, args, kwargs, mask = _rebuild_from_handle(handle, tensors)
+    floats = [t for t in tensors if t.is_floating_point()]
+    dtype = floats[-1].dtype if floats else torch.get_default_dtype()
+    value = tensors[0].new_empty((), dtype=dtype)
+    aux = []
+    if loss.aux_like is not None:
+        aux = [tensors[0].new_empty(shape, dtype=dt) for shape, dt in loss.aux_like(*args, **kwargs)]
+    grads = [torch.empty_like(t) for t, m in zip(tensors, mask) if m]
+    return [value, *aux, *grads]
+
+
+def _setup_context(ctx, inputs, output):
+    handle, tensors = inputs
+    mask = _HANDLES[handle][3]
+    n_grads = sum(mask)
+    ctx.mask = mask
+    ctx.save_for_backward(*output[len(output) - n_grads:])
+
+
+def _backward(ctx, grads_out):
+    g_value = grads_out[0]
+    saved = iter(ctx.saved_tensors)
+    return None, [next(saved) * g_value if m else None for m in ctx.mask]
+
+
+_captured_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _dynamo_call(loss: "CompiledLoss", args: tuple, kwargs: dict, with_aux: bool = False):
+    kw_names = tuple(sorted(kwargs))
+    items = tuple(args) + tuple(kwargs[k] for k in kw_names)
+    tensors = _tensors_of(items)
+    grad_on = torch.is_grad_enabled()
+    mask = tuple(bool(grad_on and t.requires_grad) for t in tensors)
+    h = _handle_for(loss, kw_names, mask, *_static_of(items))
+    outs = torch.ops.curvrate.captured_loss(h, tensors)
+    if with_aux:
+        n_aux = len(outs) - 1 - sum(mask)
+        return outs[0], tuple(o.detach() for o in outs[1:1 + n_aux])
+    return outs[0]
+
+
+def compile(fn: Callable[..., Any] = None, *, backend: Optional[str] = "inductor",
+            options: Optional[Dict[str, Any]] = None, cache_size: int = 8) -> Union[CompiledLoss, Callable]:
+    """Capture a scalar loss computed with jets as one graph per configuration, forward and
+    backward, and replay it compiled (docs/design.md §6; the module docstring of
+    ``curvrate_fast.capture`` lists what is a graph input, what is guarded and what is refused).
+
+    ``fn(*args, **kwargs)`` must return a 0-d tensor. ``nn.Module`` arguments contribute their
+    parameters and buffers as graph inputs, tensor arguments are graph inputs, other arguments
+    are guarded by value. The result is differentiable with respect to every parameter and
+    tensor argument that requires grad (first order: ``loss.backward()``, optimizers).
+
+    - ``backend="inductor"`` (default): the graph compiled by ``torch.compile``'s inductor
+      (fuses the Taylor recurrences; first call 3–20 s on CPU, cached on disk by inductor);
+      ``"eager"`` or ``None``: the recorded ATen graph replayed as it is (no compile time; the
+      engine's per-op Python is gone); any other ``torch.compile`` backend name.
+    - ``options``: inductor options (e.g. ``{"triton.cudagraphs": True}`` on CUDA to replay the
+      graph as a CUDA graph).
+    - ``cache_size``: configurations kept (each shape, dtype, train/eval mode... is one graph).
+
+    Value checks (NaN/Inf in floating tensor arguments, unless ``check_finite`` is off) run
+    before the graph, outside it. Random ops inside ``fn`` draw afresh at every call; draw the
+    random inputs of your own (directions) outside ``fn`` and pass them in.
+
+    Example::
+
+        >>> def penalty(model, x, y, u):
+        ...     return curvrate_fast.loss_directional_derivatives(model, x, y, u, 4).abs().mean()
+        >>> fast = curvrate_fast.compile(penalty)
+        >>> fast(model, x, y, u).backward()          # first call captures and compiles
+    """
+    def wrap(f):
+        return CompiledLoss(f, backend=backend, options=options, cache_size=cache_size)
+    if fn is None:
+        return wrap
+    return wrap(fn)
+
+
+def backend_of(compile_arg) -> Optional[str]:
+    """The capture backend meant by a ``compile=`` argument of the CRR API: False/None → None (eager
+    engine), True → "inductor", a string → that backend."""
+    if compile_arg is None or compile_arg is False:
+        return None
+    if compile_arg is True:
+        return "inductor"
+    if isinstance(compile_arg, str):
+        return compile_arg
+    raise TypeError(f"compile must be False, True or a torch.compile backend name, got {compile_arg!r}")
+

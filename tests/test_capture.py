@@ -1,0 +1,333 @@
+"""Captured jet programs (curvrate_fast.capture, docs/design.md §6): the graph replays the eager
+engine exactly (float64, ≤ 1e-12) on the engine's model zoo, in train mode with dropout (the same
+masks), with fresh subsets and directions at every step, across shape changes (a new capture) and
+parameter updates (no stale weights); what cannot replay exactly is refused; a user's
+torch.compile(fullgraph=True) of a CRR step compiles without graph breaks and matches eager.
+
+The graphs are replayed uncompiled (backend="eager") except in the one test that runs inductor: the
+replay is what capture adds, inductor's own correctness is PyTorch's."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from models import EncoderClassifier, MnistCNN, ResidualLN, SpecialFunctionModel, mlp
+
+import curvrate_fast as cf
+from curvrate_fast import crr as crr_mod
+
+D64 = torch.float64
+TOL = 1e-12
+
+
+def _max_rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def derivative_loss(model, x, y, u):
+    return cf.loss_directional_derivatives(model, x, y, u, 3).abs().mean()
+
+
+def _compare(fn, model, *tensors, seed=0, steps=2, fresh=None):
+    """Captured vs eager over a few steps, the same RNG state for both, the parameters updated
+    between steps; ``fresh(step)`` gives new tensors per step."""
+    fast = cf.compile(fn, backend="eager")
+    twin = copy.deepcopy(model)
+    for step in range(steps):
+        if fresh is not None:
+            tensors = fresh(step)
+        torch.manual_seed(seed + step)
+        a = fast(model, *tensors)
+        ga = torch.autograd.grad(a, [p for p in model.parameters() if p.requires_grad])
+        torch.manual_seed(seed + step)
+        b = fn(twin, *tensors)
+        gb = torch.autograd.grad(b, [p for p in twin.parameters() if p.requires_grad])
+        assert _max_rel(a.detach(), b.detach()) <= TOL, (step, a.item(), b.item())
+        for p, q in zip(ga, gb):
+            assert _max_rel(p, q) <= TOL, step
+        with torch.no_grad():  # an optimizer step on both: the graph must see the new weights
+            for p, q, g in zip(model.parameters(), twin.parameters(), ga):
+                p.sub_(0.05 * g)
+                q.sub_(0.05 * g)
+    assert fast.captures == 1
+    return fast
+
+
+ACTS = {"tanh": nn.Tanh(), "gelu": nn.GELU(), "relu": nn.ReLU(), "mish": nn.Mish(), "silu": nn.SiLU()}
+
+
+@pytest.mark.parametrize("act", sorted(ACTS))
+def test_mlp_zoo(act):
+    torch.manual_seed(0)
+    model = mlp(ACTS[act]).double()
+    y = torch.randint(0, 3, (6,))
+    _compare(derivative_loss, model, fresh=lambda s: (torch.randn(6, 5, dtype=D64), y,
+                                                      torch.randn(2, 6, 5, dtype=D64)))
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_mnist_cnn_with_dropout(train):
+    """Train mode: the dropout masks of the graph are the ones the eager engine draws."""
+    torch.manual_seed(1)
+    model = MnistCNN().double().train(train)
+    x, y, u = torch.randn(3, 1, 28, 28, dtype=D64), torch.randint(0, 10, (3,)), torch.randn(3, 1, 28, 28, dtype=D64)
+    _compare(derivative_loss, model, x, y, u)
+
+
+@pytest.mark.parametrize("name", ["residual_ln", "encoder", "encoder_gelu_prenorm", "special"])
+def test_other_zoo_models(name):
+    torch.manual_seed(2)
+    if name == "residual_ln":
+        model, shape = ResidualLN().double(), (5, 8)
+    elif name == "encoder":
+        model, shape = EncoderClassifier().double().eval(), (3, 5, 16)
+    elif name == "encoder_gelu_prenorm":
+        model, shape = EncoderClassifier(norm_first=True, activation="gelu").double().eval(), (3, 5, 16)
+    else:
+        model, shape = SpecialFunctionModel().double(), (4, 4)
+    y = torch.randint(0, 3, (shape[0],))
+    _compare(derivative_loss, model, fresh=lambda s: (torch.randn(shape, dtype=D64), y,
+                                                      torch.randn(shape, dtype=D64)))
+
+
+def test_multihead_attention_with_mask():
+    torch.manual_seed(4)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+            self.register_buffer("mask", torch.triu(torch.ones(4, 4, dtype=torch.bool), 1))
+
+        def forward(self, x):
+            out, _ = self.mha(x, x, x, attn_mask=self.mask, need_weights=True)
+            return self.head(out.mean(1))
+
+    model = M().double().eval()
+    y = torch.randint(0, 3, (3,))
+    _compare(derivative_loss, model, fresh=lambda s: (torch.randn(3, 4, 8, dtype=D64), y,
+                                                      torch.randn(3, 4, 8, dtype=D64)))
+
+
+# -- CRR through compile= -----------------------------------------------------------------------
+
+def _crr_pair(compile_arg, **kw):
+    return cf.CRRLoss(compile=compile_arg, **kw), cf.CRRLoss(**kw)
+
+
+def _train_both(crit_a, crit_b, model, batches, lr=0.1):
+    twin = copy.deepcopy(model)
+    oa, ob = torch.optim.SGD(model.parameters(), lr=lr), torch.optim.SGD(twin.parameters(), lr=lr)
+    for step, (x, y) in enumerate(batches):
+        torch.manual_seed(100 + step)
+        oa.zero_grad()
+        la = crit_a(model, x, y)
+        la.backward()
+        oa.step()
+        torch.manual_seed(100 + step)
+        ob.zero_grad()
+        lb = crit_b(twin, x, y)
+        lb.backward()
+        ob.step()
+        assert _max_rel(la.detach(), lb.detach()) <= TOL, step
+        assert _max_rel(crit_a.last_penalty, crit_b.last_penalty) <= TOL, step
+        assert _max_rel(crit_a.last_task_loss, crit_b.last_task_loss) <= TOL, step
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert _max_rel(p.detach(), q.detach()) <= TOL, step
+    return twin
+
+
+def _program(kind, backend="eager"):
+    return crr_mod._program(kind, backend)
+
+
+@pytest.mark.parametrize("directions", ["per_order", "fixed"])
+def test_crrloss_fresh_subset_and_directions_every_step(directions):
+    """The Two Moons setting (random 6 of 10, a fresh direction per order, dropout on): one graph
+    serves every step, and each step's new subset and directions reach it (a graph that replayed
+    stale ones would differ from the eager engine at step ≥ 1)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Dropout(0.2), nn.Linear(16, 2)).double().train()
+    crit_a, crit_b = _crr_pair("eager", orders=(2, 3), directions=directions, subset=6, scale=3e-2)
+    batches = [(torch.randn(10, 2, dtype=D64), torch.randint(0, 2, (10,))) for _ in range(4)]
+    prog = _program("total")
+    before = prog.captures
+    _train_both(crit_a, crit_b, model, batches)
+    assert prog.captures == before + 1
+    penalties = set()
+    for step in range(2):  # the same batch and weights, another draw: another penalty
+        torch.manual_seed(7 + step)
+        penalties.add(round(crit_a(model, *batches[0]).item(), 15))
+    assert len(penalties) == 2
+
+
+def test_crrloss_shape_change_recaptures_and_mode_change():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 8), nn.GELU(), nn.Linear(8, 3)).double().train()
+    crit_a, crit_b = _crr_pair("eager", orders=(1, 3), subset=None, scale=0.5)
+    batches = [(torch.randn(B, 3, dtype=D64), torch.randint(0, 3, (B,))) for B in (7, 7, 5, 7)]
+    prog = _program("total")
+    before = prog.captures
+    _train_both(crit_a, crit_b, model, batches)
+    assert prog.captures == before + 2          # B = 7 and B = 5, each once
+    model.eval()
+    crit_b_model = copy.deepcopy(model)
+    torch.manual_seed(3)
+    a = crit_a(model, *batches[0])
+    torch.manual_seed(3)
+    b = crit_b(crit_b_model, *batches[0])
+    assert prog.captures == before + 3          # eval mode is another configuration
+    assert _max_rel(a.detach(), b.detach()) <= TOL
+
+
+def test_crr_penalty_explicit_directions_and_generator():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(9, 4, dtype=D64), torch.randint(0, 3, (9,))
+    us = [torch.randn(9, 4, dtype=D64) for _ in range(3)]
+    kw = dict(orders=(1, 3), scale=2.0, subset=5)
+    for directions in (us[0], us):
+        a = cf.crr_penalty(model, x, y, directions=directions, compile="eager",
+                           generator=torch.Generator().manual_seed(5), **kw)
+        b = cf.crr_penalty(model, x, y, directions=directions, generator=torch.Generator().manual_seed(5), **kw)
+        assert _max_rel(a.detach(), b.detach()) <= TOL
+    bad = [u.clone() for u in us]
+    bad[1][3] = 0.0
+    with pytest.raises(ValueError, match="zero"):
+        cf.crr_penalty(model, x, y, directions=bad, compile="eager", **kw)
+    with pytest.raises(ValueError, match="labels"):
+        cf.crr_penalty(model, x, y - 5, compile="eager", **kw)
+    with pytest.raises(TypeError, match="nn.Module"):
+        cf.crr_penalty(lambda z: model(z), x, y, compile="eager", **kw)
+
+
+def test_no_grad_call_captures_a_value_only_graph():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    x, y, u = torch.randn(4, 3, dtype=D64), torch.randint(0, 2, (4,)), torch.randn(4, 3, dtype=D64)
+    fast = cf.compile(derivative_loss, backend="eager")
+    with torch.no_grad():
+        v = fast(model, x, y, u)
+    assert not v.requires_grad
+    assert _max_rel(v, derivative_loss(model, x, y, u).detach()) <= TOL
+    g = torch.autograd.grad(fast(model, x, y, u), list(model.parameters()))
+    assert fast.captures == 2 and all(t.abs().sum() > 0 for t in g)
+    # gradients with respect to a tensor argument that requires grad
+    xr = x.clone().requires_grad_(True)
+    (gx,) = torch.autograd.grad(fast(model, xr, y, u), [xr])
+    (gx_e,) = torch.autograd.grad(derivative_loss(model, xr, y, u), [xr])
+    assert _max_rel(gx, gx_e) <= TOL
+
+
+# -- refusals -------------------------------------------------------------------------------------
+
+def test_refuses_what_would_replay_stale():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y, u = torch.randn(4, 3, dtype=D64), torch.randint(0, 2, (4,)), torch.randn(4, 3, dtype=D64)
+
+    closure = cf.compile(lambda x, y, u: derivative_loss(model, x, y, u), backend="eager")
+    with pytest.raises(cf.CaptureError, match="module argument"):
+        closure(x, y, u)
+
+    def reads_a_value(model, x, y, u):
+        d = cf.loss_directional_derivatives(model, x, y, u, 2)
+        return d.abs().mean() * (2.0 if d.sum().item() > 0 else 1.0)
+    with pytest.raises(cf.CaptureError, match="read into Python"):
+        cf.compile(reads_a_value, backend="eager")(model, x, y, u)
+
+    class Attr(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+            self.shift = torch.randn(3, dtype=D64)     # a plain attribute, not a buffer
+
+        def forward(self, z):
+            return self.fc(z + self.shift)
+    with pytest.raises(cf.CaptureError, match="register it as a buffer"):
+        cf.compile(derivative_loss, backend="eager")(Attr().double(), x, y, u)
+
+    with pytest.raises(cf.CaptureError, match="scalar"):
+        cf.compile(lambda m, x, y, u: cf.loss_directional_derivatives(m, x, y, u, 2),
+                   backend="eager")(model, x, y, u)
+    with pytest.raises(cf.CaptureError, match="top-level"):
+        cf.compile(lambda m, xs: derivative_loss(m, *xs), backend="eager")(model, (x, y, u))
+    with pytest.raises(ValueError, match="NaN"):
+        cf.compile(derivative_loss, backend="eager")(model, x, y, u * float("nan"))
+
+
+# -- inside a user's torch.compile ----------------------------------------------------------------
+
+def _graph_breaks():
+    from torch._dynamo.utils import counters
+    return sum(counters["graph_break"].values())
+
+
+@pytest.mark.parametrize("use", ["CRRLoss", "crr_penalty"])
+def test_user_torch_compile_fullgraph_no_graph_breaks(use):
+    """A training step calling CRRLoss / crr_penalty compiles with fullgraph=True (dynamo sees one
+    custom op, curvrate::captured_loss) and gives the eager result: fixed explicit directions and
+    the whole batch, so that no random number is drawn inside the compiled step."""
+    torch._dynamo.reset()
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(6, 3, dtype=D64), torch.randint(0, 3, (6,))
+    kw = dict(orders=(1, 3), scale=0.3)
+    crit = cf.CRRLoss(**kw)
+
+    def step(m, x, y, u):
+        if use == "CRRLoss":
+            return crit(m, x, y)
+        return F.cross_entropy(m(x), y) + cf.crr_penalty(m, x, y, directions=u, **kw)
+
+    crit.directions = torch.randn(6, 3, dtype=D64)
+    u = crit.directions
+    breaks = _graph_breaks()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        a = compiled(model, x, y, u)
+        ga = torch.autograd.grad(a, list(model.parameters()))
+        b = step(twin, x, y, u)
+        gb = torch.autograd.grad(b, list(twin.parameters()))
+        assert _max_rel(a.detach(), b.detach()) <= TOL
+        for p, q in zip(ga, gb):
+            assert _max_rel(p, q) <= TOL
+        with torch.no_grad():
+            for p, q, g in zip(model.parameters(), twin.parameters(), ga):
+                p.sub_(0.1 * g)
+                q.sub_(0.1 * g)
+    assert _graph_breaks() == breaks
+
+
+@pytest.mark.slow
+def test_inductor_program_matches_eager_with_dropout():
+    """compile=True: the graph compiled by inductor (fallback_random: the eager dropout masks)."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Dropout(0.1), nn.Linear(16, 2)).double().train()
+    crit_a, crit_b = _crr_pair(True, orders=(2, 3), directions="per_order", subset=6, scale=3e-2)
+    batches = [(torch.randn(10, 2, dtype=D64), torch.randint(0, 2, (10,))) for _ in range(3)]
+    _train_both(crit_a, crit_b, model, batches)
+
+
+def test_triton_kernels_stay_in_the_graph_as_library_ops():
+    """With the Triton backend (the interpreter here, CUDA on a GPU) the fused kernels are recorded
+    as their torch.library ops, forward and backward, and the replay equals the eager engine."""
+    pytest.importorskip("triton")
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y, u = torch.randn(5, 3), torch.randint(0, 3, (5,)), torch.randn(5, 3)
+    with cf.engine_settings(backend="triton"):
+        fast = cf.compile(derivative_loss, backend="eager")
+        a = fast(model, x, y, u)
+        ga = torch.autograd.grad(a, list(model.parameters()))
+        b = derivative_loss(model, x, y, u)
+        gb = torch.autograd.grad(b, list(model.parameters()))
+    assert _max_rel(a.detach(), b.detach()) <= 1e-6
+    for p, q in zip(ga, gb):
+        assert _max_rel(p, q) <= 1e-6
+    ops = {str(n.target) for n in fast.graphs()[0].graph.nodes if n.op == "call_function"}
+    assert {"curvrate_fast_triton.activation_jet_fwd.default",
+            "curvrate_fast_triton.activation_jet_bwd.default"} <= ops, ops
