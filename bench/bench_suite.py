@@ -118,15 +118,7 @@ class GeluCNN(MnistCNN):
     """The paper's MNIST CNN with GELU in place of ReLU: a smooth network, so every coefficient row
     is stored (R = K + 1: the CRR floor's other end from the ReLU CNN's R = 2)."""
 
-    def forward(self, x):
-        x = F.gelu(self.conv1(x))
-        x = F.gelu(self.conv2(x))
-        x = F.max_pool2d(x, 2)
-        x = self.dropout1(x)
-        x = torch.flatten(x, 1)
-        x = F.gelu(self.fc1(x))
-        x = self.dropout2(x)
-        return self.fc2(x)
+    act = staticmethod(F.gelu)
 
 
 class TransformerClassifier(nn.Module):

@@ -25,7 +25,7 @@ What is an input of the graph and what is not:
   objects such as functions) of each submodule, and its parameter and buffer names and metadata
   (two instances of one architecture share their graphs, each feeding its own parameters); every
   other argument by value (ints, floats, strings, None, tuples of them) or by identity
-  (functions); grad mode; the engine's backend setting;
+  (functions); grad mode; autocast's state; the engine's backend setting;
 - **refused** at capture, with an error that names the cause (a graph that would replay a stale
   value is never kept): a tensor value read into Python while tracing (``.item()``, ``bool(t)``:
   the graph would replay that one value), a parameter reached other than through a module
@@ -74,6 +74,19 @@ _LOCK = threading.RLock()
 # the Python that read it took one branch, which the graph would replay for every later value
 _VALUE_READS = ("_local_scalar_dense", "item", "nonzero", "equal", "is_nonzero", "unique",
                 "_unique", "_unique2", "masked_select")
+
+
+def _autocast_state() -> tuple:
+    """Autocast's state for the devices a graph may run on: a graph recorded under autocast holds
+    its casts (and float16's direction scale), so a change of state is a new capture."""
+    if not torch._C._is_any_autocast_enabled():
+        return ()
+    from .jets.dispatcher import precision
+    out = []
+    for dt in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(dt):
+            out.append((dt, torch.get_autocast_dtype(dt)))
+    return tuple(out) + (("fp16_scale", float(precision.fp16_direction_scale)),)
 
 
 class _Const:
@@ -271,6 +284,7 @@ class CompiledLoss:
         key.append(("kw", tuple(sorted(kwargs))))
         key.append(("grad", torch.is_grad_enabled()))
         key.append(("engine", settings.backend, settings.linear_impl))
+        key.append(("autocast", _autocast_state()))
         return flat, layout, tuple(key)
 
     @staticmethod

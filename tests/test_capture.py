@@ -221,6 +221,25 @@ def test_no_grad_call_captures_a_value_only_graph():
     assert _max_rel(gx, gx_e) <= TOL
 
 
+def test_autocast_state_is_part_of_the_configuration():
+    """A graph recorded under autocast holds its casts: the same call in and out of autocast is two
+    captures, each replaying what the eager engine computes in that state."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    x, y, u = torch.randn(4, 3), torch.randint(0, 2, (4,)), torch.randn(4, 3)
+    fast = cf.compile(derivative_loss, backend="eager")
+    plain = fast(model, x, y, u)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = fast(model, x, y, u)
+        low_eager = derivative_loss(model, x, y, u)
+    assert fast.captures == 2
+    torch.testing.assert_close(low, low_eager, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(plain, derivative_loss(model, x, y, u), rtol=1e-6, atol=1e-7)
+    assert not torch.equal(low, plain)              # bfloat16 GEMMs: another number
+    assert torch.equal(fast(model, x, y, u), plain)  # back out of autocast: the first graph again
+    assert fast.captures == 2
+
+
 # -- refusals -------------------------------------------------------------------------------------
 
 def test_refuses_what_would_replay_stale():

@@ -223,6 +223,46 @@ def test_checkpoint_keeps_no_grad_block_constant(reentrant):
     assert cp.CheckpointFunction.__name__ == "CheckpointFunction"    # restored after the pass
 
 
+def test_fsdp_unit_output_runs_its_deferred_gemm_before_the_reshard():
+    """A jet an FSDP2 unit returns with its GEMM deferred (the Triton path) has that GEMM run by
+    the engine's global forward hook, which runs before FSDP2's own post-forward (the reshard).
+    The unit's class is swapped to an FSDPModule subclass as fully_shard does; the unit's own
+    forward hook stands in for the reshard and records what it sees."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from curvrate_fast.jets import dispatcher
+    from curvrate_fast.jets.tensor import JetTensor
+
+    g = torch.Generator().manual_seed(3)
+    W, b = torch.randn(4, 3, generator=g, dtype=D64), torch.randn(4, generator=g, dtype=D64)
+    xc = torch.randn(3, 2, 3, generator=g, dtype=D64)
+
+    class Unit(nn.Module):
+        def forward(self, h):
+            return JetTensor.deferred_linear(xc, W, b, 2)
+
+    unit = Unit()
+    unit.__class__ = type("FSDPUnit", (FSDPModule, Unit), {})
+    seen = []
+    unit.register_forward_hook(lambda m, i, out: seen.append(out._pending))
+    handle = torch.nn.modules.module.register_module_forward_hook(dispatcher._fsdp_post_hook)
+    try:
+        with dispatcher.model_call():
+            out = unit(torch.zeros(1))
+    finally:
+        handle.remove()
+    assert seen == [None]                        # materialized before the unit's own hook
+    ref = torch.nn.functional.linear(xc, W)
+    ref[0] += b
+    assert torch.equal(out._coeffs, ref)
+    # a unit that is not FSDP keeps its GEMM deferred (the fused activation may still take it)
+    plain = Unit()
+    with dispatcher.model_call():
+        out2 = plain(torch.zeros(1))
+        dispatcher._fsdp_post_hook(plain, (), out2)
+    assert out2._pending is not None
+
+
 # -- mixed precision ---------------------------------------------------------------------------------
 
 def _worst_rel(got, ref):

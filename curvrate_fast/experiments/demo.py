@@ -193,7 +193,9 @@ def run_demo(*, seed: int = 42, n_seeds: int = DEMO_SEEDS, epochs: int = 25, sca
         js = os.path.abspath(os.path.join(out_dir, "demo_two_moons.json"))
         result["files"]["json"] = js
         with open(js, "w", encoding="utf-8") as f:
-            json.dump({**result, "environment": environment(device)}, f, indent=1)
+            # file names only in the JSON: it is committed, and a path would name the checkout
+            names = {k: (os.path.basename(v) if v else v) for k, v in result["files"].items()}
+            json.dump({**result, "files": names, "environment": environment(device)}, f, indent=1)
     return result
 
 

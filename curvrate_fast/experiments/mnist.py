@@ -69,7 +69,9 @@ CLASS_PAIRS: Tuple[Tuple[int, int], ...] = ((4, 9), (3, 8), (6, 7))
 class MnistCNN(nn.Module):
     """The paper's MNIST CNN (docs/math.md §6, the PyTorch MNIST example): Conv(1→32,3) → ReLU →
     Conv(32→64,3) → ReLU → MaxPool 2 → Dropout .5 → Flatten (9216) → Linear 128 → ReLU →
-    Dropout .5 → Linear 10."""
+    Dropout .5 → Linear 10. Subclasses change the activation by ``act``."""
+
+    act = staticmethod(F.relu)
 
     def __init__(self, p: float = 0.5) -> None:
         super().__init__()
@@ -81,12 +83,12 @@ class MnistCNN(nn.Module):
         self.fc2 = nn.Linear(128, 10)
 
     def forward(self, x):
-        x = F.relu(self.conv1(x))
-        x = F.relu(self.conv2(x))
+        x = self.act(self.conv1(x))
+        x = self.act(self.conv2(x))
         x = F.max_pool2d(x, 2)
         x = self.dropout1(x)
         x = torch.flatten(x, 1)
-        x = F.relu(self.fc1(x))
+        x = self.act(self.fc1(x))
         x = self.dropout2(x)
         return self.fc2(x)
 

@@ -270,16 +270,22 @@ def _custom_function(frame, func: Any, args: Tuple, kwargs: Dict) -> Any:
 
 
 def _route_with_graph(func: Any, args: Tuple, kwargs: Dict) -> Any:
-    s = settings
-    if s.rules_without_grad:
-        s.rule_depth = 1
-        try:
-            with torch.no_grad():
-                return _route(func, args, kwargs)
-        finally:
-            s.rule_depth = 0
+    if settings.rules_without_grad:
+        return _route_without_grad(func, args, kwargs)
     with torch.enable_grad():
         return _route(func, args, kwargs)
+
+
+def _route_without_grad(func: Any, args: Tuple, kwargs: Dict) -> Any:
+    """A top-level op of a pass whose caller runs without grad (``model_call``): the rule runs under
+    no_grad, marked as a rule (depth 1) so that its own no_grad is not taken for the model's."""
+    s = settings
+    s.rule_depth = 1
+    try:
+        with torch.no_grad():
+            return _route(func, args, kwargs)
+    finally:
+        s.rule_depth = 0
 
 
 def _is_checkpoint_function(cls: Any) -> bool:
@@ -402,14 +408,8 @@ def dispatch(func: Any, args: Tuple, kwargs: Dict) -> Any:
             return constant_result(func, args, kwargs)
     if torch._C._is_any_autocast_enabled():
         return _autocast(func, args, kwargs)
-    if s.rule_depth == 0:
-        if s.rules_without_grad:
-            s.rule_depth = 1
-            try:
-                with torch.no_grad():
-                    return _route(func, args, kwargs)
-            finally:
-                s.rule_depth = 0
+    if s.rule_depth == 0 and s.rules_without_grad:
+        return _route_without_grad(func, args, kwargs)
     return _route(func, args, kwargs)
 
 
@@ -768,13 +768,51 @@ def _ddp_pre_hook(module, inputs):
     return None
 
 
+def _fsdp_post_hook(module, inputs, output):
+    """FSDP2 reshards a unit's parameters in its own forward hook, right after the forward: a jet
+    the unit returns with its GEMM still deferred (``JetTensor.deferred_linear``, the Triton path)
+    would run that GEMM on a freed weight later. Global forward hooks run before the module's own,
+    so the GEMM runs here, while the weight is still gathered."""
+    if settings.model_calls and _is_fsdp_module(module):
+        materialize_deferred(output)
+    return None
+
+
+def materialize_deferred(output) -> None:
+    """Run the deferred work (a linear layer's GEMM, a pending bias) of every jet in ``output``."""
+    for j in _jets((output,), {}):
+        if j._pending is not None:
+            j._coeffs  # noqa: B018  (reading the coefficients runs the deferred work)
+
+
+def _is_fsdp_module(module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:          # a torch without FSDP2
+        return False
+    return isinstance(module, FSDPModule)
+
+
+class _Handles:
+    def __init__(self, *handles) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 def _watch_ddp():
     """While a jet pass runs in a process group, a global pre-forward hook notices a DDP module
-    with ``find_unused_parameters=True`` and links its module's output jets (``_Link``)."""
+    with ``find_unused_parameters=True`` and links its module's output jets (``_Link``), and a
+    global forward hook runs the deferred GEMMs of the jets an FSDP2 unit returns before FSDP2
+    reshards its weights (``_fsdp_post_hook``)."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()):
         return None
-    return torch.nn.modules.module.register_module_forward_pre_hook(_ddp_pre_hook)
+    mod = torch.nn.modules.module
+    return _Handles(mod.register_module_forward_pre_hook(_ddp_pre_hook),
+                    mod.register_module_forward_hook(_fsdp_post_hook))
 
 
 install_dispatcher(dispatch)
