@@ -9,9 +9,15 @@ float64 before they are timed.
   :class:`PeerUnavailable` (recorded as skipped, with the reason). JAX runs on the CPU here; with
   one torch thread it is given one XLA thread too (``XLA_FLAGS``, set before jax is imported).
   Install: ``pip install -c constraints.txt ".[peers]"``.
-- ``torch_jet``: torch-jet (PyPI ``jet-for-pytorch``), which needs Python ≥ 3.12; where it is not
-  importable the column is skipped with that reason. No adapter is written for it yet: none
-  could be run and checked against the oracle on this project's Python 3.11 machines.
+- ``torch_jet``: torch-jet (PyPI ``jet-for-pytorch``, Python ≥ 3.12): ``jet.jet`` of the
+  per-sample cross-entropy along the directions, frozen into one FX graph with
+  ``jet.capture_graph`` and simplified with its ``common_subexpression_elimination`` (the library's
+  own pipeline for a fixed order); the backward of mean|d| to the parameters is PyTorch's autograd
+  through that graph (the parameters are live tensors inside it, so updates are seen). torch-jet
+  takes all K input coefficients (here u, 0, …, 0) and computes with every one of them; its
+  coefficients are the derivatives dⁿ/dtⁿ (checked against nested autograd before timing). Where
+  it is not importable (Python 3.11) the column is skipped with that reason; run the harness from
+  a Python 3.12 environment to fill it (bench/README.md).
 """
 from __future__ import annotations
 
@@ -47,10 +53,45 @@ def _torch_jet():
     if sys.version_info < (3, 12):
         raise PeerUnavailable(f"torch-jet (jet-for-pytorch) needs Python ≥ 3.12; this is "
                               f"{sys.version_info.major}.{sys.version_info.minor}")
-    if importlib.util.find_spec("jet") is None:
+    if importlib.util.find_spec("jet") is None or importlib.util.find_spec("jet.tracing") is None:
         raise PeerUnavailable("torch-jet is not installed (pip install jet-for-pytorch)")
-    raise PeerUnavailable("torch-jet is installed but the harness has no adapter for it yet (none could "
-                          "be checked against the oracle on Python 3.11)")
+    import jet
+    return jet
+
+
+def _rows(x, y, u):
+    """(X, Y, U, D, B): D directions as D·B rows, as the engine batches them (D None: one)."""
+    B = x.shape[0]
+    if u.dim() == x.dim() + 1:
+        D = u.shape[0]
+        X = x.unsqueeze(0).expand((D,) + tuple(x.shape)).reshape((D * B,) + tuple(x.shape[1:]))
+        U = u.reshape((D * B,) + tuple(x.shape[1:]))
+        Y = y.unsqueeze(0).expand((D,) + tuple(y.shape)).reshape(-1)
+        return X, Y, U, D, B
+    return x, y, u, None, B
+
+
+def _torch_jet_program(model: nn.Module, x, y, u, order: int) -> Callable[[], torch.Tensor]:
+    """torch-jet's derivatives d (K, B) or (K, D, B) of the per-sample cross-entropy along u, as
+    one captured FX graph; differentiable in the model's parameters."""
+    jet = _torch_jet()
+    import torch.nn.functional as F
+    X, Y, U, D, B = _rows(x, y, u)
+
+    def f(z):
+        return F.cross_entropy(model(z), Y, reduction="none")
+
+    jet_f = jet.jet(f, (X,))
+    coeffs = (X, U) + tuple(torch.zeros_like(U) for _ in range(order - 1))
+    gm, _ = jet.capture_graph(jet_f, (coeffs,))
+    jet.common_subexpression_elimination(gm.graph)
+    gm.recompile()
+
+    def run():
+        out = gm(*coeffs)
+        d = torch.stack(list(out[1:order + 1]))
+        return d.reshape(order, D, B) if D is not None else d
+    return run
 
 
 def _jax_layers(model: nn.Module):
@@ -113,14 +154,7 @@ def _jax_inputs(model, x, y, u, jnp):
     ps = [(jnp.asarray(m.weight.detach().cpu().numpy()),
            jnp.asarray(m.bias.detach().cpu().numpy()) if m.bias is not None else None)
           for m in model if isinstance(m, nn.Linear)]
-    B = x.shape[0]
-    D = None
-    X, U, Y = x, u, y
-    if u.dim() == x.dim() + 1:        # D directions: D·B rows, as the engine batches them
-        D = u.shape[0]
-        X = x.unsqueeze(0).expand((D,) + tuple(x.shape)).reshape((D * B,) + tuple(x.shape[1:]))
-        U = u.reshape((D * B,) + tuple(x.shape[1:]))
-        Y = y.unsqueeze(0).expand((D,) + tuple(y.shape)).reshape(-1)
+    X, Y, U, D, B = _rows(x, y, u)
     arr = lambda t: jnp.asarray(np.ascontiguousarray(t.detach().cpu().numpy()))
     return ps, arr(X), arr(Y), arr(U), D, B
 
@@ -134,7 +168,9 @@ def derivatives_and_grads(method: str, model: nn.Module, x, y, u, order: int
                           ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     """(d of shape (K, B) or (K, D, B), gradients of mean|d| in ``model.parameters()`` order)."""
     if method == "torch_jet":
-        _torch_jet()
+        d = _torch_jet_program(model, x, y, u, order)()
+        params = list(model.parameters())
+        return d.detach(), list(torch.autograd.grad(d.abs().mean(), params))
     if method != "jax":
         raise ValueError(f"unknown peer {method!r}")
     fn, jnp = _jax_program(model, order)
@@ -154,7 +190,15 @@ def derivatives_and_grads(method: str, model: nn.Module, x, y, u, order: int
 def make_step(method: str, model: nn.Module, x, y, u, order: int) -> Callable[[], torch.Tensor]:
     """The timed step of a peer: the jitted value-and-gradient call, waited for; returns d."""
     if method == "torch_jet":
-        _torch_jet()
+        run = _torch_jet_program(model, x, y, u, order)
+
+        def jet_step():          # as the harness's own steps: zero grads, d, mean|d|, backward
+            for p in model.parameters():
+                p.grad = None
+            d = run()
+            d.abs().mean().backward()
+            return d.detach()
+        return jet_step
     if method != "jax":
         raise ValueError(f"unknown peer {method!r}")
     if x.device.type != "cpu":
