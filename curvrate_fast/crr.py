@@ -401,11 +401,11 @@ class CRRLoss(nn.Module):
 
     Cheap settings (the overhead/effect frontier of ``python -m curvrate_fast reproduce mnist``;
     README, "Cheap CRR"; 3 seeds, 5 epochs on 4,000 real digits): on the paper's MNIST CNN a
-    full-batch penalty of orders 1–4 costs about 2.6× a plain step. ``subset=0.5, every=10,
-    scale=632`` cost 1.13× and kept 93 % of the full-batch λ reduction with ECE unchanged but
-    accuracy 0.7 points lower; ``every=4, scale=400`` (1.5×) kept 94 % at equal accuracy and ECE.
-    At an unchanged scale a smaller subset acts more strongly, not less: re-tune ``scale`` (about
-    × √every) when changing ``subset`` or ``every``.
+    full-batch penalty of orders 1–4 costs about 2.6–2.9× a plain step. ``subset=0.5, every=10,
+    scale=632`` cost 1.13–1.14× and kept 93 % of the full-batch λ reduction with ECE unchanged but
+    accuracy 0.7 points lower; ``every=4, scale=400`` (1.5–1.65×) kept 94 % at equal accuracy and
+    ECE. At an unchanged scale a smaller subset acts more strongly, not less: re-tune ``scale``
+    (about × √every) when changing ``subset`` or ``every``.
 
     After each call: :attr:`last_task_loss`, :attr:`last_penalty` (None when skipped) and
     :attr:`last_terms` (per-order mean |d_n|, before scale) hold detached values for logging.
