@@ -56,6 +56,12 @@ class CRRTrainer(Trainer):
 
     After each penalized step ``last_penalty`` holds the penalty's value; it is logged as
     ``crr_penalty``.
+
+    Example::
+
+        >>> trainer = CRRTrainer(model=model, args=TrainingArguments("out"), train_dataset=ds,
+        ...                      crr=dict(orders=(1, 4), scale=50.0), crr_subset=0.25)
+        >>> trainer.train()
     """
 
     def __init__(self, *args: Any, crr: Optional[Dict[str, Any]] = None,
@@ -104,6 +110,12 @@ class CurvatureRateCallback(TrainerCallback):
         max_order, n_dirs, estimator, seed: :func:`curvrate_fast.curvature_rate`'s settings (the
             directions come from a generator seeded with ``seed`` at every measurement, so the
             measurements differ only by the model).
+
+    Example::
+
+        >>> cb = CurvatureRateCallback(probe_ids, every=50)
+        >>> Trainer(model=model, args=args, train_dataset=ds, callbacks=[cb]).train()
+        >>> cb.history[-1]          # (global step, λ)
     """
 
     def __init__(self, input_ids: Tensor, labels: Optional[Tensor] = None, *,

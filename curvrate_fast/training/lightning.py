@@ -42,6 +42,13 @@ class CurvatureRateCallback(Callback):
         loss_fn: per-sample loss (default cross-entropy; next-token CE in the embedding space).
         seed: the directions come from a generator seeded with it at every measurement.
         kwargs: curvature_rate's settings (max_order, n_dirs, estimator, band...).
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> cb = CurvatureRateCallback(x_probe, y_probe, every_n_steps=50, max_order=4, n_dirs=2)
+        >>> pl.Trainer(max_epochs=3, callbacks=[cb]).fit(module, loader)
+        >>> cb.history[-1]          # (global step, λ)
     """
 
     def __init__(self, x: Tensor, y: Optional[Tensor], *, every_n_steps: int = 10,
