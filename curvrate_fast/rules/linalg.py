@@ -1701,18 +1701,19 @@ def mv(input, vec, *, out=None):
 def addmv(input, mat, vec, *, beta=1, alpha=1, out=None):
     """β·input + α·(mat @ vec) (input ignored when β = 0, as torch)."""
     torch.addmv(primal(input), primal(mat), primal(vec), beta=beta, alpha=alpha)  # torch's checks
-    prod = torch.matmul(mat, vec)
-    prod = prod if alpha == 1 else alpha * prod
-    if beta == 0:
-        return prod + torch.zeros_like(primal(input))
-    return (input if beta == 1 else beta * input) + prod
+    return _beta_input_plus_alpha_prod(input, torch.matmul(mat, vec), beta, alpha)
 
 
 @register(*aliases("addr"))
 def addr(input, vec1, vec2, *, beta=1, alpha=1, out=None):
     """β·input + α·outer(vec1, vec2) (input ignored when β = 0, as torch)."""
     torch.addr(primal(input), primal(vec1), primal(vec2), beta=beta, alpha=alpha)  # torch's checks
-    prod = torch.outer(vec1, vec2)
+    return _beta_input_plus_alpha_prod(input, torch.outer(vec1, vec2), beta, alpha)
+
+
+def _beta_input_plus_alpha_prod(input, prod, beta, alpha):
+    """β·input + α·prod, input ignored when β = 0 (torch's rule for addmv/addr: NaN or Inf in
+    input does not propagate), broadcast to input's shape either way."""
     prod = prod if alpha == 1 else alpha * prod
     if beta == 0:
         return prod + torch.zeros_like(primal(input))
