@@ -26,7 +26,10 @@ Methods (one "step" = zero the gradients, derivatives of orders 1..K, ``mean|d|`
                  directions batched into one pass), the eager engine.
 - ``captured``   the same step through :func:`curvrate_fast.compile` (the library's fast path: the
                  whole step, derivatives and gradients, captured once as one graph and compiled
-                 by inductor); the first call (capture + compile) is reported apart.
+                 by inductor); the first call (capture + compile) is reported apart. Its float32
+                 CPU GEMMs run through oneDNN where that measures faster (curvrate_fast.cpu_gemm).
+- ``captured_mm`` the same with ``cpu_gemm="aten"``: every GEMM through ``torch.mm`` (MKL), to
+                 show what the graph costs without oneDNN's GEMMs.
 - ``reference``  the eager engine with ``backend="reference"`` (pure-PyTorch rules).
 - ``cpp``        the same with ``backend="cpp"`` (the C++ CPU kernels of csrc/, built on first use;
                  CPU only).
@@ -92,7 +95,11 @@ __all__ = ["BenchConfig", "WORKLOADS", "CRR_ONLY_WORKLOADS", "METHODS", "CRR_WOR
            "derivative_fn", "check_methods", "format_markdown", "profile_ours", "environment",
            "write_summary"]
 
-METHODS = ("baseline", "ours", "captured", "reference", "cpp", "func_jvp", "compile", "jax", "torch_jet")
+METHODS = ("baseline", "ours", "captured", "captured_mm", "reference", "cpp", "func_jvp", "compile", "jax",
+           "torch_jet")
+#: the captured methods and their ``cpu_gemm`` (curvrate_fast.cpu_gemm): the library's default, and
+#: torch.mm everywhere (what the graph costs without oneDNN's GEMMs)
+CAPTURED = {"captured": "auto", "captured_mm": "aten"}
 #: the peers: other libraries, checked like our methods, timed beside them
 PEERS = ("jax", "torch_jet")
 #: the methods of the default run (cpp and the make_fx recipe on request)
@@ -105,6 +112,7 @@ METHOD_DOC = {
     "func_jvp": "K nested torch.func.jvp along t (forward-over-forward), directions batched",
     "compile": "reference rules, whole step traced by make_fx and compiled by torch.compile (inductor)",
     "captured": "curvrate_fast.compile (inductor): the whole step captured once as one graph",
+    "captured_mm": "captured with cpu_gemm='aten': every GEMM through torch.mm (MKL), no oneDNN",
     "jax": "jax.experimental.jet under jax.jit (value_and_grad), same weights and inputs",
     "torch_jet": "torch-jet (jet-for-pytorch) captured graph",
 }
@@ -352,8 +360,8 @@ def make_step(method: str, model: nn.Module, x, y, u, order: int,
     ``compile_backend``: torch.compile's backend of the ``compile`` method."""
     if method == "compile":
         return _traced_compiled_step(model, x, y, u, order, compile_backend)
-    if method == "captured":
-        return _captured_step(model, x, y, u, order)
+    if method in CAPTURED:
+        return _captured_step(model, x, y, u, order, cpu_gemm=CAPTURED[method])
     if method in PEERS:
         import peers
         return peers.make_step(method, model, x, y, u, order)
@@ -368,7 +376,8 @@ def make_step(method: str, model: nn.Module, x, y, u, order: int,
     return step
 
 
-def _captured_step(model: nn.Module, x, y, u, order: int, backend: str = "inductor"):
+def _captured_step(model: nn.Module, x, y, u, order: int, backend: str = "inductor",
+                   cpu_gemm: str = "auto"):
     """The library's fast path for a derivative step: :func:`curvrate_fast.compile` of
     mean|d| (d returned beside it, detached, for the in-run check); the first call captures the
     step and compiles it."""
@@ -378,7 +387,7 @@ def _captured_step(model: nn.Module, x, y, u, order: int, backend: str = "induct
         d = cf.loss_directional_derivatives(m, x, y, u, order)
         return d.abs().mean(), d
 
-    fast = cf.CompiledLoss(loss, backend=backend, name="bench step")
+    fast = cf.CompiledLoss(loss, backend=backend, name="bench step", cpu_gemm=cpu_gemm)
 
     def step():
         for p in model.parameters():
@@ -455,7 +464,7 @@ def check_methods(workloads: Sequence[str], methods: Sequence[str], *, order: in
             rec: Dict[str, Any] = {"workload": wname, "method": m, "order": order,
                                    "dirs": n_dirs, "batch": batch}
             try:
-                if m in PEERS or m == "captured":
+                if m in PEERS or m in CAPTURED:
                     d, g = _grads_of_step(m, model, x, y, u, order, params)
                 else:
                     d = derivative_fn(m)(model, x, y, u, order)
@@ -486,9 +495,10 @@ def check_methods(workloads: Sequence[str], methods: Sequence[str], *, order: in
 
 def _grads_of_step(method, model, x, y, u, order, params):
     """(d, gradients of mean|d| in ``params`` order) of a method that computes its own gradients."""
-    if method == "captured":
-        step = _captured_step(model, x, y, u, order, backend="eager")  # the replay; inductor's own
-        d = step()                                                      # numerics are PyTorch's
+    if method in CAPTURED:
+        # the replay; inductor's own numerics are PyTorch's
+        step = _captured_step(model, x, y, u, order, backend="eager", cpu_gemm=CAPTURED[method])
+        d = step()
         return d, [p.grad for p in params]
     import peers
     return peers.derivatives_and_grads(method, model, x, y, u, order)
@@ -787,7 +797,7 @@ class BenchConfig:
         self.quick = True
         if not keep_workloads:
             self.workloads = ["two_moons", "mlp784"]
-        self.methods = [m for m in self.methods if m not in ("compile", "captured")]
+        self.methods = [m for m in self.methods if m != "compile" and m not in CAPTURED]
         self.crr_captured = False
         self.repeats = (1, 3)
         self.budget_s = 0.3
@@ -1064,10 +1074,10 @@ def derivative_group(wname: str, methods: Sequence[str], n_dirs: int, order: int
             continue
         try:
             step = make_step(m, model, x, y, u, order, cfg.compile_backend)
-            d, ts = warm_up(step, device, cfg.warmup + (1 if m in ("compile", "captured", "jax") else 0))
+            d, ts = warm_up(step, device, cfg.warmup + (1 if m in ("compile", "jax", *CAPTURED) else 0))
             if m == "compile":
                 row["compile_s"] = ts[0]
-            elif m in ("captured", "jax"):
+            elif m in ("jax", *CAPTURED):
                 row["capture_s"] = ts[0]
             row["warmup_ms"] = [round(t * 1e3, 2) for t in ts]
             steps[m], est[m], outs[m] = step, ts[-1], d
@@ -1204,11 +1214,35 @@ def run(config: Any = None) -> List[Dict[str, Any]]:
     old_threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    old_mask = pin_to_one_cpu() if cfg.threads == 1 and device.type == "cpu" else None
+    pinned = []
+    if old_mask is not None:
+        text = (f"process pinned to CPU {min(os.sched_getaffinity(0))}: every method, XLA's thread "
+                f"pool included, runs on one core")
+        log(text)
+        pinned = [{"kind": "info", "what": "cpu pinning", "text": text}]
     try:
         with retained_heap(cfg.retain_heap and device.type == "cpu"):
-            return _run(cfg, device, log)
+            return pinned + _run(cfg, device, log)
     finally:
         torch.set_num_threads(old_threads)
+        if old_mask is not None:
+            os.sched_setaffinity(0, old_mask)
+
+
+def pin_to_one_cpu() -> Optional[set]:
+    """Pin this process to one of its CPUs and return the previous mask (None where the OS has no
+    affinity call). One torch thread is not one core for every peer: XLA sizes its thread pool from
+    the CPUs it may run on and ignores the ``--xla_cpu_multi_thread_eigen`` flags of older JAX
+    versions (measured: 1.7 cores busy for a jitted matmul with those flags set), so a
+    one-thread comparison pins the whole process before JAX is first imported."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    old = os.sched_getaffinity(0)
+    if len(old) <= 1:
+        return None
+    os.sched_setaffinity(0, {min(old)})
+    return old
 
 
 def _run(cfg: BenchConfig, device, log) -> List[Dict[str, Any]]:

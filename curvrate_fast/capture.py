@@ -58,6 +58,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from .cpu_gemm import GEMM_MODES, rewrite_graph
 from .jets.registry import settings
 from .jets.tensor import JetError
 
@@ -215,15 +216,18 @@ class CompiledLoss:
                  options: Optional[Dict[str, Any]] = None, cache_size: int = 8,
                  check: Optional[Callable[..., None]] = None,
                  aux_like: Optional[Callable[..., Sequence[Tuple[tuple, torch.dtype]]]] = None,
-                 name: Optional[str] = None) -> None:
+                 name: Optional[str] = None, cpu_gemm: str = "auto") -> None:
         if not callable(fn):
             raise TypeError(f"compile needs a callable, got {type(fn).__name__}")
         if backend is not None and not isinstance(backend, str) and not callable(backend):
             raise TypeError(f"backend must be None, a torch.compile backend name or callable, got {backend!r}")
         if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
             raise ValueError(f"cache_size must be an int ≥ 1, got {cache_size!r}")
+        if cpu_gemm not in GEMM_MODES:
+            raise ValueError(f"cpu_gemm must be one of {GEMM_MODES}, got {cpu_gemm!r}")
         self.fn = fn
         self.backend = "eager" if backend is None else backend
+        self.cpu_gemm = cpu_gemm
         self.options = dict(options or {})
         self.cache_size = cache_size
         self.check = check
@@ -359,6 +363,7 @@ class CompiledLoss:
                     raise
                 raise CaptureError(_value_read_message(self.name, "aten._local_scalar_dense")) from e
         _verify_graph(gm, layout, self.name)
+        rewrite_graph(gm, self.cpu_gemm)   # oneDNN for the float32 CPU GEMMs where it is faster
         runner = self._compile_graph(gm, ins)
         self.captures += 1
         return _Entry(runner, wrt, n_aux_box[0], gm)
@@ -688,7 +693,8 @@ def _dynamo_call(loss: "CompiledLoss", args: tuple, kwargs: dict, with_aux: bool
 
 
 def compile(fn: Callable[..., Any] = None, *, backend: Optional[str] = "inductor",
-            options: Optional[Dict[str, Any]] = None, cache_size: int = 8) -> Union[CompiledLoss, Callable]:
+            options: Optional[Dict[str, Any]] = None, cache_size: int = 8,
+            cpu_gemm: str = "auto") -> Union[CompiledLoss, Callable]:
     """Capture a scalar loss computed with jets as one graph per configuration, forward and
     backward, and replay it compiled (docs/design.md §6; the module docstring of
     ``curvrate_fast.capture`` lists what is a graph input, what is guarded and what is refused).
@@ -705,6 +711,10 @@ def compile(fn: Callable[..., Any] = None, *, backend: Optional[str] = "inductor
     - ``options``: inductor options (e.g. ``{"triton.cudagraphs": True}`` on CUDA to replay the
       graph as a CUDA graph).
     - ``cache_size``: configurations kept (each shape, dtype, train/eval mode... is one graph).
+    - ``cpu_gemm``: the float32 CPU GEMMs of the graph (``curvrate_fast.cpu_gemm``): ``"auto"``
+      (default) measures, once per shape, whether oneDNN's GEMM beats ``torch.mm`` on this
+      machine and uses the faster (about 2× on AMD CPUs, where MKL runs its AVX2 path); ``"aten"``
+      keeps ``torch.mm``; ``"onednn"`` always uses oneDNN. Other dtypes and devices are untouched.
 
     Value checks (NaN/Inf in floating tensor arguments, unless ``check_finite`` is off) run
     before the graph, outside it. Random ops inside ``fn`` draw afresh at every call; draw the
@@ -718,7 +728,7 @@ def compile(fn: Callable[..., Any] = None, *, backend: Optional[str] = "inductor
         >>> fast(model, x, y, u).backward()          # first call captures and compiles
     """
     def wrap(f):
-        return CompiledLoss(f, backend=backend, options=options, cache_size=cache_size)
+        return CompiledLoss(f, backend=backend, options=options, cache_size=cache_size, cpu_gemm=cpu_gemm)
     if fn is None:
         return wrap
     return wrap(fn)

@@ -1,0 +1,111 @@
+"""The CPU GEMM of captured programs (curvrate_fast.cpu_gemm): oneDNN's product equals torch.mm to
+float32 rounding on every layout a captured graph hands it; the rewrite touches only float32 CPU
+mm nodes, is off for "aten", on for every eligible node with "onednn"; a captured float32 step
+with oneDNN GEMMs matches the eager engine; float64 graphs are never rewritten (the ≤ 1e-12
+replay tests keep PyTorch's GEMM)."""
+import pytest
+import torch
+from models import mlp
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import curvrate_fast as cf
+from curvrate_fast import cpu_gemm
+
+pytestmark = pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="this PyTorch has no oneDNN")
+
+
+def _layouts(m, k, n):
+    """(a, b) pairs with the stride patterns of a captured linear layer: forward x·Wᵀ, weight
+    gradient gᵀ·x, input gradient g·W."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g)
+    gr = torch.randn(m, n, generator=g)
+    return {"forward": (x, w.t()), "weight grad": (gr.t(), x), "input grad": (gr, w)}
+
+
+@pytest.mark.parametrize("shape", [(40, 24, 16), (7, 3, 5), (1, 9, 1)])
+def test_cpu_mm_matches_mm_on_captured_layouts(shape):
+    for name, (a, b) in _layouts(*shape).items():
+        ref = a.double() @ b.double()
+        out = cpu_gemm.cpu_mm(a, b)
+        assert out.shape == ref.shape and out.dtype == torch.float32, name
+        assert float((out.double() - ref).abs().max() / ref.abs().max()) < 1e-6, name
+
+
+def test_cpu_mm_rejects_non_matrices():
+    with pytest.raises(ValueError, match="multiplies two matrices"):
+        cpu_gemm.cpu_mm(torch.randn(2, 3), torch.randn(4, 5))
+
+
+def _mm_graph(dtype):
+    a, b = torch.randn(32, 16, dtype=dtype), torch.randn(16, 8, dtype=dtype)
+    return make_fx(lambda a, b: torch.relu(a @ b) @ b.t())(a, b), (a, b)
+
+
+def _targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def test_rewrite_modes():
+    gm, (a, b) = _mm_graph(torch.float32)
+    assert cpu_gemm.rewrite_graph(gm, "aten") == 0
+    assert torch.ops.curvrate.cpu_mm.default not in _targets(gm)
+    ref = gm(a, b)
+    assert cpu_gemm.rewrite_graph(gm, "onednn") == 2
+    assert torch.ops.aten.mm.default not in _targets(gm)
+    torch.testing.assert_close(gm(a, b), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cpu_gemm must be one of"):
+        cpu_gemm.rewrite_graph(gm, "mkl")
+
+
+def test_auto_leaves_small_gemms_and_other_dtypes_alone():
+    gm, _ = _mm_graph(torch.float32)          # 32·16·8: far below the auto threshold
+    assert cpu_gemm.rewrite_graph(gm, "auto") == 0
+    gm, _ = _mm_graph(torch.float64)          # float64: never, whatever the mode
+    assert cpu_gemm.rewrite_graph(gm, "onednn") == 0
+
+
+def test_auto_is_off_under_deterministic_algorithms():
+    a, b = torch.randn(512, 256), torch.randn(256, 256)
+    gm = make_fx(lambda a, b: a @ b)(a, b)
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert cpu_gemm.rewrite_graph(gm, "auto") == 0
+    finally:
+        torch.use_deterministic_algorithms(old)
+
+
+def test_choice_is_measured_once_per_layout():
+    a, b = torch.randn(512, 256), torch.randn(256, 256)
+    first = cpu_gemm.faster_with_onednn(a.shape, a.stride(), b.shape, b.stride())
+    key = next(k for k in cpu_gemm._choices if k[0] == (512, 256) and k[2] == (256, 256))
+    cpu_gemm._choices[key] = not first        # a cached answer is returned, not re-measured
+    assert cpu_gemm.faster_with_onednn(a.shape, a.stride(), b.shape, b.stride()) is (not first)
+    del cpu_gemm._choices[key]
+
+
+def test_captured_float32_step_with_onednn_gemms_matches_eager():
+    torch.manual_seed(0)
+    model = mlp(torch.nn.Tanh(), d_in=6, width=32, classes=3)
+    x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    u = torch.randn(16, 6)
+
+    def loss(m, x, y, u):
+        return cf.loss_directional_derivatives(m, x, y, u, 3).abs().mean()
+
+    ref = loss(model, x, y, u)
+    g_ref = torch.autograd.grad(ref, list(model.parameters()))
+    fast = cf.compile(loss, backend="eager", cpu_gemm="onednn")
+    out = fast(model, x, y, u)
+    g = torch.autograd.grad(out, list(model.parameters()))
+    assert torch.ops.curvrate.cpu_mm.default in _targets(fast.graphs()[0])
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for gi, gr in zip(g, g_ref):
+        torch.testing.assert_close(gi, gr, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_rejects_unknown_gemm_mode():
+    with pytest.raises(ValueError, match="cpu_gemm must be one of"):
+        cf.compile(lambda m, x: x.sum(), cpu_gemm="blas")
