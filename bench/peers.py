@@ -6,8 +6,10 @@ float64 before they are timed.
   per-sample cross-entropy along per-sample directions, and ``jax.value_and_grad`` of mean|d| with
   respect to the weights, one jitted function. The model is ported layer by layer from the torch
   ``nn.Sequential`` MLPs of the harness (Linear, Tanh, ReLU, GELU, Sigmoid); other models raise
-  :class:`PeerUnavailable` (recorded as skipped, with the reason). JAX runs on the CPU here; with
-  one torch thread it is given one XLA thread too (``XLA_FLAGS``, set before jax is imported).
+  :class:`PeerUnavailable` (recorded as skipped, with the reason). JAX runs on the CPU here. With
+  one torch thread the harness pins the whole process to one CPU (``bench_suite.pin_to_one_cpu``):
+  XLA sizes its thread pool from the CPUs it may use; the ``XLA_FLAGS`` thread flags set below
+  (for older JAX versions) are not honoured by this one.
   Install: ``pip install -c constraints.txt ".[peers]"``.
 - ``torch_jet``: torch-jet (PyPI ``jet-for-pytorch``, Python ≥ 3.12): ``jet.jet`` of the
   per-sample cross-entropy along the directions, frozen into one FX graph with

@@ -68,9 +68,10 @@ def _(a: Tensor, b: Tensor) -> Tensor:
 
 
 #: ``"auto"`` leaves GEMMs below this many flops to ``torch.mm`` without timing them: on small
-#: ones the custom op's dispatch eats the gain, and inside a compiled graph the rewrite measured
-#: slower even where the isolated timing favoured oneDNN (the tiny MLP 2→64→64→2: 0.53 vs 0.45 ms
-#: a step with its two 640×64·64×64 GEMMs on oneDNN). 16 MFLOP is ~150 µs on one core with MKL.
+#: ones the custom op's dispatch (~7 µs) eats the gain, and whole steps measured no better even
+#: where the graph itself got faster (one core, the Two Moons CRR step with its two
+#: 1024×64·64×64 GEMMs on oneDNN: graph 520 → 478 µs, step 950 → 970 µs; the tiny MLP's
+#: derivative step 415 → 452 µs). 16 MFLOP is ~150 µs on one core with MKL.
 MIN_AUTO_FLOP = 16e6
 
 _Key = Tuple[tuple, tuple, tuple, tuple, int]
