@@ -36,8 +36,10 @@ GEMM_MODES = ("auto", "aten", "onednn")
 
 
 def onednn_available() -> bool:
-    """Whether this PyTorch build has oneDNN's dense linear (``mkldnn._linear_pointwise``)."""
-    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """Whether this PyTorch build has oneDNN's dense linear (``mkldnn._linear_pointwise``) and the
+    user has not switched oneDNN off (``torch.backends.mkldnn.enabled = False``)."""
+    return (bool(torch.backends.mkldnn.is_available()) and bool(torch.backends.mkldnn.enabled)
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 def _onednn_mm(a: Tensor, b: Tensor) -> Tensor:
@@ -148,8 +150,8 @@ def rewrite_graph(gm: torch.fx.GraphModule, mode: str = "auto") -> int:
         return 0
     if not onednn_available():
         if mode == "onednn":
-            raise RuntimeError("cpu_gemm='onednn': this PyTorch build has no oneDNN "
-                               "(torch.backends.mkldnn.is_available() is False); use 'auto' or 'aten'")
+            raise RuntimeError("cpu_gemm='onednn': oneDNN is not available (this PyTorch build has none, "
+                               "or torch.backends.mkldnn.enabled is False); use 'auto' or 'aten'")
         return 0
     if mode == "auto" and torch.are_deterministic_algorithms_enabled():
         return 0

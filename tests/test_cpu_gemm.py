@@ -109,3 +109,51 @@ def test_captured_float32_step_with_onednn_gemms_matches_eager():
 def test_compile_rejects_unknown_gemm_mode():
     with pytest.raises(ValueError, match="cpu_gemm must be one of"):
         cf.compile(lambda m, x: x.sum(), cpu_gemm="blas")
+
+
+def test_cpu_mm_broadcast_and_empty_operands():
+    a, b = torch.randn(8, 4), torch.randn(4, 1).expand(4, 6)          # a stride-0 operand
+    torch.testing.assert_close(cpu_gemm.cpu_mm(a, b), a @ b)
+    a, b = torch.randn(4, 1).expand(4, 5), torch.randn(5, 3)
+    torch.testing.assert_close(cpu_gemm.cpu_mm(a, b), a @ b)
+    assert cpu_gemm.cpu_mm(torch.randn(0, 4), torch.randn(4, 3)).shape == (0, 3)
+
+
+def test_user_torch_compile_runs_the_onednn_program_without_graph_breaks():
+    """Inside a user's torch.compile(fullgraph=True) the captured program (with its oneDNN GEMMs)
+    is one custom op, and the step matches the eager engine to float32 rounding."""
+    torch._dynamo.reset()
+    torch.manual_seed(1)
+    model = mlp(torch.nn.Tanh(), d_in=4, width=24, classes=3)
+    x, y, u = torch.randn(12, 4), torch.randint(0, 3, (12,)), torch.randn(12, 4)
+
+    def loss(m, x, y, u):
+        return cf.loss_directional_derivatives(m, x, y, u, 2).abs().mean()
+
+    fast = cf.compile(loss, backend="eager", cpu_gemm="onednn")
+
+    def step(m, x, y, u):
+        return torch.nn.functional.cross_entropy(m(x), y) + fast(m, x, y, u)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    a = compiled(model, x, y, u)
+    ga = torch.autograd.grad(a, list(model.parameters()))
+    b = torch.nn.functional.cross_entropy(model(x), y) + loss(model, x, y, u)
+    gb = torch.autograd.grad(b, list(model.parameters()))
+    assert torch.ops.curvrate.cpu_mm.default in _targets(fast.graphs()[0])
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for p, q in zip(ga, gb):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_mkldnn_switched_off_means_no_rewrite():
+    a, b = torch.randn(512, 256), torch.randn(256, 256)
+    gm = make_fx(lambda a, b: a @ b)(a, b)
+    torch.backends.mkldnn.enabled = False
+    try:
+        assert not cpu_gemm.onednn_available()
+        assert cpu_gemm.rewrite_graph(gm, "auto") == 0
+        with pytest.raises(RuntimeError, match="oneDNN is not available"):
+            cpu_gemm.rewrite_graph(gm, "onednn")
+    finally:
+        torch.backends.mkldnn.enabled = True
