@@ -1245,6 +1245,30 @@ def pin_to_one_cpu() -> Optional[set]:
     return old
 
 
+def gemm_rates(m: int = 640, k: int = 512, n: int = 512, seconds: float = 0.3) -> Dict[str, Any]:
+    """An info row: float32 GFLOP/s of ``torch.mm`` and of oneDNN's GEMM (the two choices of
+    ``curvrate_fast.cpu_gemm``) on an m×k·k×n product (default: the MLP 784's 5·128 coefficient rows
+    through its 512×512 layer), best of interleaved timings, with this run's thread count."""
+    from curvrate_fast import cpu_gemm
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    fns = {"torch.mm": torch.mm}
+    if cpu_gemm.onednn_available():
+        fns["oneDNN"] = torch.ops.curvrate.cpu_mm.default
+    best = {name: float("inf") for name in fns}
+    for f in fns.values():   # warm-up
+        f(a, b)
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        for name, f in fns.items():
+            t0 = time.perf_counter()
+            f(a, b)
+            best[name] = min(best[name], time.perf_counter() - t0)
+    rates = {name: round(2 * m * k * n / t / 1e9, 1) for name, t in best.items()}
+    text = (f"float32 GEMM {m}×{k}·{k}×{n}, {torch.get_num_threads()} thread(s): "
+            + ", ".join(f"{name} {r:g} GFLOP/s" for name, r in rates.items()))
+    return {"kind": "info", "what": "gemm rates", "gflops": rates, "text": text}
+
+
 def _run(cfg: BenchConfig, device, log) -> List[Dict[str, Any]]:
     rows: List[Dict[str, Any]] = []
     import warnings
@@ -1275,6 +1299,10 @@ def _run(cfg: BenchConfig, device, log) -> List[Dict[str, Any]]:
                         "not built)" + (f": {info['error']}" if "error" in info else ""))
         log("note: " + info["text"])
         rows.append(info)
+        if cfg.dtype == "float32" and any(m in CAPTURED for m in cfg.methods):
+            rates = gemm_rates()
+            log("note: " + rates["text"])
+            rows.append(rates)
 
     if cfg.check:
         log("correctness (float64, batch 4, 2 directions, order "
