@@ -374,13 +374,29 @@ class CompiledLoss:
             return gm
         if backend == "inductor":
             opts = {"fallback_random": True}
+            if all(t.device.type == "cpu" for t in example):
+                # the graph's wrapper in C++: on small models inductor's Python wrapper (a call
+                # per buffer and per alias of a coefficient row) costs more than the kernels
+                # (the tiny MLP's derivative step: graph 302 → 255 µs)
+                opts["cpp_wrapper"] = True
             opts.update(self.options)
+            # compile_fx derives the fake values again; a cpp_wrapper compile re-traces and
+            # refuses the ones make_fx left in the nodes (another fake mode)
+            for node in gm.graph.nodes:
+                node.meta.pop("val", None)
+                node.meta.pop("tensor_meta", None)
             try:
                 from torch._inductor.compile_fx import compile_fx
+            except ImportError:  # an inductor without compile_fx: torch.compile
+                return torch.compile(gm, backend="inductor", options=opts, fullgraph=True, dynamic=False)
+            try:
                 return compile_fx(gm, example, config_patches=opts)
-            except Exception:  # noqa: BLE001 - an inductor without compile_fx: torch.compile
-                pass
-            return torch.compile(gm, backend="inductor", options=opts, fullgraph=True, dynamic=False)
+            except Exception:  # noqa: BLE001
+                if not opts.get("cpp_wrapper") or "cpp_wrapper" in self.options:
+                    raise
+            # the C++ wrapper is a speed choice of ours: where it cannot build, the Python one
+            opts["cpp_wrapper"] = False
+            return compile_fx(gm, example, config_patches=opts)
         return torch.compile(gm, backend=backend, fullgraph=True, dynamic=False,
                              options=self.options or None)
 
