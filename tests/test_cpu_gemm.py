@@ -3,6 +3,8 @@ float32 rounding on every layout a captured graph hands it; the rewrite touches 
 mm nodes, is off for "aten", on for every eligible node with "onednn"; a captured float32 step
 with oneDNN GEMMs matches the eager engine; float64 graphs are never rewritten (the ≤ 1e-12
 replay tests keep PyTorch's GEMM)."""
+import warnings
+
 import pytest
 import torch
 from models import mlp
@@ -151,11 +153,13 @@ def test_user_torch_compile_runs_the_onednn_program_without_graph_breaks():
 def test_mkldnn_switched_off_means_no_rewrite():
     a, b = torch.randn(512, 256), torch.randn(256, 256)
     gm = make_fx(lambda a, b: a @ b)(a, b)
-    torch.backends.mkldnn.enabled = False
-    try:
-        assert not cpu_gemm.onednn_available()
-        assert cpu_gemm.rewrite_graph(gm, "auto") == 0
-        with pytest.raises(RuntimeError, match="oneDNN is not available"):
-            cpu_gemm.rewrite_graph(gm, "onednn")
-    finally:
-        torch.backends.mkldnn.enabled = True
+    # flags() is the only way once a test run has called torch.backends.disable_global_flags();
+    # it also re-applies TF32 settings and warns that there is no Intel GPU
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert not cpu_gemm.onednn_available()
+            assert cpu_gemm.rewrite_graph(gm, "auto") == 0
+            with pytest.raises(RuntimeError, match="oneDNN is not available"):
+                cpu_gemm.rewrite_graph(gm, "onednn")
+    assert cpu_gemm.onednn_available()
