@@ -17,8 +17,8 @@ rounding, ~1e-7 relative); float64 and every other dtype are left alone.
 
 Modes (``curvrate_fast.compile(..., cpu_gemm=...)``): ``"auto"`` (default: measured per shape; no
 rewrite when deterministic algorithms are requested, so that a run's choice cannot depend on a
-timing), ``"aten"`` (never rewrite), ``"onednn"`` (every eligible mm; raises where this PyTorch has
-no oneDNN).
+timing), ``"aten"`` (never rewrite), ``"onednn"`` (every eligible mm; raises where oneDNN is not
+built in or ``torch.backends.mkldnn.enabled`` is False, which also turns ``"auto"`` off).
 """
 from __future__ import annotations
 
@@ -104,11 +104,11 @@ def faster_with_onednn(a_shape: Sequence[int], a_stride: Sequence[int], b_shape:
         a = _random_strided(a_shape, a_stride)
         b = _random_strided(b_shape, b_stride)
         one = _timed(torch.mm, a, b, 1) + _timed(_onednn_mm, a, b, 1)  # warm-up, and a size for reps
-        # oneDNN timed as the graph will call it: through the custom op (its dispatch costs ~7 µs)
         reps = max(2, min(20, int(0.025 / max(one, 1e-6))))
         t_mm = t_dnn = float("inf")
         for _ in range(2):
             t_mm = min(t_mm, _timed(torch.mm, a, b, reps))
+            # oneDNN timed as the graph will call it: through the custom op (~7 µs of dispatch)
             t_dnn = min(t_dnn, _timed(torch.ops.curvrate.cpu_mm.default, a, b, reps))
         choice = t_dnn < margin * t_mm
     except RuntimeError:  # a layout oneDNN refuses: keep torch.mm
