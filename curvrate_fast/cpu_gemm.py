@@ -22,9 +22,10 @@ built in or ``torch.backends.mkldnn.enabled`` is False, which also turns ``"auto
 """
 from __future__ import annotations
 
+import statistics
 import threading
 import time
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -70,10 +71,11 @@ def _(a: Tensor, b: Tensor) -> Tensor:
 
 
 #: ``"auto"`` leaves GEMMs below this many flops to ``torch.mm`` without timing them: on small
-#: ones the custom op's dispatch (~7 µs) eats the gain, and whole steps measured no better even
-#: where the graph itself got faster (one core, the Two Moons CRR step with its two
-#: 1024×64·64×64 GEMMs on oneDNN: graph 520 → 478 µs, step 950 → 970 µs; the tiny MLP's
-#: derivative step 415 → 452 µs). 16 MFLOP is ~150 µs on one core with MKL.
+#: ones the custom op's dispatch (~7 µs) eats most of the gain, and whole steps measured slower
+#: even where the graph itself got faster: the rest of the step (value checks, backward) slowed
+#: by more than the graph gained, cause not found (one core, the Two Moons CRR step with its two
+#: 1024×64·64×64 GEMMs on oneDNN: graph 484 → 439 µs, step 910 → 945 µs; the tiny MLP's
+#: derivative step 361 → 395 µs). 16 MFLOP is ~150 µs on one core with MKL.
 MIN_AUTO_FLOP = 16e6
 
 _Key = Tuple[tuple, tuple, tuple, tuple, int]
@@ -81,21 +83,21 @@ _choices: Dict[_Key, bool] = {}
 _choices_lock = threading.Lock()
 
 
-def _timed(fn, a: Tensor, b: Tensor, reps: int) -> float:
-    best = float("inf")
+def _timed(fn, a: Tensor, b: Tensor, reps: int) -> List[float]:
+    times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn(a, b)
-        best = min(best, time.perf_counter() - t0)
-    return best
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def faster_with_onednn(a_shape: Sequence[int], a_stride: Sequence[int], b_shape: Sequence[int],
                        b_stride: Sequence[int], *, margin: float = 0.9) -> bool:
     """Whether oneDNN multiplies float32 matrices of these shapes and strides faster than
-    ``torch.mm`` here, with this many threads: both timed on random data (best of a few calls,
-    interleaved, ≤ ~50 ms in all per shape), oneDNN chosen when it takes < ``margin`` of mm's
-    time. Measured once per process and key."""
+    ``torch.mm`` here, with this many threads: both timed on random data (three interleaved
+    rounds of a few calls, ≤ ~70 ms in all per shape), oneDNN chosen when its median time is
+    < ``margin`` of mm's. Measured once per process and key."""
     key = (tuple(a_shape), tuple(a_stride), tuple(b_shape), tuple(b_stride), torch.get_num_threads())
     with _choices_lock:
         if key in _choices:
@@ -103,14 +105,15 @@ def faster_with_onednn(a_shape: Sequence[int], a_stride: Sequence[int], b_shape:
     try:
         a = _random_strided(a_shape, a_stride)
         b = _random_strided(b_shape, b_stride)
-        one = _timed(torch.mm, a, b, 1) + _timed(_onednn_mm, a, b, 1)  # warm-up, and a size for reps
-        reps = max(2, min(20, int(0.025 / max(one, 1e-6))))
-        t_mm = t_dnn = float("inf")
-        for _ in range(2):
-            t_mm = min(t_mm, _timed(torch.mm, a, b, reps))
+        one = _timed(torch.mm, a, b, 1)[0] + _timed(_onednn_mm, a, b, 1)[0]  # warm-up; sizes reps
+        reps = max(3, min(20, int(0.01 / max(one, 1e-6))))
+        t_mm: List[float] = []
+        t_dnn: List[float] = []
+        for _ in range(3):   # interleaved rounds, medians: one lucky call decides nothing
+            t_mm += _timed(torch.mm, a, b, reps)
             # oneDNN timed as the graph will call it: through the custom op (~7 µs of dispatch)
-            t_dnn = min(t_dnn, _timed(torch.ops.curvrate.cpu_mm.default, a, b, reps))
-        choice = t_dnn < margin * t_mm
+            t_dnn += _timed(torch.ops.curvrate.cpu_mm.default, a, b, reps)
+        choice = statistics.median(t_dnn) < margin * statistics.median(t_mm)
     except RuntimeError:  # a layout oneDNN refuses: keep torch.mm
         choice = False
     with _choices_lock:
