@@ -29,7 +29,7 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -282,31 +282,55 @@ def _total_aux_like(model, x, y, idx, U, ords, *rest):
     return [((), x.dtype), ((), x.dtype), ((len(ords),), x.dtype)]
 
 
-_PROGRAMS: Dict[Tuple[str, object], CompiledLoss] = {}
+_PROGRAMS: Dict[Tuple[str, object, tuple], CompiledLoss] = {}
 
 
-def _new_program(kind: str, backend: str) -> CompiledLoss:
+def _new_program(kind: str, backend: str, options: tuple = ()) -> CompiledLoss:
     if kind == "penalty":
-        return CompiledLoss(_penalty_program, backend=backend, check=_program_check, name="crr_penalty")
-    return CompiledLoss(_total_program, backend=backend, check=_program_check, aux_like=_total_aux_like,
-                        name="CRRLoss")
+        return CompiledLoss(_penalty_program, backend=backend, options=dict(options), check=_program_check,
+                            name="crr_penalty")
+    return CompiledLoss(_total_program, backend=backend, options=dict(options), check=_program_check,
+                        aux_like=_total_aux_like, name="CRRLoss")
 
 
 # made at import for the usual backends: a torch.compile'd step must find them, not create them
 for _kind in ("penalty", "total"):
     for _backend in ("eager", "inductor"):
-        _PROGRAMS[(_kind, _backend)] = _new_program(_kind, _backend)
+        _PROGRAMS[(_kind, _backend, ())] = _new_program(_kind, _backend)
 
 
-def _program(kind: str, backend: str) -> CompiledLoss:
-    """The captured CRR program of ``kind`` ("penalty" or "total") for a capture backend (one
-    per process: the configurations are guarded and cached inside it)."""
-    prog = _PROGRAMS.get((kind, backend))
+def _options_key(compile_options: Optional[Dict[str, Any]], backend: Optional[str]) -> tuple:
+    """``compile_options`` as a hashable key of the program cache (checked: a dict of option names
+    to hashable values, and only with a capture backend)."""
+    if compile_options is None:
+        return ()
+    if not isinstance(compile_options, dict):
+        raise TypeError(f"compile_options must be a dict of inductor options, got "
+                        f"{type(compile_options).__name__}")
+    if backend is None:
+        raise ValueError("compile_options needs compile=True (or a capture backend): the eager engine "
+                         "compiles nothing")
+    if not all(isinstance(k, str) for k in compile_options):
+        raise TypeError("compile_options: the option names must be strings")
+    key = tuple(sorted(compile_options.items()))
+    if not torch.compiler.is_compiling():   # (checked where the options are first met)
+        try:
+            hash(key)
+        except TypeError as e:
+            raise TypeError(f"compile_options: the values must be hashable ({e})") from None
+    return key
+
+
+def _program(kind: str, backend: str, options: tuple = ()) -> CompiledLoss:
+    """The captured CRR program of ``kind`` ("penalty" or "total") for a capture backend and its
+    compile options (one per process: the configurations are guarded and cached inside it)."""
+    prog = _PROGRAMS.get((kind, backend, options))
     if prog is None:
         if torch.compiler.is_compiling():
-            raise RuntimeError(f"compile={backend!r}: a capture backend other than 'eager' or 'inductor' must "
-                               "be used once outside torch.compile before a compiled step uses it")
-        prog = _PROGRAMS[(kind, backend)] = _new_program(kind, backend)
+            raise RuntimeError(f"compile={backend!r}" + (f", compile_options={dict(options)!r}" if options else "")
+                               + ": a captured CRR program other than the default 'eager' or 'inductor' one "
+                               "must be used once outside torch.compile before a compiled step uses it")
+        prog = _PROGRAMS[(kind, backend, options)] = _new_program(kind, backend, options)
     return prog
 
 
@@ -325,7 +349,8 @@ def crr_penalty(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor
                 orders: OrdersLike = (2, 4), n_dirs: int = 1, directions: DirectionsLike = "fixed",
                 order_reduction: str = "mean", subset: Optional[Union[int, float]] = None,
                 scale: float = 1.0, generator: Optional[torch.Generator] = None,
-                compile: Union[bool, str] = False) -> Tensor:
+                compile: Union[bool, str] = False,
+                compile_options: Optional[Dict[str, Any]] = None) -> Tensor:
     r"""The CRR penalty R = scale · reduce_{n∈orders} mean_k mean_b |d_n[k, b]| (docs/math.md §4),
     a 0-d tensor differentiable with respect to the model's parameters.
 
@@ -361,6 +386,9 @@ def crr_penalty(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor
             Needs ``model`` to be an ``nn.Module`` (its parameters become graph inputs). Inside a
             user's ``torch.compile`` the penalty is always one captured custom op (no graph break;
             ``compile=False`` replays the graph uncompiled there).
+        compile_options: inductor options of the captured program (needs ``compile``), e.g.
+            ``{"triton.cudagraphs": True}`` on CUDA to replay it as a CUDA graph (small,
+            launch-bound models); each distinct set of options is a program of its own.
 
     Example::
 
@@ -368,6 +396,7 @@ def crr_penalty(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor
         ...                              subset=64, scale=3e-3)
         >>> (F.cross_entropy(model(x), y) + R).backward()
     """
+    options = _options_key(compile_options, backend_of(compile))
     backend = _capture_backend(compile)
     if backend is None:
         return _crr(model, x, y, loss_fn=loss_fn, orders=orders, n_dirs=n_dirs, directions=directions,
@@ -377,8 +406,8 @@ def crr_penalty(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor
         x, y, loss_fn=loss_fn, orders=orders, n_dirs=n_dirs, directions=directions,
         order_reduction=order_reduction, subset=subset, scale=scale, generator=generator,
         check_values=False)
-    return _program("penalty", backend)(model, x, y, idx, U, ords, per_order, loss_fn, order_reduction, scale,
-                                        not isinstance(directions, str))
+    return _program("penalty", backend, options)(model, x, y, idx, U, ords, per_order, loss_fn,
+                                                 order_reduction, scale, not isinstance(directions, str))
 
 
 def _check_capturable(model) -> None:
@@ -417,7 +446,10 @@ class CRRLoss(nn.Module):
     (seconds). ``compile="eager"`` replays the captured graph uncompiled. Inside a user's
     ``torch.compile`` the loss is one custom op either way, without graph breaks; there, with
     ``every=1``, :attr:`step` is not advanced (an int changing every call would make dynamo
-    recompile every step).
+    recompile every step). ``compile_options`` are inductor options of that program (see
+    :func:`crr_penalty`; ``{"triton.cudagraphs": True}`` replays it as a CUDA graph on CUDA; its
+    outputs, :attr:`last_task_loss` included, are then overwritten by the next call: read them
+    before it).
 
     Example::
 
@@ -434,9 +466,9 @@ class CRRLoss(nn.Module):
                  orders: OrdersLike = (2, 4), n_dirs: int = 1, directions: DirectionsLike = "fixed",
                  order_reduction: str = "mean", subset: Optional[Union[int, float]] = None,
                  scale: float = 1.0, every: int = 1, generator: Optional[torch.Generator] = None,
-                 compile: Union[bool, str] = False):
+                 compile: Union[bool, str] = False, compile_options: Optional[Dict[str, Any]] = None):
         super().__init__()
-        backend_of(compile)
+        self._options = _options_key(compile_options, backend_of(compile))
         parse_orders(orders)
         _check_positive_int("n_dirs", n_dirs)
         _check_positive_int("every", every)
@@ -452,6 +484,7 @@ class CRRLoss(nn.Module):
         self.every = every
         self.generator = generator
         self.compile = compile
+        self.compile_options = compile_options
         self.step = 0
         self.last_task_loss: Optional[Tensor] = None
         self.last_penalty: Optional[Tensor] = None
@@ -482,7 +515,7 @@ class CRRLoss(nn.Module):
                 x, y, loss_fn=self.loss_fn, orders=self.orders, n_dirs=self.n_dirs,
                 directions=self.directions, order_reduction=self.order_reduction, subset=self.subset,
                 scale=self.scale, generator=self.generator, check_values=False)
-            total, (task, R, terms) = _program("total", backend).call_with_aux(
+            total, (task, R, terms) = _program("total", backend, self._options).call_with_aux(
                 model, x, y, idx, U, ords, per_order, self.loss_fn, self.order_reduction, scale,
                 not isinstance(self.directions, str))
             self.last_task_loss, self.last_penalty, self.last_terms = task, R, terms
@@ -500,4 +533,5 @@ class CRRLoss(nn.Module):
         return (f"orders={self.orders!r}, n_dirs={self.n_dirs}, directions={self.directions!r}, "
                 f"order_reduction={self.order_reduction!r}, subset={self.subset!r}, "
                 f"scale={self.scale}, every={self.every}"
-                + (f", compile={self.compile!r}" if self.compile else ""))
+                + (f", compile={self.compile!r}" if self.compile else "")
+                + (f", compile_options={self.compile_options!r}" if self.compile_options else ""))

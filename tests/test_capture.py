@@ -203,6 +203,38 @@ def test_crr_penalty_explicit_directions_and_generator():
         cf.crr_penalty(lambda z: model(z), x, y, compile="eager", **kw)
 
 
+def test_compile_options_give_a_program_of_their_own():
+    """compile_options reach the captured program (a program per set of options, the options
+    handed to its compile), the result is the eager engine's, and misuse is refused by name."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    x, y = torch.randn(6, 3, dtype=D64), torch.randint(0, 2, (6,))
+    opts = {"max_autotune": False}
+    kw = dict(orders=(1, 3), scale=0.4, subset=4)
+    crit = cf.CRRLoss(**kw, compile="eager", compile_options=opts)
+    torch.manual_seed(9)
+    a = crit(model, x, y)
+    torch.manual_seed(9)
+    b = cf.CRRLoss(**kw)(model, x, y)
+    assert _max_rel(a.detach(), b.detach()) <= TOL
+    prog = crr_mod._program("total", "eager", (("max_autotune", False),))
+    assert prog is not _program("total") and prog.options == opts and prog.captures >= 1
+    assert "compile_options={'max_autotune': False}" in repr(crit)
+    torch.manual_seed(9)
+    p = cf.crr_penalty(model, x, y, compile="eager", compile_options=opts, **kw)
+    assert crr_mod._program("penalty", "eager", (("max_autotune", False),)).options == opts
+    torch.manual_seed(9)
+    assert _max_rel(p.detach(), cf.crr_penalty(model, x, y, **kw).detach()) <= TOL
+    with pytest.raises(ValueError, match="compile_options needs compile=True"):
+        cf.CRRLoss(**kw, compile_options=opts)
+    with pytest.raises(ValueError, match="compile_options needs compile=True"):
+        cf.crr_penalty(model, x, y, compile_options=opts, **kw)
+    with pytest.raises(TypeError, match="must be a dict"):
+        cf.CRRLoss(**kw, compile=True, compile_options=[("max_autotune", False)])
+    with pytest.raises(TypeError, match="hashable"):
+        cf.CRRLoss(**kw, compile=True, compile_options={"triton.cudagraphs": [True]})
+
+
 def test_no_grad_call_captures_a_value_only_graph():
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
