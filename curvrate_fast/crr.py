@@ -468,7 +468,7 @@ class CRRLoss(nn.Module):
                  scale: float = 1.0, every: int = 1, generator: Optional[torch.Generator] = None,
                  compile: Union[bool, str] = False, compile_options: Optional[Dict[str, Any]] = None):
         super().__init__()
-        self._options = _options_key(compile_options, backend_of(compile))
+        _options_key(compile_options, backend_of(compile))   # checked here, read at every call
         parse_orders(orders)
         _check_positive_int("n_dirs", n_dirs)
         _check_positive_int("every", every)
@@ -515,7 +515,8 @@ class CRRLoss(nn.Module):
                 x, y, loss_fn=self.loss_fn, orders=self.orders, n_dirs=self.n_dirs,
                 directions=self.directions, order_reduction=self.order_reduction, subset=self.subset,
                 scale=self.scale, generator=self.generator, check_values=False)
-            total, (task, R, terms) = _program("total", backend, self._options).call_with_aux(
+            options = _options_key(self.compile_options, backend_of(self.compile))
+            total, (task, R, terms) = _program("total", backend, options).call_with_aux(
                 model, x, y, idx, U, ords, per_order, self.loss_fn, self.order_reduction, scale,
                 not isinstance(self.directions, str))
             self.last_task_loss, self.last_penalty, self.last_terms = task, R, terms

@@ -220,6 +220,10 @@ def test_compile_options_give_a_program_of_their_own():
     prog = crr_mod._program("total", "eager", (("max_autotune", False),))
     assert prog is not _program("total") and prog.options == opts and prog.captures >= 1
     assert "compile_options={'max_autotune': False}" in repr(crit)
+    later = cf.CRRLoss(**kw, compile="eager")
+    later.compile_options = {"max_autotune": True}          # read at every call, not frozen
+    later(model, x, y)
+    assert crr_mod._program("total", "eager", (("max_autotune", True),)).captures == 1
     torch.manual_seed(9)
     p = cf.crr_penalty(model, x, y, compile="eager", compile_options=opts, **kw)
     assert crr_mod._program("penalty", "eager", (("max_autotune", False),)).options == opts
