@@ -367,6 +367,32 @@ def test_inductor_program_matches_eager_with_dropout():
     _train_both(crit_a, crit_b, model, batches)
 
 
+def test_cpu_graph_falls_back_to_the_python_wrapper_only_when_ours_to_choose(monkeypatch):
+    """On CPU inductor builds the graph with its C++ wrapper; where that build fails the Python
+    wrapper is used (same values as the eager engine), unless the caller asked for the C++ one,
+    whose failure then surfaces."""
+    import torch._inductor.compile_fx as cfx
+    real, calls = cfx.compile_fx, []
+
+    def no_cpp_wrapper(gm, example, config_patches=None, **kw):
+        calls.append(bool((config_patches or {}).get("cpp_wrapper")))
+        if calls[-1]:
+            raise RuntimeError("C++ wrapper build failed (simulated)")
+        return real(gm, example, config_patches=config_patches, **kw)
+
+    monkeypatch.setattr(cfx, "compile_fx", no_cpp_wrapper)
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    x, y, u = torch.randn(5, 3, dtype=D64), torch.randint(0, 2, (5,)), torch.randn(5, 3, dtype=D64)
+    fast = cf.compile(derivative_loss)
+    a = fast(model, x, y, u)
+    # the C++ try, then the Python build (compile_fx re-enters itself for the inner graph)
+    assert calls[0] and len(calls) >= 2 and not any(calls[1:])
+    assert _max_rel(a.detach(), derivative_loss(model, x, y, u).detach()) <= TOL
+    with pytest.raises(RuntimeError, match="simulated"):
+        cf.compile(derivative_loss, options={"cpp_wrapper": True})(model, x, y, u)
+
+
 def test_triton_kernels_stay_in_the_graph_as_library_ops():
     """With the Triton backend (the interpreter here, CUDA on a GPU) the fused kernels are recorded
     as their torch.library ops, forward and backward, and the replay equals the eager engine."""
