@@ -15,10 +15,22 @@ running machine, so a CPU where MKL is the faster one keeps ``aten.mm``. Both co
 product with float32 accumulation, in different summation orders (results agree to float32
 rounding, ~1e-7 relative); float64 and every other dtype are left alone.
 
-Modes (``curvrate_fast.compile(..., cpu_gemm=...)``): ``"auto"`` (default: measured per shape; no
-rewrite when deterministic algorithms are requested, so that a run's choice cannot depend on a
-timing), ``"aten"`` (never rewrite), ``"onednn"`` (every eligible mm; raises where oneDNN is not
-built in or ``torch.backends.mkldnn.enabled`` is False, which also turns ``"auto"`` off).
+``addmm(bias, a, b)`` (a linear layer's forward; inductor's summed weight gradients) is rewritten as
+``bias + cpu_mm(a, b)`` under the same rule.
+
+GEMMs with a tiny dimension (min(M, K, N) ≤ :data:`TINY_GEMM_DIM`: the 2-feature input layer and
+the 2-logit output layer of a Two Moons network, and their gradients) are not worth a BLAS call:
+MKL takes 5–30 µs for a 1024×64·64×2 or a 64×512·512×2 product on one core (the latter 30 µs for
+65 kflop). :func:`decompose_tiny_gemms` writes them as a broadcast product summed over K, which
+inductor fuses into the surrounding elementwise kernels (any floating dtype: the same sum in
+another order). Measured on the Two Moons CRR step (one core, ten such GEMMs): 1168 → 1101 µs.
+
+Modes (``curvrate_fast.compile(..., cpu_gemm=...)``): ``"auto"`` (default: tiny GEMMs
+decomposed, the others measured per shape; no oneDNN rewrite when deterministic algorithms are
+requested, so that a run's choice cannot depend on a timing), ``"aten"`` (the graph's GEMMs left
+as traced), ``"onednn"`` (tiny GEMMs decomposed, every other eligible float32 GEMM on oneDNN;
+raises where oneDNN is not built in or ``torch.backends.mkldnn.enabled`` is False, which also
+turns ``"auto"``'s oneDNN rewrite off).
 """
 from __future__ import annotations
 
@@ -30,7 +42,8 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["GEMM_MODES", "onednn_available", "cpu_mm", "rewrite_graph", "faster_with_onednn"]
+__all__ = ["GEMM_MODES", "TINY_GEMM_DIM", "onednn_available", "cpu_mm", "rewrite_graph", "decompose_tiny_gemms",
+           "faster_with_onednn"]
 
 #: what ``cpu_gemm=`` accepts
 GEMM_MODES = ("auto", "aten", "onednn")
@@ -128,17 +141,78 @@ def _random_strided(shape: Sequence[int], stride: Sequence[int]) -> Tensor:
     return out.copy_(dense) if 0 not in stride else dense.as_strided(tuple(shape), tuple(stride))
 
 
-def _eligible(node) -> bool:
-    if node.op != "call_function" or node.target is not torch.ops.aten.mm.default:
-        return False
-    vals = [getattr(a, "meta", {}).get("val") for a in node.args[:2]]
-    return all(isinstance(v, Tensor) and v.dtype == torch.float32 and v.device.type == "cpu"
-               and v.dim() == 2 for v in vals)
+_aten = torch.ops.aten
+_GEMMS = (_aten.mm.default, _aten.addmm.default)
+
+#: a GEMM with a dimension this small is decomposed (see the module docstring)
+TINY_GEMM_DIM = 4
+
+
+def _operands(node):
+    """The traced (a, b) of a CPU mm/addmm node (``addmm(bias, a, b)`` with the default alpha
+    and beta only), or None."""
+    if node.op != "call_function" or node.target not in _GEMMS:
+        return None
+    if node.target is _aten.addmm.default and (node.kwargs or len(node.args) != 3):
+        return None
+    vals = [getattr(a, "meta", {}).get("val") for a in node.args[-2:]]
+    if not all(isinstance(v, Tensor) and v.device.type == "cpu" and v.dim() == 2 for v in vals):
+        return None
+    return vals[0], vals[1]
+
+
+def _is_tiny(a: Tensor, b: Tensor) -> bool:
+    return a.is_floating_point() and min(a.shape[0], a.shape[1], b.shape[1]) <= TINY_GEMM_DIM
+
+
+def _replace(gm: torch.fx.GraphModule, node, build) -> None:
+    """Put ``build(graph, a_node, b_node)`` (plus the bias of an addmm) in place of ``node``."""
+    g = gm.graph
+    with g.inserting_before(node):
+        out = build(g, *node.args[-2:])
+        if node.target is _aten.addmm.default:
+            out = g.call_function(_aten.add.Tensor, (node.args[0], out))
+    node.replace_all_uses_with(out)
+    g.erase_node(node)
+
+
+def _broadcast_product(g, a, b):
+    # a @ b = Σ_k a[:, k, None] · b[None, k, :]: one fused loop for inductor, not a BLAS call
+    prod = g.call_function(_aten.mul.Tensor, (g.call_function(_aten.unsqueeze.default, (a, 2)),
+                                              g.call_function(_aten.unsqueeze.default, (b, 0))))
+    return g.call_function(_aten.sum.dim_IntList, (prod, [1]))
+
+
+def _onednn_product(g, a, b):
+    return g.call_function(torch.ops.curvrate.cpu_mm.default, (a, b))
+
+
+def decompose_tiny_gemms(gm: torch.fx.GraphModule) -> int:
+    """Write each CPU mm/addmm of ``gm`` with a dimension ≤ :data:`TINY_GEMM_DIM` as a broadcast
+    product summed over K (see the module docstring); returns how many. The graph must carry the
+    traced values in ``node.meta["val"]``.
+
+    Example::
+
+        >>> gm = torch.fx.experimental.proxy_tensor.make_fx(lambda a, b: a @ b)(torch.randn(8, 4), torch.randn(4, 2))
+        >>> curvrate_fast.cpu_gemm.decompose_tiny_gemms(gm)
+        1
+    """
+    n = 0
+    for node in list(gm.graph.nodes):
+        ab = _operands(node)
+        if ab is not None and _is_tiny(*ab):
+            _replace(gm, node, _broadcast_product)
+            n += 1
+    if n:
+        gm.recompile()
+    return n
 
 
 def rewrite_graph(gm: torch.fx.GraphModule, mode: str = "auto") -> int:
-    """Replace the float32 CPU ``aten.mm`` nodes of ``gm`` by :func:`cpu_mm` where ``mode`` says so
-    (see the module docstring); returns how many were replaced. The graph must carry the traced
+    """Rewrite the CPU GEMMs of ``gm`` as ``mode`` says (see the module docstring): tiny ones
+    decomposed (:func:`decompose_tiny_gemms`), float32 mm/addmm nodes on :func:`cpu_mm` where
+    oneDNN is faster; returns how many nodes were rewritten. The graph must carry the traced
     values in ``node.meta["val"]`` (``make_fx`` records them).
 
     Example::
@@ -151,23 +225,23 @@ def rewrite_graph(gm: torch.fx.GraphModule, mode: str = "auto") -> int:
         raise ValueError(f"cpu_gemm must be one of {GEMM_MODES}, got {mode!r}")
     if mode == "aten":
         return 0
-    if not onednn_available():
-        if mode == "onednn":
-            raise RuntimeError("cpu_gemm='onednn': oneDNN is not available (this PyTorch build has none, "
-                               "or torch.backends.mkldnn.enabled is False); use 'auto' or 'aten'")
-        return 0
-    if mode == "auto" and torch.are_deterministic_algorithms_enabled():
-        return 0
-    n = 0
+    if mode == "onednn" and not onednn_available():
+        raise RuntimeError("cpu_gemm='onednn': oneDNN is not available (this PyTorch build has none, "
+                           "or torch.backends.mkldnn.enabled is False); use 'auto' or 'aten'")
+    n = decompose_tiny_gemms(gm)
+    if not onednn_available() or (mode == "auto" and torch.are_deterministic_algorithms_enabled()):
+        return n
+    m = 0
     for node in list(gm.graph.nodes):
-        if not _eligible(node):
+        ab = _operands(node)
+        if ab is None or ab[0].dtype != torch.float32 or ab[1].dtype != torch.float32:
             continue
-        a, b = (x.meta["val"] for x in node.args[:2])
+        a, b = ab
         if mode == "auto" and (2 * a.shape[0] * a.shape[1] * b.shape[1] < MIN_AUTO_FLOP
                                or not faster_with_onednn(a.shape, a.stride(), b.shape, b.stride())):
             continue
-        node.target = torch.ops.curvrate.cpu_mm.default
-        n += 1
-    if n:
+        _replace(gm, node, _onednn_product)
+        m += 1
+    if m:
         gm.recompile()
-    return n
+    return n + m
