@@ -179,14 +179,15 @@ def _meta(t: Tensor) -> tuple:
 class _Entry:
     """One captured configuration: the graph, how to feed it, which outputs are gradients."""
 
-    __slots__ = ("runner", "wrt", "n_aux", "graph", "calls")
+    __slots__ = ("runner", "wrt", "n_aux", "graph", "calls", "unused")
 
-    def __init__(self, runner, wrt: List[int], n_aux: int, graph) -> None:
+    def __init__(self, runner, wrt: List[int], n_aux: int, graph, unused: Tuple[bool, ...] = ()) -> None:
         self.runner = runner
         self.wrt = wrt          # indices into the flat input list of the tensors differentiated
         self.n_aux = n_aux
         self.graph = graph
         self.calls = 0
+        self.unused = unused    # per wrt tensor: the loss does not depend on it (its grad is None)
 
 
 class _GradsTimesIncoming(torch.autograd.Function):
@@ -319,7 +320,11 @@ class CompiledLoss:
         return args, kwargs, tables
 
     # -- capture ----------------------------------------------------------------------------
-    def _capture(self, flat: List[Tensor], layout, n_args: int, kw_names, wrt: List[int]) -> _Entry:
+    def _capture(self, flat: List[Tensor], layout, n_args: int, kw_names, wrt: List[int],
+                 update: Optional[Callable] = None, extra: Sequence[Tensor] = ()) -> _Entry:
+        """Record fn's loss, aux outputs and gradients (and, for a captured step, ``update(wrt
+        tensors, gradients or None, extra inputs)``'s outputs after them) as one graph, and
+        compile it; ``extra`` are further graph inputs after ``flat``."""
         from contextlib import ExitStack
 
         from torch.fx.experimental.proxy_tensor import make_fx
@@ -327,10 +332,14 @@ class CompiledLoss:
 
         need_grad = bool(wrt)
         n_aux_box = [0]
+        unused_box: List[Tuple[bool, ...]] = [()]
         fn = self.fn
+        n_flat = len(flat)
 
         def joint(*ins):
-            ins = list(ins)
+            extra_in = list(ins[n_flat:])
+            ins = list(ins[:n_flat])
+            plain = [ins[i] for i in wrt]
             leaves = []
             for i in wrt:
                 leaf = ins[i].detach().requires_grad_(True)
@@ -345,13 +354,18 @@ class CompiledLoss:
             value, aux = _split_output(out, self.name)
             n_aux_box[0] = len(aux)
             if leaves:
-                grads = torch.autograd.grad(value, leaves, allow_unused=True)
-                grads = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
+                raw = list(torch.autograd.grad(value, leaves, allow_unused=True))
+                unused_box[0] = tuple(g is None for g in raw)
+                grads = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(raw, leaves)]
             else:
-                grads = []
-            return (value.detach(), *[a.detach() for a in aux], *grads)
+                raw, grads = [], []
+            updated: List[Tensor] = []
+            if update is not None:
+                with torch.no_grad():
+                    updated = list(update(plain, [None if g is None else g.detach() for g in raw], extra_in))
+            return (value.detach(), *[a.detach() for a in aux], *grads, *updated)
 
-        ins = [t.detach() for t in flat]
+        ins = [t.detach() for t in flat] + [t.detach() for t in extra]
         devices = sorted({t.device.index or 0 for t in flat if t.is_cuda})
         # the trace runs fn once on real tensors: it must not consume random numbers, so that the
         # first replay draws what an eager call would have drawn
@@ -366,7 +380,7 @@ class CompiledLoss:
         rewrite_graph(gm, self.cpu_gemm)   # oneDNN for the float32 CPU GEMMs where it is faster
         runner = self._compile_graph(gm, ins)
         self.captures += 1
-        return _Entry(runner, wrt, n_aux_box[0], gm)
+        return _Entry(runner, wrt, n_aux_box[0], gm, unused_box[0])
 
     def _compile_graph(self, gm: torch.fx.GraphModule, example: List[Tensor]):
         backend = self.backend
@@ -418,24 +432,8 @@ class CompiledLoss:
         flat, layout, key = self._flatten(args, kwargs)
         kw_names = sorted(kwargs)
         need_grad = torch.is_grad_enabled()
-        with self._lock:
-            entry = self._cache.get(key)
-            if entry is not None:
-                self._cache.move_to_end(key)
-        if entry is None:
-            wrt = [i for i, t in enumerate(flat) if need_grad and t.requires_grad]
-            entry = self._capture(flat, layout, len(args), kw_names, wrt)
-            with self._lock:
-                self._cache[key] = entry
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
-                    if not self._warned_evict:
-                        self._warned_evict = True
-                        warnings.warn(f"curvrate_fast.compile({self.name}): more than {self.cache_size} "
-                                      "configurations (shapes, modes, arguments) seen; the oldest graph "
-                                      "was dropped and will be captured again when it comes back. "
-                                      "Raise cache_size, or keep shapes fixed (e.g. drop_last=True).",
-                                      RuntimeWarning, stacklevel=3)
+        entry = self._cached(key, lambda: self._capture(
+            flat, layout, len(args), kw_names, [i for i, t in enumerate(flat) if need_grad and t.requires_grad]))
         entry.calls += 1
         with torch.no_grad():
             outs = entry.runner(*[t.detach() for t in flat])
@@ -446,6 +444,148 @@ class CompiledLoss:
         if entry.wrt:
             value = _GradsTimesIncoming.apply(value, grads, *[flat[i] for i in entry.wrt])
         return value, aux
+
+    def _cached(self, key: tuple, capture: Callable[[], _Entry]) -> _Entry:
+        """The entry of ``key``, captured (and cached, evicting the oldest) when missing."""
+        with self._lock:
+            entry = self._cache.get(key)
+            if entry is not None:
+                self._cache.move_to_end(key)
+                return entry
+        entry = capture()
+        with self._lock:
+            self._cache[key] = entry
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+                if not self._warned_evict:
+                    self._warned_evict = True
+                    warnings.warn(f"curvrate_fast.compile({self.name}): more than {self.cache_size} "
+                                  "configurations (shapes, modes, arguments) seen; the oldest graph "
+                                  "was dropped and will be captured again when it comes back. "
+                                  "Raise cache_size, or keep shapes fixed (e.g. drop_last=True).",
+                                  RuntimeWarning, stacklevel=4)
+        return entry
+
+    # -- a captured training step ----------------------------------------------------------
+    def train_step(self, optimizer: torch.optim.Optimizer, *args, **kwargs) -> Tensor:
+        """One training step, as ``optimizer.zero_grad(); fn(*args).backward(); optimizer.step()``:
+        the loss, its gradients and the optimizer's update recorded as **one** captured graph per
+        configuration (``curvrate_fast.optim_update``: Adam, AdamW, SGD, by exact class). Returns
+        the loss, detached.
+
+        Afterwards every tensor the loss is differentiated with respect to (the parameters of the
+        module arguments, tensor arguments that require grad) holds its gradient in ``.grad``, as
+        after ``backward()``; the optimizer's parameters among them are updated and its state
+        advanced exactly as its own ``step()`` would (to the rounding of the parameter dtype). Its
+        learning rates are read at every call (schedulers work); its other hyperparameters are
+        guarded (a change captures again). The optimizer's very first step (no state yet) runs
+        eagerly through its own ``step()``, which makes the state; the captured graph follows.
+        No gradient clipping, scaling or hooks run between backward and update: for those, call
+        the loss, ``backward()`` and ``step()`` yourself.
+
+        Example::
+
+            >>> fast = curvrate_fast.compile(loss_fn)
+            >>> opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            >>> for x, y in loader:
+            ...     loss = fast.train_step(opt, model, x, y)
+        """
+        return self.train_step_with_aux(optimizer, *args, **kwargs)[0]
+
+    def train_step_with_aux(self, optimizer: torch.optim.Optimizer, *args, **kwargs
+                      ) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+        """:meth:`train_step`, returning (the loss, fn's auxiliary outputs), all detached."""
+        from .optim_update import group_constants, lr_tensor, mark_stepped, rule_for, states_ready
+        if torch.compiler.is_compiling():
+            raise CaptureError(f"compile({self.name}).train_step cannot run inside torch.compile; there, call the "
+                               "loss, backward() and optimizer.step()")
+        if not torch.is_grad_enabled():
+            raise RuntimeError(f"compile({self.name}).train_step: grad mode is off (torch.no_grad); a training step "
+                               "needs gradients")
+        rule = rule_for(optimizer)
+        if self.check is not None:
+            self.check(*args, **kwargs)
+        else:
+            _check_finite_args(args, kwargs)
+        flat, layout, key = self._flatten(args, kwargs)
+        wrt = [i for i, t in enumerate(flat) if t.requires_grad]
+        where: Dict[int, List[int]] = {}           # id(tensor) → its positions among wrt (tied: several)
+        for j, i in enumerate(wrt):
+            where.setdefault(id(flat[i]), []).append(j)
+        groups: List[int] = []                     # indices of the groups holding a differentiated tensor
+        owned: List[Tuple[int, Tensor]] = []       # (index into groups, parameter)
+        for gi, group in enumerate(optimizer.param_groups):
+            mine = [p for p in group["params"] if id(p) in where]
+            if mine:
+                groups.append(gi)
+                owned.extend((len(groups) - 1, p) for p in mine)
+        if not owned:
+            raise CaptureError(f"compile({self.name}).train_step: the optimizer holds none of the tensors the loss is "
+                               "differentiated with respect to (the parameters of its module arguments that "
+                               "require grad)")
+        for i in wrt:
+            flat[i].grad = None
+        if not states_ready(optimizer, rule, [p for _, p in owned]):
+            # PyTorch's own first step makes the optimizer's state (the loss through the eager
+            # engine: no graph is captured for this one call); later steps are captured
+            value, aux = _split_output(self.fn(*args, **kwargs), self.name)
+            value.backward()
+            optimizer.step()
+            return value.detach(), tuple(a.detach() for a in aux)
+        pg = optimizer.param_groups
+        names = [rule.states(pg[groups[k]]) for k, _ in owned]
+        states = [optimizer.state[p][n] for (_, p), ns in zip(owned, names) for n in ns]
+        lrs = [lr_tensor(pg[gi]) for gi in groups]
+        plan = tuple((k, tuple(where[id(p)])) for k, p in owned)
+        skey = key + (("step", type(optimizer), tuple(group_constants(rule, pg[gi]) for gi in groups),
+                       plan, tuple(names), tuple(_meta(t) for t in states)),)
+
+        def capture() -> _Entry:
+            hyper = [dict(pg[gi]) for gi in groups]
+
+            def update(params: List[Tensor], grads: List[Optional[Tensor]], extra: List[Tensor]):
+                lr_in, st_in = extra[:len(groups)], extra[len(groups):]
+                new_p: List[Tensor] = []
+                new_s: List[Tensor] = []
+                at = 0
+                for (k, positions), ns in zip(plan, names):
+                    st = list(st_in[at:at + len(ns)])
+                    at += len(ns)
+                    gs = [grads[j] for j in positions if grads[j] is not None]
+                    p = params[positions[0]]
+                    if not gs:          # the loss does not reach it: PyTorch skips a None grad
+                        new_p.append(p)
+                        new_s.extend(st)
+                        continue
+                    g = gs[0]
+                    for more in gs[1:]:  # a tied parameter: its uses' gradients summed
+                        g = g + more
+                    p, st = rule.update(p, g, st, hyper[k], lr_in[k])
+                    new_p.append(p)
+                    new_s.extend(st)
+                return new_p + new_s
+
+            return self._capture(flat, layout, len(args), sorted(kwargs), wrt, update, lrs + states)
+
+        entry = self._cached(skey, capture)
+        entry.calls += 1
+        with torch.no_grad():
+            outs = list(entry.runner(*[t.detach() for t in flat], *lrs, *states))
+            n = 1 + entry.n_aux
+            grads = outs[n:n + len(wrt)]
+            updated = outs[n + len(wrt):]
+            targets = [p for _, p in owned] + states
+            torch._foreach_copy_(targets, updated)
+        mark_stepped(optimizer)
+        seen: Dict[int, Tensor] = {}
+        for j, i in enumerate(wrt):
+            if entry.unused and entry.unused[j]:
+                continue
+            t = flat[i]
+            prev = seen.get(id(t))
+            t.grad = grads[j] if prev is None else prev + grads[j]
+            seen[id(t)] = t.grad
+        return outs[0], tuple(outs[1:n])
 
     # what the custom op of the dynamo path returns: the loss, the aux outputs and the gradients of
     # the tensors marked in ``mask`` (their requires_grad when dynamo traced the step: at run time

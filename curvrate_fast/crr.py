@@ -497,30 +497,42 @@ class CRRLoss(nn.Module):
     def _task(self, model, x, y) -> Tensor:
         return _task_loss(model, x, y, self.loss_fn)
 
-    def forward(self, model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor]) -> Tensor:
+    def _advance(self) -> bool:
+        """Whether this call adds the penalty; counts the call in train mode."""
         if self.every == 1:   # no counter to read: a torch.compile'd step keeps one graph
             due = True
         else:
             due = self.penalty_due()
         if self.training and not (self.every == 1 and torch.compiler.is_compiling()):
             self.step += 1
-        if not due or self.scale == 0.0:
+        return due and self.scale != 0.0
+
+    def _captured(self, backend: str, model, x: Tensor, y, optimizer=None) -> Tensor:
+        """The captured program's loss (and, given an optimizer, its captured training step)."""
+        _check_capturable(model)
+        ords, per_order, scale, idx, U = _crr_plan(
+            x, y, loss_fn=self.loss_fn, orders=self.orders, n_dirs=self.n_dirs,
+            directions=self.directions, order_reduction=self.order_reduction, subset=self.subset,
+            scale=self.scale, generator=self.generator, check_values=False)
+        options = _options_key(self.compile_options, backend_of(self.compile))
+        program = _program("total", backend, options)
+        args = (model, x, y, idx, U, ords, per_order, self.loss_fn, self.order_reduction, scale,
+                not isinstance(self.directions, str))
+        if optimizer is None:
+            total, (task, R, terms) = program.call_with_aux(*args)
+        else:
+            total, (task, R, terms) = program.train_step_with_aux(optimizer, *args)
+        self.last_task_loss, self.last_penalty, self.last_terms = task, R, terms
+        return total
+
+    def forward(self, model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor]) -> Tensor:
+        if not self._advance():
             task = self._task(model, x, y)
             self.last_task_loss, self.last_penalty, self.last_terms = task.detach(), None, None
             return task
         backend = _capture_backend(self.compile)
         if backend is not None:
-            _check_capturable(model)
-            ords, per_order, scale, idx, U = _crr_plan(
-                x, y, loss_fn=self.loss_fn, orders=self.orders, n_dirs=self.n_dirs,
-                directions=self.directions, order_reduction=self.order_reduction, subset=self.subset,
-                scale=self.scale, generator=self.generator, check_values=False)
-            options = _options_key(self.compile_options, backend_of(self.compile))
-            total, (task, R, terms) = _program("total", backend, options).call_with_aux(
-                model, x, y, idx, U, ords, per_order, self.loss_fn, self.order_reduction, scale,
-                not isinstance(self.directions, str))
-            self.last_task_loss, self.last_penalty, self.last_terms = task, R, terms
-            return total
+            return self._captured(backend, model, x, y)
         R, terms, losses0, idx = _crr(model, x, y, loss_fn=self.loss_fn, orders=self.orders,
                                       n_dirs=self.n_dirs, directions=self.directions,
                                       order_reduction=self.order_reduction, subset=self.subset,
@@ -529,6 +541,48 @@ class CRRLoss(nn.Module):
         self.last_task_loss, self.last_penalty = task.detach(), R.detach()
         self.last_terms = terms.detach()
         return task + R
+
+    def train_step(self, model: nn.Module, x: Tensor, y: Optional[Tensor],
+                   optimizer: torch.optim.Optimizer) -> Tensor:
+        """One training step, ``optimizer.zero_grad(); self(model, x, y).backward();
+        optimizer.step()``, returning the loss (detached). With ``compile=True`` the task loss,
+        the penalty, their gradients **and the optimizer's update** run as one captured graph
+        (:meth:`curvrate_fast.CompiledLoss.train_step`: Adam, AdamW and SGD; the optimizer's first
+        step runs eagerly and makes its state): the fastest CRR step on small models, with no
+        autograd pass and no optimizer ops of its own. Without ``compile``, or inside a user's
+        ``torch.compile``, it is the three calls above. Either way the model's parameters hold
+        their gradients in ``.grad`` afterwards; no clipping or scaling runs between backward and
+        update (for those, write the three calls yourself).
+
+        Example::
+
+            >>> crit = curvrate_fast.CRRLoss(orders=(2, 3), directions="per_order", subset=64,
+            ...                              scale=3e-3, compile=True)
+            >>> opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            >>> for x, y in loader:
+            ...     loss = crit.train_step(model, x, y, opt)
+        """
+        backend = _capture_backend(self.compile)
+        if backend is None or torch.compiler.is_compiling() or not isinstance(model, nn.Module):
+            return self._eager_step(model, optimizer, lambda: self(model, x, y))
+        if not self._advance():
+            def task() -> Tensor:   # a step without the penalty: the plain task loss
+                t = self._task(model, x, y)
+                self.last_task_loss, self.last_penalty, self.last_terms = t.detach(), None, None
+                return t
+            return self._eager_step(model, optimizer, task)
+        return self._captured(backend, model, x, y, optimizer)
+
+    @staticmethod
+    def _eager_step(model, optimizer: torch.optim.Optimizer, loss_of: Callable[[], Tensor]) -> Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        if isinstance(model, nn.Module):
+            for p in model.parameters():
+                p.grad = None
+        loss = loss_of()
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
 
     def extra_repr(self) -> str:
         return (f"orders={self.orders!r}, n_dirs={self.n_dirs}, directions={self.directions!r}, "

@@ -1,7 +1,6 @@
-"""Tiny-dimension GEMMs of captured CPU graphs (curvrate_fast.cpu_gemm.decompose_tiny_gemms): each
-mm/addmm with a dimension ≤ TINY_GEMM_DIM becomes a broadcast product summed over K, with the
-same values (float64: to rounding) whichever dimension is tiny; larger GEMMs and "aten" mode are
-left alone; a captured Two Moons CRR step (2-feature input, 2 logits) equals the eager engine."""
+"""Tiny GEMMs of captured CPU graphs (curvrate_fast.cpu_gemm.decompose_tiny_gemms): each mm/addmm
+with M or N ≤ TINY_GEMM_DIM becomes a broadcast product summed over K, with the same values
+(float64: to rounding); a tiny K, larger GEMMs, half precision and "aten" mode are left alone; a captured Two Moons CRR step (2-feature input, 2 logits) equals the eager engine."""
 import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -16,7 +15,7 @@ def _count(gm, target):
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)
 
 
-@pytest.mark.parametrize("shape", [(300, 2, 64), (64, 512, 2), (3, 64, 40), (1, 1, 1), (4, 4, 4)])
+@pytest.mark.parametrize("shape", [(64, 512, 2), (3, 64, 40), (300, 2, 4), (1, 1, 1), (4, 4, 4)])
 def test_decomposed_mm_and_addmm_equal_the_gemm(shape):
     m, k, n = shape
     g = torch.Generator().manual_seed(1)
@@ -36,19 +35,20 @@ def test_decomposed_mm_and_addmm_equal_the_gemm(shape):
 
 
 def test_larger_gemms_and_aten_mode_are_left_alone():
-    a, b = torch.randn(32, 16), torch.randn(16, 8)
-    gm = make_fx(lambda a, b: a @ b)(a, b)
-    assert cpu_gemm.decompose_tiny_gemms(gm) == 0
-    assert _count(gm, aten.mm.default) == 1
-    gm = make_fx(lambda a, b: a @ b)(torch.randn(32, 2), torch.randn(2, 8))
+    for a, b in [(torch.randn(32, 16), torch.randn(16, 8)), (torch.randn(300, 2), torch.randn(2, 64))]:
+        gm = make_fx(lambda a, b: a @ b)(a, b)       # no tiny output dimension (a tiny K is kept)
+        assert cpu_gemm.decompose_tiny_gemms(gm) == 0
+        assert _count(gm, aten.mm.default) == 1
+    gm = make_fx(lambda a, b: a @ b)(torch.randn(32, 8), torch.randn(8, 2))
     assert cpu_gemm.rewrite_graph(gm, "aten") == 0
     assert _count(gm, aten.mm.default) == 1
     assert cpu_gemm.rewrite_graph(gm, "auto") == 1
     assert _count(gm, aten.mm.default) == 0
 
 
-def test_integer_gemms_are_left_alone():
-    a, b = torch.randint(0, 5, (8, 2)), torch.randint(0, 5, (2, 8))
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bfloat16, torch.float16])
+def test_integer_and_half_gemms_are_left_alone(dtype):
+    a, b = torch.ones(8, 2, dtype=dtype), torch.ones(2, 8, dtype=dtype)
     gm = make_fx(lambda a, b: a @ b)(a, b)
     assert cpu_gemm.decompose_tiny_gemms(gm) == 0
 
@@ -71,7 +71,7 @@ def test_captured_two_moons_crr_with_tiny_gemms_equals_eager():
     graph = cf.crr._PROGRAMS[("total", "eager", ())].graphs()[-1]
     shapes = [[tuple(a.meta["val"].shape) for a in n.args[-2:]] for n in graph.graph.nodes
               if n.op == "call_function" and n.target in (aten.mm.default, aten.addmm.default)]
-    assert shapes and all(min(a[0], a[1], b[1]) > cpu_gemm.TINY_GEMM_DIM for a, b in shapes)
+    assert shapes and all(min(a[0], b[1]) > cpu_gemm.TINY_GEMM_DIM for a, b in shapes)
     torch.testing.assert_close(vals[1][0], vals[0][0], rtol=1e-12, atol=1e-12)
     for g1, g0 in zip(vals[1][1], vals[0][1]):
         torch.testing.assert_close(g1, g0, rtol=1e-12, atol=1e-12)

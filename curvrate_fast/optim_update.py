@@ -1,0 +1,216 @@
+"""Optimizer updates as functions of tensors, for captured training steps
+(:meth:`curvrate_fast.CompiledLoss.train_step`, :meth:`curvrate_fast.CRRLoss.train_step`).
+
+A captured step records the loss, its gradients and the optimizer's update in one graph, so the
+update must be written as ops on tensors that are graph inputs: the parameters, the optimizer's
+per-parameter state (``exp_avg``, ``exp_avg_sq``, ``step``, ``momentum_buffer``...) and each
+parameter group's learning rate (a 0-d float64 tensor made at every call, so that a scheduler's
+change is seen without a new capture). The other hyperparameters (betas, eps, weight decay,
+momentum, the flags) are constants of the graph and part of its guard: changing one captures
+again.
+
+Each rule below mirrors PyTorch's own update (``torch/optim/adam.py``, ``sgd.py``, the
+non-differentiable path) op for op; the scalar factors (bias corrections, step size) are computed
+in float64 from the step count, as PyTorch computes them in Python floats. The result equals
+``optimizer.step()`` to the rounding of the parameter dtype (tests: ≤ 1e-12 in float64 over
+several steps, with weight decay, AMSGrad, maximize, Nesterov momentum and an LR schedule).
+
+The first step of an optimizer (its state not yet made) runs ``optimizer.step()`` itself, so the
+state is the one PyTorch makes; captured steps follow. Optimizers outside :data:`RULES` (and
+subclasses, which may override ``step``) raise :class:`curvrate_fast.CaptureError` naming them.
+
+Example::
+
+    >>> opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    >>> fast = curvrate_fast.compile(loss_fn)
+    >>> fast.train_step(opt, model, x, y)   # zero_grad + loss + backward + opt.step(), one graph
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["UpdateRule", "RULES", "rule_for"]
+
+Update = Callable[[Tensor, Tensor, List[Tensor], Dict[str, Any], Tensor], Tuple[Tensor, List[Tensor]]]
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """How one optimizer class updates a parameter.
+
+    ``states(group)``: the names of the per-parameter state tensors the update reads and returns,
+    in order (they depend on the group's flags: AMSGrad's ``max_exp_avg_sq``, SGD's momentum
+    buffer); ``constants``: the group keys that are constants of the graph; ``neutral``: keys
+    that do not change the math (implementation choices); any other key in a group is refused.
+    ``update(param, grad, states, hyper, lr)`` → (new param, new states)."""
+
+    states: Callable[[Dict[str, Any]], Tuple[str, ...]]
+    constants: Tuple[str, ...]
+    neutral: Tuple[str, ...]
+    update: Update
+    check: Callable[[Dict[str, Any]], Optional[str]] = lambda group: None
+
+
+# keys every PyTorch optimizer group may carry without changing the math of its update
+# (``initial_lr`` is written by LR schedulers)
+_NEUTRAL = ("params", "lr", "initial_lr", "foreach", "fused", "capturable", "differentiable", "name")
+
+
+def _adam_states(group: Dict[str, Any]) -> Tuple[str, ...]:
+    names = ("step", "exp_avg", "exp_avg_sq")
+    return names + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+
+
+def _adam_update(p: Tensor, g: Tensor, states: List[Tensor], h: Dict[str, Any], lr: Tensor):
+    r"""Adam (Kingma & Ba) as ``torch.optim.Adam``/``AdamW`` compute it:
+
+    t ← t + 1; g ← −g if maximize; weight decay: g ← g + λθ (L2), or θ ← θ(1 − ηλ) (decoupled,
+    AdamW); m ← lerp(m, g, 1 − β₁); v ← β₂v + (1 − β₂) g²; v̂ ← max(v̂, v) with AMSGrad;
+    θ ← θ − η/(1 − β₁ᵗ) · m / (√v̂ / √(1 − β₂ᵗ) + ε)."""
+    step, m, v = states[0], states[1], states[2]
+    beta1, beta2 = (float(b) for b in h["betas"])
+    wd, eps = float(h["weight_decay"]), float(h["eps"])
+    if h["maximize"]:
+        g = -g
+    step = step + 1
+    if wd != 0:
+        if h["decoupled_weight_decay"]:
+            p = p * (1 - lr * wd)
+        else:
+            g = g.add(p, alpha=wd)
+    m = torch.lerp(m, g, 1 - beta1)
+    v = v.mul(beta2).addcmul(g, g, value=1 - beta2)
+    t = step.to(torch.float64)
+    bias1 = 1 - torch.pow(beta1, t)
+    bias2_sqrt = (1 - torch.pow(beta2, t)) ** 0.5
+    step_size = lr / bias1
+    new = [step, m, v]
+    if h["amsgrad"]:
+        vmax = torch.maximum(states[3], v)
+        new.append(vmax)
+        denom = (vmax.sqrt() / bias2_sqrt).add(eps)
+    else:
+        denom = (v.sqrt() / bias2_sqrt).add(eps)
+    p = p - step_size * m / denom
+    return p, new
+
+
+def _adam_check(group: Dict[str, Any]) -> Optional[str]:
+    if isinstance(group["betas"][0], Tensor) or isinstance(group["betas"][1], Tensor):
+        return "tensor betas"
+    return None
+
+
+def _sgd_states(group: Dict[str, Any]) -> Tuple[str, ...]:
+    return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+
+def _sgd_update(p: Tensor, g: Tensor, states: List[Tensor], h: Dict[str, Any], lr: Tensor):
+    r"""SGD as ``torch.optim.SGD`` computes it: g ← −g if maximize; g ← g + λθ; with momentum μ,
+    b ← μb + (1 − τ)g (the first step, b = g, is PyTorch's own), g ← g + μb (Nesterov) or b;
+    θ ← θ − ηg."""
+    wd, mom = float(h["weight_decay"]), float(h["momentum"])
+    if h["maximize"]:
+        g = -g
+    if wd != 0:
+        g = g.add(p, alpha=wd)
+    new: List[Tensor] = []
+    if mom != 0:
+        buf = states[0].mul(mom).add(g, alpha=1 - float(h["dampening"]))
+        new.append(buf)
+        g = g.add(buf, alpha=mom) if h["nesterov"] else buf
+    return p - lr * g, new
+
+
+#: the optimizers a captured step can update, by exact class
+RULES: Dict[type, UpdateRule] = {
+    torch.optim.Adam: UpdateRule(_adam_states, ("betas", "eps", "weight_decay", "amsgrad", "maximize",
+                                                "decoupled_weight_decay"), _NEUTRAL, _adam_update,
+                                 _adam_check),
+    torch.optim.AdamW: UpdateRule(_adam_states, ("betas", "eps", "weight_decay", "amsgrad", "maximize",
+                                                 "decoupled_weight_decay"), _NEUTRAL, _adam_update,
+                                  _adam_check),
+    torch.optim.SGD: UpdateRule(_sgd_states, ("momentum", "dampening", "weight_decay", "nesterov",
+                                              "maximize"), _NEUTRAL, _sgd_update),
+}
+
+
+def rule_for(optimizer: torch.optim.Optimizer) -> UpdateRule:
+    """The rule of ``optimizer``'s class, or a :class:`curvrate_fast.CaptureError` naming what
+    cannot be captured (another class, a subclass, an unknown group option, differentiable=True,
+    optimizer step hooks, a step method replaced on the instance; an LR scheduler's wrapper of
+    ``step`` is fine)."""
+    from .capture import CaptureError
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"step needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    rule = RULES.get(type(optimizer))
+    if rule is None:
+        known = ", ".join(sorted(f"torch.optim.{c.__name__}" for c in RULES))
+        raise CaptureError(f"a captured step cannot update a {type(optimizer).__module__}."
+                           f"{type(optimizer).__qualname__} (captured steps know {known}, by exact class); "
+                           "call loss.backward() and optimizer.step() instead")
+    from torch.optim import optimizer as _optimizer_module
+    hooks = (list(getattr(optimizer, "_optimizer_step_pre_hooks", {}).values())
+             + list(getattr(optimizer, "_optimizer_step_post_hooks", {}).values())
+             + list(getattr(_optimizer_module, "_global_optimizer_pre_hooks", {}).values())
+             + list(getattr(_optimizer_module, "_global_optimizer_post_hooks", {}).values()))
+    if hooks:
+        raise CaptureError(f"a captured step cannot update {type(optimizer).__name__}: it has optimizer step "
+                           f"hook(s) ({', '.join(getattr(h, '__qualname__', type(h).__name__) for h in hooks)}), "
+                           "which a captured update would skip; call loss.backward() and optimizer.step() instead")
+    own_step = vars(optimizer).get("step")
+    if own_step is not None and not hasattr(own_step, "_wrapped_by_lr_sched"):
+        raise CaptureError(f"a captured step cannot update {type(optimizer).__name__}: its step method was "
+                           "replaced on the instance; call loss.backward() and optimizer.step() instead")
+    for group in optimizer.param_groups:
+        unknown = sorted(set(group) - set(rule.constants) - set(rule.neutral))
+        if unknown:
+            raise CaptureError(f"a captured step cannot update {type(optimizer).__name__}: its param group has "
+                               f"option(s) {unknown} that the captured update does not know; call "
+                               "loss.backward() and optimizer.step() instead")
+        if group.get("differentiable"):
+            raise CaptureError(f"a captured step cannot update {type(optimizer).__name__} with "
+                               "differentiable=True (its update is part of a graph to differentiate)")
+        why = rule.check(group)
+        if why:
+            raise CaptureError(f"a captured step cannot update {type(optimizer).__name__} with {why}")
+    return rule
+
+
+def group_constants(rule: UpdateRule, group: Dict[str, Any]) -> tuple:
+    """The hashable constants of a group (part of a captured step's guard)."""
+    return tuple((k, tuple(group[k]) if isinstance(group[k], (list, tuple)) else group[k])
+                 for k in rule.constants if k in group)
+
+
+def lr_tensor(group: Dict[str, Any]) -> Tensor:
+    """The group's learning rate as a 0-d float64 CPU graph input (a float or a tensor lr; a 0-d
+    CPU tensor mixes with tensors on any device as a scalar)."""
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        return lr.detach().to(device="cpu", dtype=torch.float64).reshape(())
+    return torch.tensor(float(lr), dtype=torch.float64)
+
+
+def mark_stepped(optimizer: torch.optim.Optimizer) -> None:
+    """What the LR scheduler's wrapper of ``optimizer.step`` records when the optimizer steps (so
+    that ``scheduler.step()`` knows the optimizer stepped first, and does not warn)."""
+    if hasattr(getattr(optimizer, "step", None), "_wrapped_by_lr_sched"):
+        optimizer._opt_called = True  # type: ignore[attr-defined]
+
+
+def states_ready(optimizer: torch.optim.Optimizer, rule: UpdateRule,
+                 params: Sequence[Tensor]) -> bool:
+    """Whether every parameter's state holds the tensors the rule reads (else PyTorch's own first
+    step makes them)."""
+    by_id = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    for p in params:
+        st = optimizer.state.get(p)
+        names = rule.states(by_id[id(p)])
+        if names and (not st or any(not isinstance(st.get(n), Tensor) for n in names)):
+            return False
+    return True

@@ -1,0 +1,287 @@
+"""Captured training steps (CompiledLoss.train_step, CRRLoss.train_step; curvrate_fast.optim_update):
+loss, gradients and the optimizer's update as one graph give what ``zero_grad(); loss.backward();
+optimizer.step()`` gives with PyTorch's own optimizer (the oracle: float64, ≤ 1e-12, over several
+steps) for Adam, AdamW (AMSGrad, weight decay, maximize) and SGD (momentum, Nesterov, dampening,
+weight decay), with an LR scheduler, several param groups, tied weights, a parameter the loss
+does not reach and one the optimizer does not hold; the optimizer's state is PyTorch's (its
+state_dict round-trips into a plain optimizer); what cannot be captured is refused by name.
+
+The graphs are replayed uncompiled (backend="eager") except in one inductor test."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import curvrate_fast as cf
+from curvrate_fast import optim_update
+
+D64 = torch.float64
+TOL = 1e-12
+
+
+def _moons_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 2)).to(D64)
+
+
+def _data(seed=1, n=32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, dtype=D64, generator=g), torch.randint(0, 2, (n,), generator=g)
+
+
+def derivative_loss(model, x, y, u):
+    return cf.loss_directional_derivatives(model, x, y, u, 3).abs().mean() + \
+        nn.functional.cross_entropy(model(x), y)
+
+
+def _close(a, b, what):
+    err = float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+    assert err <= TOL, f"{what}: relative error {err:.2e}"
+
+
+OPTIMIZERS = {
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
+    "adam_l2_maximize": lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.1, maximize=True, eps=1e-6),
+    "adamw_amsgrad": lambda ps: torch.optim.AdamW(ps, lr=1e-2, amsgrad=True, weight_decay=0.05,
+                                                  betas=(0.8, 0.95)),
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=1e-2),
+    "sgd_nesterov": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    "sgd_dampening": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.5, dampening=0.3, maximize=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_compiled_loss_train_step_equals_torch_optimizer(name):
+    model = _moons_model()
+    runs = []
+    for mode in ("torch", "captured"):
+        m = copy.deepcopy(model)
+        opt = OPTIMIZERS[name](m.parameters())
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)   # lr changes: read each call
+        fast = cf.compile(derivative_loss, backend="eager")
+        losses = []
+        for step in range(5):
+            x, y = _data(seed=step)                      # a fresh batch and direction every step
+            u = torch.randn(x.shape, dtype=D64, generator=torch.Generator().manual_seed(10 + step))
+            if mode == "torch":
+                opt.zero_grad()
+                loss = derivative_loss(m, x, y, u)
+                loss.backward()
+                opt.step()
+            else:
+                loss = fast.train_step(opt, m, x, y, u)
+                assert not loss.requires_grad
+            sched.step()
+            losses.append(loss.detach())
+        if mode == "captured":
+            assert fast.captures == 1      # the first step is the optimizer's own, then one graph
+        runs.append((torch.stack(losses), [p.detach().clone() for p in m.parameters()],
+                     [p.grad.clone() for p in m.parameters()], opt.state_dict()))
+    (l0, p0, g0, s0), (l1, p1, g1, s1) = runs
+    _close(l1, l0, "losses")
+    for a, b in zip(p1, p0):
+        _close(a, b, "parameters")
+    for a, b in zip(g1, g0):
+        _close(a, b, "gradients")
+    for k, st in s0["state"].items():
+        for n, v in st.items():
+            if isinstance(v, torch.Tensor):
+                assert v.dtype == s1["state"][k][n].dtype and v.shape == s1["state"][k][n].shape
+                _close(s1["state"][k][n].double(), v.double(), f"state {n}")
+
+
+def test_state_round_trips_into_a_plain_optimizer():
+    """After captured steps the optimizer's state is PyTorch's: a fresh Adam loaded from its
+    state_dict continues exactly as the captured steps do."""
+    model = _moons_model()
+    x, y = _data()
+    u = torch.randn_like(x)
+    fast = cf.compile(derivative_loss, backend="eager")
+    m = copy.deepcopy(model)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    for _ in range(3):
+        fast.train_step(opt, m, x, y, u)
+    m2 = copy.deepcopy(m)
+    opt2 = torch.optim.Adam(m2.parameters(), lr=1e-2)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))   # (load_state_dict keeps aliases)
+    fast.train_step(opt, m, x, y, u)
+    opt2.zero_grad()
+    derivative_loss(m2, x, y, u).backward()
+    opt2.step()
+    for a, b in zip(m.parameters(), m2.parameters()):
+        _close(a.detach(), b.detach(), "parameters")
+
+
+def test_param_groups_tied_unused_and_unheld_parameters():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Linear(2, 8, bias=False)
+            self.mid = nn.Linear(8, 8)
+            self.unused = nn.Linear(3, 3)          # the loss never reaches it
+            self.out = nn.Linear(8, 2)
+
+        def forward(self, x):
+            h = torch.tanh(self.mid(torch.tanh(self.emb(x))))
+            # the input layer's weight used a second time (tied): its gradients are summed
+            return self.out(h) + (h @ self.emb.weight).sum(-1, keepdim=True)
+
+    torch.manual_seed(3)
+    model = Tied().to(D64)
+    x, y = _data()
+    u = torch.randn_like(x)
+    runs = []
+    for mode in ("torch", "captured"):
+        m = copy.deepcopy(model)
+        opt = torch.optim.AdamW([{"params": [m.emb.weight, *m.mid.parameters(), *m.unused.parameters()],
+                                  "lr": 1e-2},
+                                 {"params": [m.out.weight], "lr": 3e-3, "weight_decay": 0.0}])
+        # m.out.bias requires grad but no group holds it: it gets its gradient, no update
+        fast = cf.compile(derivative_loss, backend="eager")
+        for _ in range(3):
+            if mode == "torch":
+                opt.zero_grad()
+                m.out.bias.grad = None
+                derivative_loss(m, x, y, u).backward()
+                opt.step()
+            else:
+                fast.train_step(opt, m, x, y, u)
+        runs.append(m)
+    m0, m1 = runs
+    for (n, a), b in zip(m1.named_parameters(), m0.parameters()):
+        _close(a.detach(), b.detach(), n)
+        if b.grad is None:
+            assert a.grad is None, n
+        else:
+            _close(a.grad, b.grad, n + ".grad")
+    assert m1.unused.weight.grad is None
+    assert torch.equal(m1.unused.weight, model.unused.weight)     # never updated (no gradient)
+    assert torch.equal(m1.out.bias, model.out.bias)               # no group holds it
+
+
+def test_crrloss_train_step_equals_eager_step_and_counts_steps():
+    model = _moons_model()
+    x, y = _data(n=48)
+    runs = []
+    for mode in ("eager", "captured"):
+        m = copy.deepcopy(model)
+        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+        crit = cf.CRRLoss(orders=(2, 3), directions="per_order", subset=16, scale=0.1, every=2,
+                          compile="eager" if mode == "captured" else False)
+        torch.manual_seed(7)
+        losses = []
+        for _ in range(5):
+            if mode == "eager":
+                opt.zero_grad()
+                loss = crit(m, x, y)
+                loss.backward()
+                opt.step()
+                losses.append(loss.detach())
+            else:
+                losses.append(crit.train_step(m, x, y, opt))
+            assert crit.last_task_loss is not None
+        assert crit.step == 5
+        runs.append((torch.stack(losses), [p.detach().clone() for p in m.parameters()]))
+    _close(runs[1][0], runs[0][0], "losses")
+    for a, b in zip(runs[1][1], runs[0][1]):
+        _close(a, b, "parameters")
+
+
+def test_inductor_train_step_matches_torch_optimizer_float32():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 2))
+    x, y = torch.randn(32, 2), torch.randint(0, 2, (32,))
+    u = torch.randn_like(x)
+    runs = []
+    for mode in ("torch", "captured"):
+        m = copy.deepcopy(model)
+        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+        fast = cf.compile(derivative_loss)
+        for _ in range(3):
+            if mode == "torch":
+                opt.zero_grad()
+                derivative_loss(m, x, y, u).backward()
+                opt.step()
+            else:
+                fast.train_step(opt, m, x, y, u)
+        runs.append(m)
+    for a, b in zip(runs[1].parameters(), runs[0].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_what_cannot_be_captured_is_refused():
+    model = _moons_model()
+    x, y = _data()
+    u = torch.randn_like(x)
+    fast = cf.compile(derivative_loss, backend="eager")
+    with pytest.raises(cf.CaptureError, match="RMSprop"):
+        fast.train_step(torch.optim.RMSprop(model.parameters()), model, x, y, u)
+
+    class MyAdam(torch.optim.Adam):
+        pass
+    with pytest.raises(cf.CaptureError, match="MyAdam"):
+        fast.train_step(MyAdam(model.parameters()), model, x, y, u)
+    with pytest.raises(cf.CaptureError, match="differentiable"):
+        fast.train_step(torch.optim.Adam(model.parameters(), differentiable=True), model, x, y, u)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.param_groups[0]["my_option"] = 1
+    with pytest.raises(cf.CaptureError, match="my_option"):
+        fast.train_step(opt, model, x, y, u)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.register_step_post_hook(lambda o, a, k: None)
+    with pytest.raises(cf.CaptureError, match="hook"):
+        fast.train_step(opt, model, x, y, u)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.step = lambda closure=None: None
+    with pytest.raises(cf.CaptureError, match="replaced"):
+        fast.train_step(opt, model, x, y, u)
+    other = nn.Linear(2, 2).to(D64)
+    with pytest.raises(cf.CaptureError, match="holds none"):
+        fast.train_step(torch.optim.SGD(other.parameters(), lr=0.1), model, x, y, u)
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        fast.train_step("adam", model, x, y, u)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="grad mode is off"):
+        fast.train_step(torch.optim.SGD(model.parameters(), lr=0.1), model, x, y, u)
+
+
+def test_hyperparameter_change_captures_again():
+    model = _moons_model()
+    x, y = _data()
+    u = torch.randn_like(x)
+    fast = cf.compile(derivative_loss, backend="eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        fast.train_step(opt, model, x, y, u)
+    assert fast.captures == 1
+    opt.param_groups[0]["lr"] = 0.05           # an input of the graph: no new capture
+    fast.train_step(opt, model, x, y, u)
+    assert fast.captures == 1
+    opt.param_groups[0]["momentum"] = 0.5      # a constant of the graph: captured again
+    fast.train_step(opt, model, x, y, u)
+    assert fast.captures == 2
+
+
+def test_rules_table_covers_the_documented_optimizers():
+    assert set(optim_update.RULES) == {torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD}
+
+
+def test_crrloss_train_step_without_compile_is_the_three_calls():
+    model = _moons_model()
+    x, y = _data(n=48)
+    runs = []
+    for mode in ("calls", "train_step"):
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD(m.parameters(), lr=1e-2, momentum=0.9)
+        crit = cf.CRRLoss(orders=(1, 2), directions="fixed", subset=16, scale=0.1)
+        torch.manual_seed(2)
+        for _ in range(3):
+            if mode == "calls":
+                opt.zero_grad()
+                crit(m, x, y).backward()
+                opt.step()
+            else:
+                crit.train_step(m, x, y, opt)
+        runs.append([p.detach().clone() for p in m.parameters()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
