@@ -1552,6 +1552,8 @@ def targets(rows: List[Dict[str, Any]]) -> List[Dict[str, str]]:
     b = med("crr", "two_moons_crr", "baseline")
     c = med("crr", "two_moons_crr", "captured")
     add("Two Moons CRR step ≥ 3× nested autograd (captured)", b, c, 3.0, "baseline")
+    add("Two Moons CRR step ≥ 3× nested autograd (captured training step: loss, gradients and "
+        "Adam in one graph)", b, med("crr", "two_moons_crr", "captured_step"), 3.0, "baseline")
     add("Two Moons CRR step ≥ 3× nested autograd (captured, CUDA-graph replay)", b,
         med("crr", "two_moons_crr", "captured_cudagraphs"), 3.0, "baseline")
     for wl, label in (("two_moons", "tiny MLP 2→64→64→2"), ("mlp784", "MLP 784→512→512→10")):

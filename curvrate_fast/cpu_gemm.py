@@ -63,11 +63,32 @@ def _onednn_mm(a: Tensor, b: Tensor) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [None], "")
 
 
-@torch.library.custom_op("curvrate::cpu_mm", mutates_args=(), device_types="cpu")
+# a plain dispatcher op (not ``torch.library.custom_op``): a captured graph calls it once per
+# GEMM, and custom_op's Python autograd and dispatch layers cost ~8 µs a call (a third of the
+# gain on a 1024×64·64×64 product). No autograd kernel: it only appears in captured graphs,
+# which are already differentiated and run under no_grad.
+_LIB = torch.library.Library("curvrate", "FRAGMENT")
+_LIB.define("cpu_mm(Tensor a, Tensor b) -> Tensor")
+
+
+def _cpu_mm_impl(a: Tensor, b: Tensor) -> Tensor:
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"cpu_mm multiplies two matrices, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return _onednn_mm(a, b)
+
+
+def _cpu_mm_meta(a: Tensor, b: Tensor) -> Tensor:
+    return a.new_empty((a.shape[0], b.shape[1]))
+
+
+_LIB.impl("cpu_mm", _cpu_mm_impl, "CPU")
+_LIB.impl("cpu_mm", _cpu_mm_meta, "Meta")
+
+
 def cpu_mm(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` (2-D, float32, CPU) through oneDNN's GEMM: what :func:`rewrite_graph` puts in place
-    of ``aten.mm`` where it is faster. No autograd: it only appears in captured graphs, which are
-    already differentiated.
+    """``a @ b`` (2-D, float32, CPU) through oneDNN's GEMM (the op ``torch.ops.curvrate.cpu_mm``):
+    what :func:`rewrite_graph` puts in place of ``aten.mm`` where it is faster. No autograd: it
+    only appears in captured graphs, which are already differentiated.
 
     Example::
 
@@ -75,23 +96,17 @@ def cpu_mm(a: Tensor, b: Tensor) -> Tensor:
         >>> torch.allclose(curvrate_fast.cpu_gemm.cpu_mm(a, b), a @ b, atol=1e-5)
         True
     """
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
-        raise ValueError(f"cpu_mm multiplies two matrices, got {tuple(a.shape)} and {tuple(b.shape)}")
-    return _onednn_mm(a, b)
-
-
-@cpu_mm.register_fake
-def _(a: Tensor, b: Tensor) -> Tensor:
-    return a.new_empty((a.shape[0], b.shape[1]))
+    return torch.ops.curvrate.cpu_mm.default(a, b)
 
 
 #: ``"auto"`` leaves GEMMs below this many flops to ``torch.mm`` without timing them: on small
-#: ones the custom op's dispatch (~7 µs) eats most of the gain, and whole steps measured slower
-#: even where the graph itself got faster: the rest of the step (value checks, backward) slowed
-#: by more than the graph gained, cause not found (one core, the Two Moons CRR step with its two
-#: 1024×64·64×64 GEMMs on oneDNN: graph 484 → 439 µs, step 910 → 945 µs; the tiny MLP's
-#: derivative step 361 → 395 µs). 16 MFLOP is ~150 µs on one core with MKL.
-MIN_AUTO_FLOP = 16e6
+#: ones the op's dispatch from the graph (a few µs) eats the gain. Measured on one core of the
+#: project's AMD EPYC with the plain dispatcher op above, interleaved A/B: the Two Moons CRR
+#: training step (its 1024×64·64×64 products, 8.4 MFLOP) 767–792 → 716–754 µs with the threshold
+#: at 4–8 MFLOP instead of 16; the tiny MLP's derivative graph (640×64·64×64, 5.2 MFLOP) 261 →
+#: 247–252 µs. (With ``torch.library.custom_op``'s heavier dispatch the same products had made
+#: whole steps slower.)
+MIN_AUTO_FLOP = 4e6
 
 _Key = Tuple[tuple, tuple, tuple, tuple, int]
 _choices: Dict[_Key, bool] = {}

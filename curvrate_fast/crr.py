@@ -28,6 +28,7 @@ Example::
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
@@ -63,6 +64,17 @@ def parse_orders(orders: OrdersLike) -> Tuple[int, ...]:
         >>> parse_orders((2, 4)), parse_orders([2, 4]), parse_orders(3)
         ((2, 3, 4), (2, 4), (3,))
     """
+    if type(orders) is int or (type(orders) is tuple and all(type(v) is int for v in orders)):
+        return _parse_hashable_orders(orders)     # the usual forms, parsed once
+    return _parse_orders(orders)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_hashable_orders(orders) -> Tuple[int, ...]:
+    return _parse_orders(orders)
+
+
+def _parse_orders(orders: OrdersLike) -> Tuple[int, ...]:
     if isinstance(orders, bool):
         raise TypeError("orders must be an int, a (first, last) pair or a list of ints")
     if isinstance(orders, int):
@@ -194,7 +206,9 @@ def _crr_plan(x: Tensor, y, *, loss_fn, orders, n_dirs, directions, order_reduct
     if isinstance(directions, Tensor):
         fixed_u = check_directions(directions, x, values=check_values)
     idx = subset_indices(subset, B, generator, x.device)
-    xs = x if idx is None else x[idx]
+    # what the draws read of the penalized samples: shape, dtype, device (not values: the graph,
+    # or _crr_compute, gathers them), so a view stands in for the gather x[idx]
+    xs = x if idx is None else x.narrow(0, 0, idx.shape[0])
     N = ords[-1]
     if not per_order:
         U = fixed_u[:, idx] if (fixed_u is not None and idx is not None) else fixed_u

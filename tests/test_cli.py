@@ -49,8 +49,8 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert js["paired"]["lam"]["n"] == 3 and js["paired"]["lam"]["mean"] < 0
     assert crr["scale"] == 3e-3 and plain["scale"] == 0.0
     t = js["timing_s_per_step"]
-    assert set(t) == {"plain", "captured", "ours", "baseline"} and all(v > 0 for v in t.values())
-    assert js["engine"].startswith("captured") and "ours captured" in text
+    assert set(t) == {"plain", "captured_step", "captured", "ours", "baseline"} and all(v > 0 for v in t.values())
+    assert js["engine"].startswith("captured") and "one captured step" in text
     png = out / "demo_two_moons.png"
     if js["files"]["png"]:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

@@ -367,8 +367,9 @@ def train_model(data: TwoMoonsData, model_seed: int, *, epochs: int = 25, crr_sc
     ``track_every=k`` records test error and λ after every k-th epoch (and the first) into
     ``history``; those λ directions come from ``track_generator`` (a private generator when None)
     so tracking does not change the training. ``on_epoch(epoch)`` is called after each epoch.
-    ``compile=True`` runs our penalty as a captured, compiled program (``crr_penalty(compile=True)``,
-    the same random draws; equal to the eager engine up to float rounding).
+    ``compile=True`` runs our CRR steps as one captured, compiled program each
+    (``CRRLoss(compile=True).train_step``: CE, penalty, gradients and the Adam update; the same
+    random draws; equal to the eager engine up to float rounding).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -381,12 +382,23 @@ def train_model(data: TwoMoonsData, model_seed: int, *, epochs: int = 25, crr_sc
         track_generator.manual_seed(model_seed + 7919)
     result = TrainResult(model, 0.0)
     n = data.x_train.shape[0]
+    fused = None
+    if compile and engine == "ours" and crr_scale > 0:
+        # the library's fast path: CE + penalty + gradients + the Adam update as one captured
+        # graph (CRRLoss.train_step); the same loss and the same random draws, in the same order
+        # (subset, then the directions), as the three calls below
+        from curvrate_fast.crr import CRRLoss
+        fused = CRRLoss(orders=crr_orders, n_dirs=1, directions="per_order", order_reduction="mean",
+                        subset=crr_subset, scale=crr_scale, compile=True)
     for ep in range(epochs):
         model.train()
         t0 = time.perf_counter()
         for bidx in epoch_batches(n, batch_size):
             bidx = bidx.to(device)
             xb, yb = data.x_train[bidx], data.y_train[bidx]
+            if fused is not None:
+                fused.train_step(model, xb.detach(), yb.detach(), opt)
+                continue
             opt.zero_grad()
             loss = F.cross_entropy(model(xb), yb)
             if crr_scale > 0:
