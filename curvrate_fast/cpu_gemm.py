@@ -99,14 +99,14 @@ def cpu_mm(a: Tensor, b: Tensor) -> Tensor:
     return torch.ops.curvrate.cpu_mm.default(a, b)
 
 
-#: ``"auto"`` leaves GEMMs below this many flops to ``torch.mm`` without timing them: on small
-#: ones the op's dispatch from the graph (a few µs) eats the gain. Measured on one core of the
-#: project's AMD EPYC with the plain dispatcher op above, interleaved A/B: the Two Moons CRR
-#: training step (its 1024×64·64×64 products, 8.4 MFLOP) 767–792 → 716–754 µs with the threshold
-#: at 4–8 MFLOP instead of 16; the tiny MLP's derivative graph (640×64·64×64, 5.2 MFLOP) 261 →
-#: 247–252 µs. (With ``torch.library.custom_op``'s heavier dispatch the same products had made
-#: whole steps slower.)
-MIN_AUTO_FLOP = 4e6
+#: ``"auto"`` leaves GEMMs below this many flops to ``torch.mm`` without timing them. Timed alone
+#: oneDNN wins on smaller products too, but not inside steps that run between other work (the
+#: benchmark interleaves methods; training loops load data): measured on one core of the
+#: project's AMD EPYC, interleaved with nested-autograd steps, the tiny MLP's derivative step
+#: (640×64·64×64 products, 5.2 MFLOP) took 559 µs with them on oneDNN and 522 µs on MKL, and the
+#: Two Moons CRR training step (1024×64·64×64, 8.4 MFLOP) 835–855 µs either way, although alone
+#: they had gained 10–40 µs. 16 MFLOP is ~150 µs on one core with MKL.
+MIN_AUTO_FLOP = 16e6
 
 _Key = Tuple[tuple, tuple, tuple, tuple, int]
 _choices: Dict[_Key, bool] = {}
