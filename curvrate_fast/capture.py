@@ -179,7 +179,7 @@ def _meta(t: Tensor) -> tuple:
 class _Entry:
     """One captured configuration: the graph, how to feed it, which outputs are gradients."""
 
-    __slots__ = ("runner", "wrt", "n_aux", "graph", "calls", "unused")
+    __slots__ = ("runner", "wrt", "n_aux", "graph", "calls", "unused", "used")
 
     def __init__(self, runner, wrt: List[int], n_aux: int, graph, unused: Tuple[bool, ...] = ()) -> None:
         self.runner = runner
@@ -188,6 +188,7 @@ class _Entry:
         self.graph = graph
         self.calls = 0
         self.unused = unused    # per wrt tensor: the loss does not depend on it (its grad is None)
+        self.used = 0           # the cache's clock at the last call (least recently used is evicted)
 
 
 class _GradsTimesIncoming(torch.autograd.Function):
@@ -235,7 +236,8 @@ class CompiledLoss:
         self.aux_like = aux_like
         self.name = name or getattr(fn, "__qualname__", type(fn).__name__)
         self.captures = 0
-        self._cache: "collections.OrderedDict[tuple, _Entry]" = collections.OrderedDict()
+        self._cache: Dict[tuple, _Entry] = {}
+        self._clock = 0
         self._lock = _LOCK
         self._warned_evict = False
 
@@ -446,17 +448,20 @@ class CompiledLoss:
         return value, aux
 
     def _cached(self, key: tuple, capture: Callable[[], _Entry]) -> _Entry:
-        """The entry of ``key``, captured (and cached, evicting the oldest) when missing."""
-        with self._lock:
-            entry = self._cache.get(key)
-            if entry is not None:
-                self._cache.move_to_end(key)
-                return entry
+        """The entry of ``key``, captured (and cached, evicting the least recently used) when
+        missing. Recency is a counter in the entry: one lookup (one hash of the key) per call."""
+        self._clock += 1
+        entry = self._cache.get(key)
+        if entry is not None:
+            entry.used = self._clock
+            return entry
         entry = capture()
+        entry.used = self._clock
         with self._lock:
             self._cache[key] = entry
             while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+                oldest = min(self._cache, key=lambda k: self._cache[k].used)
+                del self._cache[oldest]
                 if not self._warned_evict:
                     self._warned_evict = True
                     warnings.warn(f"curvrate_fast.compile({self.name}): more than {self.cache_size} "
@@ -495,7 +500,7 @@ class CompiledLoss:
     def train_step_with_aux(self, optimizer: torch.optim.Optimizer, *args, **kwargs
                       ) -> Tuple[Tensor, Tuple[Tensor, ...]]:
         """:meth:`train_step`, returning (the loss, fn's auxiliary outputs), all detached."""
-        from .optim_update import group_constants, lr_tensor, mark_stepped, rule_for, states_ready
+        from .optim_update import group_constants, lr_tensor, mark_stepped, rule_for
         if torch.compiler.is_compiling():
             raise CaptureError(f"compile({self.name}).train_step cannot run inside torch.compile; there, call the "
                                "loss, backward() and optimizer.step()")
@@ -509,6 +514,7 @@ class CompiledLoss:
             _check_finite_args(args, kwargs)
         flat, layout, key = self._flatten(args, kwargs)
         wrt = [i for i, t in enumerate(flat) if t.requires_grad]
+        _refuse_backward_work(self.name, key, [flat[i] for i in wrt])
         where: Dict[int, List[int]] = {}           # id(tensor) → its positions among wrt (tied: several)
         for j, i in enumerate(wrt):
             where.setdefault(id(flat[i]), []).append(j)
@@ -525,16 +531,27 @@ class CompiledLoss:
                                "require grad)")
         for i in wrt:
             flat[i].grad = None
-        if not states_ready(optimizer, rule, [p for _, p in owned]):
+        pg = optimizer.param_groups
+        names = [rule.states(pg[groups[k]]) for k, _ in owned]
+        states: List[Tensor] = []
+        ready = True
+        for (_, p), ns in zip(owned, names):
+            st = optimizer.state.get(p) if ns else None
+            for n in ns:
+                t = st.get(n) if st else None
+                if not isinstance(t, Tensor):
+                    ready = False
+                    break
+                states.append(t)
+            if not ready:
+                break
+        if not ready:
             # PyTorch's own first step makes the optimizer's state (the loss through the eager
             # engine: no graph is captured for this one call); later steps are captured
             value, aux = _split_output(self.fn(*args, **kwargs), self.name)
             value.backward()
             optimizer.step()
             return value.detach(), tuple(a.detach() for a in aux)
-        pg = optimizer.param_groups
-        names = [rule.states(pg[groups[k]]) for k, _ in owned]
-        states = [optimizer.state[p][n] for (_, p), ns in zip(owned, names) for n in ns]
         lrs = [lr_tensor(pg[gi]) for gi in groups]
         plan = tuple((k, tuple(where[id(p)])) for k, p in owned)
         skey = key + (("step", type(optimizer), tuple(group_constants(rule, pg[gi]) for gi in groups),
@@ -597,17 +614,45 @@ class CompiledLoss:
             _check_finite_args(args, kwargs)
         flat, layout, key = self._flatten(args, kwargs)
         key = key + (("mask", tuple(mask)),)
-        with self._lock:
-            entry = self._cache.get(key)
-        if entry is None:
-            wrt = [i for i, m in enumerate(mask) if m]
+
+        def capture() -> _Entry:
             with _autograd_on(), torch.enable_grad():
-                entry = self._capture(flat, layout, len(args), sorted(kwargs), wrt)
-            with self._lock:
-                self._cache[key] = entry
+                return self._capture(flat, layout, len(args), sorted(kwargs),
+                                     [i for i, m in enumerate(mask) if m])
+        entry = self._cached(key, capture)
         entry.calls += 1
         with torch.no_grad():
             return list(entry.runner(*[t.detach() for t in flat]))
+
+
+def _distributed_classes() -> tuple:
+    out = [nn.parallel.DistributedDataParallel]
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+        out += [FSDPModule, FullyShardedDataParallel]
+    except ImportError:  # a build without distributed
+        pass
+    return tuple(out)
+
+
+def _refuse_backward_work(name: str, key: tuple, wrt: Sequence[Tensor]) -> None:
+    """A captured training step runs no backward pass: refuse what relies on one (DDP's and
+    FSDP's gradient synchronization, gradient hooks), which it would skip silently."""
+    dist = _distributed_classes()
+    for item in key:
+        if item[0] != "M":
+            continue
+        flags = item[1]                 # (prefix, submodule key, ...): a submodule key starts with its class
+        for sub_key in flags[1::2]:
+            if issubclass(sub_key[0], dist):
+                raise CaptureError(f"compile({name}).train_step: the model holds a {sub_key[0].__name__}, which "
+                                   "synchronizes gradients in backward hooks; a captured step runs no backward "
+                                   "pass. Call the loss, backward() and optimizer.step() instead.")
+    for t in wrt:
+        if t._backward_hooks or getattr(t, "_post_accumulate_grad_hooks", None):
+            raise CaptureError(f"compile({name}).train_step: a tensor of shape {tuple(t.shape)} has gradient "
+                               "hooks (register_hook / register_post_accumulate_grad_hook), which a captured step "
+                               "would not run. Call the loss, backward() and optimizer.step() instead.")
 
 
 def _autograd_on():
@@ -623,6 +668,8 @@ def _autograd_on():
 
 
 def _has_tensor(tree) -> bool:
+    if type(tree) is tuple and all(type(v) in _PRIMITIVE_TYPES for v in tree):
+        return False          # the common case (a tuple of orders, sizes): no pytree walk
     from torch.utils._pytree import tree_flatten
     return any(isinstance(v, (Tensor, nn.Module)) for v in tree_flatten(tree)[0])
 

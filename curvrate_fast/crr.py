@@ -536,7 +536,8 @@ class CRRLoss(nn.Module):
             total, (task, R, terms) = program.call_with_aux(*args)
         else:
             total, (task, R, terms) = program.train_step_with_aux(optimizer, *args)
-        self.last_task_loss, self.last_penalty, self.last_terms = task, R, terms
+        # plain tensors, never parameters or buffers: past nn.Module.__setattr__'s checks
+        self.__dict__.update(last_task_loss=task, last_penalty=R, last_terms=terms)
         return total
 
     def forward(self, model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor]) -> Tensor:

@@ -154,11 +154,12 @@ def rule_for(optimizer: torch.optim.Optimizer) -> UpdateRule:
                            f"{type(optimizer).__qualname__} (captured steps know {known}, by exact class); "
                            "call loss.backward() and optimizer.step() instead")
     from torch.optim import optimizer as _optimizer_module
-    hooks = (list(getattr(optimizer, "_optimizer_step_pre_hooks", {}).values())
-             + list(getattr(optimizer, "_optimizer_step_post_hooks", {}).values())
-             + list(getattr(_optimizer_module, "_global_optimizer_pre_hooks", {}).values())
-             + list(getattr(_optimizer_module, "_global_optimizer_post_hooks", {}).values()))
-    if hooks:
+    hook_dicts = (getattr(optimizer, "_optimizer_step_pre_hooks", None),
+                  getattr(optimizer, "_optimizer_step_post_hooks", None),
+                  getattr(_optimizer_module, "_global_optimizer_pre_hooks", None),
+                  getattr(_optimizer_module, "_global_optimizer_post_hooks", None))
+    if any(hook_dicts):
+        hooks = [h for d in hook_dicts if d for h in d.values()]
         raise CaptureError(f"a captured step cannot update {type(optimizer).__name__}: it has optimizer step "
                            f"hook(s) ({', '.join(getattr(h, '__qualname__', type(h).__name__) for h in hooks)}), "
                            "which a captured update would skip; call loss.backward() and optimizer.step() instead")
@@ -201,16 +202,3 @@ def mark_stepped(optimizer: torch.optim.Optimizer) -> None:
     that ``scheduler.step()`` knows the optimizer stepped first, and does not warn)."""
     if hasattr(getattr(optimizer, "step", None), "_wrapped_by_lr_sched"):
         optimizer._opt_called = True  # type: ignore[attr-defined]
-
-
-def states_ready(optimizer: torch.optim.Optimizer, rule: UpdateRule,
-                 params: Sequence[Tensor]) -> bool:
-    """Whether every parameter's state holds the tensors the rule reads (else PyTorch's own first
-    step makes them)."""
-    by_id = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    for p in params:
-        st = optimizer.state.get(p)
-        names = rule.states(by_id[id(p)])
-        if names and (not st or any(not isinstance(st.get(n), Tensor) for n in names)):
-            return False
-    return True

@@ -236,6 +236,10 @@ def test_what_cannot_be_captured_is_refused():
     opt.step = lambda closure=None: None
     with pytest.raises(cf.CaptureError, match="replaced"):
         fast.train_step(opt, model, x, y, u)
+    hooked = copy.deepcopy(model)
+    hooked[0].weight.register_hook(lambda g: g * 2)
+    with pytest.raises(cf.CaptureError, match="gradient hooks"):
+        fast.train_step(torch.optim.SGD(hooked.parameters(), lr=0.1), hooked, x, y, u)
     other = nn.Linear(2, 2).to(D64)
     with pytest.raises(cf.CaptureError, match="holds none"):
         fast.train_step(torch.optim.SGD(other.parameters(), lr=0.1), model, x, y, u)
@@ -285,3 +289,26 @@ def test_crrloss_train_step_without_compile_is_the_three_calls():
         runs.append([p.detach().clone() for p in m.parameters()])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_ddp_model_is_refused():
+    """DDP synchronizes gradients in backward hooks, which a captured step does not run."""
+    import os
+    import tempfile
+
+    import torch.distributed as dist
+    if not dist.is_available():
+        pytest.skip("no torch.distributed")
+    init = tempfile.NamedTemporaryFile(delete=False)
+    init.close()
+    dist.init_process_group("gloo", init_method=f"file://{init.name}", rank=0, world_size=1)
+    try:
+        model = nn.parallel.DistributedDataParallel(_moons_model())
+        x, y = _data()
+        u = torch.randn_like(x)
+        fast = cf.compile(derivative_loss, backend="eager")
+        with pytest.raises(cf.CaptureError, match="DistributedDataParallel"):
+            fast.train_step(torch.optim.SGD(model.parameters(), lr=0.1), model, x, y, u)
+    finally:
+        dist.destroy_process_group()
+        os.unlink(init.name)
