@@ -363,7 +363,11 @@ class CompiledLoss:
                 raw, grads = [], []
             updated: List[Tensor] = []
             if update is not None:
-                with torch.no_grad():
+                # the optimizer's arithmetic as its own step() runs it: no autocast casts
+                with torch.no_grad(), ExitStack() as off:
+                    for dev in sorted({t.device.type for t in plain}):
+                        if dev in ("cpu", "cuda"):
+                            off.enter_context(torch.autocast(dev, enabled=False))
                     updated = list(update(plain, [None if g is None else g.detach() for g in raw], extra_in))
             return (value.detach(), *[a.detach() for a in aux], *grads, *updated)
 

@@ -312,3 +312,51 @@ def test_ddp_model_is_refused():
     finally:
         dist.destroy_process_group()
         os.unlink(init.name)
+
+
+def test_dropout_masks_and_subsets_match_the_eager_engine():
+    """In train mode with dropout, a fresh subset and fresh directions every step, the captured
+    training steps equal the eager engine's steps (the same random draws, in the same order)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Dropout(0.2), nn.Linear(16, 2)).to(D64)
+    x, y = _data()
+    runs = []
+    for mode in ("eager", "train_step"):
+        m = copy.deepcopy(model)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        crit = cf.CRRLoss(orders=(1, 3), directions="fixed", subset=16, scale=0.1,
+                          compile="eager" if mode == "train_step" else False)
+        torch.manual_seed(5)
+        for _ in range(4):
+            if mode == "eager":
+                opt.zero_grad()
+                crit(m, x, y).backward()
+                opt.step()
+            else:
+                crit.train_step(m, x, y, opt)
+        runs.append(m)
+    for a, b in zip(runs[1].parameters(), runs[0].parameters()):
+        _close(a.detach(), b.detach(), "parameters")
+
+
+def test_autocast_leaves_the_update_alone():
+    """Under autocast the loss is captured with its casts; the optimizer's update is not cast."""
+    model = _moons_model().float()
+    x, y = _data()
+    x = x.float()
+    u = torch.randn_like(x)
+    fast = cf.compile(derivative_loss, backend="eager")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(3):
+            fast.train_step(opt, model, x, y, u)
+    graph = fast.graphs()[-1]
+    casts = [n for n in graph.graph.nodes if n.op == "call_function"
+             and n.target is torch.ops.aten._to_copy.default
+             and n.kwargs.get("dtype") == torch.bfloat16]
+    assert casts                                     # the loss ran in bfloat16 GEMMs
+    update = [n for n in graph.graph.nodes if n.op == "call_function" and n.target in (
+        torch.ops.aten.lerp.Scalar, torch.ops.aten.addcmul.default, torch.ops.aten.sqrt.default)]
+    assert update and all(n.meta["val"].dtype == torch.float32 for n in update)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(v.dtype == torch.float32 for st in opt.state.values() for k, v in st.items() if k != "step")
