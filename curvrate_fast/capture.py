@@ -490,7 +490,11 @@ class CompiledLoss:
         guarded (a change captures again). The optimizer's very first step (no state yet) runs
         eagerly through its own ``step()``, which makes the state; the captured graph follows.
         No gradient clipping, scaling or hooks run between backward and update: for those, call
-        the loss, ``backward()`` and ``step()`` yourself.
+        the loss, ``backward()`` and ``step()`` yourself (models holding DDP or FSDP modules,
+        whose gradient synchronization runs in backward hooks, and tensors with gradient hooks
+        are refused). With ``options={"triton.cudagraphs": True}`` the returned loss and the
+        ``.grad`` tensors live in the CUDA graph's memory and are overwritten by the next call:
+        read or copy them before it.
 
         Example::
 
