@@ -1,6 +1,7 @@
 """Tiny GEMMs of captured CPU graphs (curvrate_fast.cpu_gemm.decompose_tiny_gemms): each mm/addmm
 with M or N ≤ TINY_GEMM_DIM becomes a broadcast product summed over K, with the same values
-(float64: to rounding); a tiny K, larger GEMMs, half precision and "aten" mode are left alone; a captured Two Moons CRR step (2-feature input, 2 logits) equals the eager engine."""
+(float64: to rounding); a tiny K, larger GEMMs, half precision and "aten" mode are left alone;
+a captured Two Moons CRR step (2-feature input, 2 logits) equals the eager engine."""
 import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
