@@ -360,3 +360,48 @@ def test_autocast_leaves_the_update_alone():
     assert update and all(n.meta["val"].dtype == torch.float32 for n in update)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert all(v.dtype == torch.float32 for st in opt.state.values() for k, v in st.items() if k != "step")
+
+
+ADAM_OPTIONS = [dict(), dict(weight_decay=0.1), dict(amsgrad=True), dict(maximize=True, eps=1e-4),
+                dict(betas=(0.5, 0.9), weight_decay=0.05, amsgrad=True, maximize=True)]
+
+
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.AdamW])
+@pytest.mark.parametrize("options", ADAM_OPTIONS, ids=lambda o: ",".join(o) or "defaults")
+def test_adam_rule_equals_torch_step(cls, options):
+    _rule_equals_torch_step(cls, options)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(momentum=0.9), dict(momentum=0.9, nesterov=True),
+                                     dict(momentum=0.5, dampening=0.5, weight_decay=0.1),
+                                     dict(momentum=0.9, maximize=True, weight_decay=0.01)],
+                         ids=lambda o: ",".join(o) or "defaults")
+def test_sgd_rule_equals_torch_step(options):
+    _rule_equals_torch_step(torch.optim.SGD, options)
+
+
+def _rule_equals_torch_step(cls, options):
+    """The update rule alone, applied functionally, against the optimizer's own step() on the same
+    gradients (float64, 6 steps, the learning rate changed halfway)."""
+    g = torch.Generator().manual_seed(0)
+    p_torch = torch.randn(5, 3, dtype=D64, generator=g).requires_grad_(True)
+    p_rule = p_torch.detach().clone()
+    opt = cls([p_torch], lr=0.1, **options)
+    rule = optim_update.rule_for(opt)
+    states = None
+    for step in range(6):
+        grad = torch.randn(5, 3, dtype=D64, generator=g)
+        if step == 3:
+            opt.param_groups[0]["lr"] = 0.03
+        p_torch.grad = grad.clone()
+        opt.step()
+        group = opt.param_groups[0]
+        names = rule.states(group)
+        if states is None:     # the first step is PyTorch's own: it makes the state
+            p_rule = p_torch.detach().clone()
+            states = [opt.state[p_torch][n].clone() for n in names]
+            continue
+        p_rule, states = rule.update(p_rule, grad, states, group, optim_update.lr_tensor(group))
+        _close(p_rule, p_torch.detach(), f"{cls.__name__} parameter, step {step}")
+        for n, s in zip(names, states):
+            _close(s.double(), opt.state[p_torch][n].double(), f"{cls.__name__} {n}, step {step}")
