@@ -18,14 +18,16 @@ rounding, ~1e-7 relative); float64 and every other dtype are left alone.
 ``addmm(bias, a, b)`` (a linear layer's forward; inductor's summed weight gradients) is rewritten as
 ``bias + cpu_mm(a, b)`` under the same rule.
 
-GEMMs with a tiny output dimension (M or N ≤ :data:`TINY_GEMM_DIM`: the 2-logit output layer of
-a Two Moons network and the weight gradients of its 2-feature input layer) are not worth a BLAS
-call: MKL takes 5–30 µs for a 1024×64·64×2 or a 64×512·512×2 product on one core (the latter
+GEMMs with a tiny dimension (M, N or K ≤ :data:`TINY_GEMM_DIM`: the 2-logit output layer of a
+Two Moons network, its backward, the weight gradients of its 2-feature input layer) are not worth
+a BLAS call: MKL takes 5–30 µs for a 1024×64·64×2 or a 64×512·512×2 product on one core (the latter
 30 µs for 65 kflop). :func:`decompose_tiny_gemms` writes them as a broadcast product summed over
 K, which inductor fuses into the surrounding kernels (float32 and float64: the same sum in
 another order; half-precision GEMMs, which accumulate unrounded products, are left alone).
-Measured on the Two Moons CRR training step, one core, interleaved: 777–797 → 755–777 µs (and
-30–70 µs slower when tiny-K products were decomposed too, see ``_is_tiny``).
+A tiny K is decomposed only where b is contiguous along N (the output layer's backward), not for
+the transposed weight of a 2-feature input layer (see ``_is_tiny``). Measured on the Two Moons CRR
+training step, one core, A/B in one process: 777–797 → 755–777 µs for the tiny-M/N products,
+another 11–17 µs for the tiny-K ones (30–70 µs slower when the strided ones were decomposed too).
 
 Modes (``curvrate_fast.compile(..., cpu_gemm=...)``): ``"auto"`` (default: tiny GEMMs
 decomposed, the others measured per shape; no oneDNN rewrite when deterministic algorithms are
@@ -161,7 +163,7 @@ def _random_strided(shape: Sequence[int], stride: Sequence[int]) -> Tensor:
 _aten = torch.ops.aten
 _GEMMS = (_aten.mm.default, _aten.addmm.default)
 
-#: a GEMM with an output dimension (M or N) this small is decomposed (see the module docstring)
+#: a GEMM with a dimension this small is decomposed (see the module docstring)
 TINY_GEMM_DIM = 4
 
 
@@ -181,11 +183,14 @@ def _operands(node):
 def _is_tiny(a: Tensor, b: Tensor) -> bool:
     # float32/float64 only: a half-precision GEMM accumulates unrounded products in float32,
     # a decomposed one would round every product to half first (autocast's numbers would change).
-    # A tiny K is left to the GEMM: its product would be fused into the consumer (a tanh of
-    # the first layer), whose loop the strided weight read then keeps from vectorizing
-    # (measured: the Two Moons step 30-70 µs slower)
-    return (a.dtype in (torch.float32, torch.float64) and b.dtype == a.dtype
-            and min(a.shape[0], b.shape[1]) <= TINY_GEMM_DIM)
+    # A tiny K is decomposed only where b is contiguous along N: the product is fused into its
+    # consumer's loop over N, which a strided read of b (the transposed weight of a 2-feature
+    # input layer) keeps from vectorizing (measured: the Two Moons step 30-70 µs slower)
+    if a.dtype not in (torch.float32, torch.float64) or b.dtype != a.dtype:
+        return False
+    if min(a.shape[0], b.shape[1]) <= TINY_GEMM_DIM:
+        return True
+    return a.shape[1] <= TINY_GEMM_DIM and (b.shape[1] == 1 or b.stride(1) == 1)
 
 
 def _replace(gm: torch.fx.GraphModule, node, build) -> None:
@@ -211,9 +216,9 @@ def _onednn_product(g, a, b):
 
 
 def decompose_tiny_gemms(gm: torch.fx.GraphModule) -> int:
-    """Write each float32/float64 CPU mm/addmm of ``gm`` with M or N ≤ :data:`TINY_GEMM_DIM` as a
-    broadcast product summed over K (see the module docstring); returns how many. The graph must carry the
-    traced values in ``node.meta["val"]``.
+    """Write each float32/float64 CPU mm/addmm of ``gm`` with a dimension ≤ :data:`TINY_GEMM_DIM`
+    (K only where b is contiguous along N) as a broadcast product summed over K (see the module
+    docstring); returns how many. The graph must carry the traced values in ``node.meta["val"]``.
 
     Example::
 
