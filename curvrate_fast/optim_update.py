@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["UpdateRule", "RULES", "rule_for"]
+__all__ = ["UpdateRule", "RULES", "rule_for", "group_constants", "lr_tensor", "mark_stepped"]
 
 Update = Callable[[Tensor, Tensor, List[Tensor], Dict[str, Any], Tensor], Tuple[Tensor, List[Tensor]]]
 
