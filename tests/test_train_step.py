@@ -405,3 +405,32 @@ def _rule_equals_torch_step(cls, options):
         _close(p_rule, p_torch.detach(), f"{cls.__name__} parameter, step {step}")
         for n, s in zip(names, states):
             _close(s.double(), opt.state[p_torch][n].double(), f"{cls.__name__} {n}, step {step}")
+
+
+def test_keyword_arguments_and_two_models():
+    """Tensors passed by keyword and a second module argument: both feed the captured step."""
+    torch.manual_seed(1)
+    enc, head = nn.Sequential(nn.Linear(2, 8), nn.Tanh()).to(D64), nn.Linear(8, 2).to(D64)
+    x, y = _data()
+    u = torch.randn_like(x)
+
+    def loss(enc, head, x, y, *, u):
+        return derivative_loss(lambda z: head(enc(z)), x, y, u)
+
+    runs = []
+    for mode in ("torch", "captured"):
+        e, h = copy.deepcopy(enc), copy.deepcopy(head)
+        opt = torch.optim.Adam([*e.parameters(), *h.parameters()], lr=1e-2)
+        fast = cf.compile(loss, backend="eager")
+        for _ in range(3):
+            if mode == "torch":
+                opt.zero_grad()
+                loss(e, h, x, y, u=u).backward()
+                opt.step()
+            else:
+                fast.train_step(opt, e, h, x, y, u=u)
+        if mode == "captured":
+            assert fast.captures == 1
+        runs.append([p.detach().clone() for p in [*e.parameters(), *h.parameters()]])
+    for a, b in zip(*reversed(runs)):
+        _close(a, b, "parameters")
