@@ -160,29 +160,37 @@ def test_param_groups_tied_unused_and_unheld_parameters():
     assert torch.equal(m1.out.bias, model.out.bias)               # no group holds it
 
 
+def _crr_steps(model, crit, make_opt, x, y, *, steps, seed, via_train_step):
+    """``steps`` CRR training steps on a copy of ``model`` from the RNG state ``seed``: the three
+    calls (zero_grad, backward, step) or ``crit.train_step``; returns (the model, the losses)."""
+    m = copy.deepcopy(model)
+    opt = make_opt(m.parameters())
+    torch.manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        if via_train_step:
+            losses.append(crit.train_step(m, x, y, opt))
+        else:
+            opt.zero_grad()
+            loss = crit(m, x, y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        assert crit.last_task_loss is not None
+    return m, torch.stack(losses)
+
+
 def test_crrloss_train_step_equals_eager_step_and_counts_steps():
     model = _moons_model()
     x, y = _data(n=48)
     runs = []
     for mode in ("eager", "captured"):
-        m = copy.deepcopy(model)
-        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
         crit = cf.CRRLoss(orders=(2, 3), directions="per_order", subset=16, scale=0.1, every=2,
                           compile="eager" if mode == "captured" else False)
-        torch.manual_seed(7)
-        losses = []
-        for _ in range(5):
-            if mode == "eager":
-                opt.zero_grad()
-                loss = crit(m, x, y)
-                loss.backward()
-                opt.step()
-                losses.append(loss.detach())
-            else:
-                losses.append(crit.train_step(m, x, y, opt))
-            assert crit.last_task_loss is not None
+        m, losses = _crr_steps(model, crit, lambda ps: torch.optim.Adam(ps, lr=1e-2), x, y, steps=5, seed=7,
+                               via_train_step=mode == "captured")
         assert crit.step == 5
-        runs.append((torch.stack(losses), [p.detach().clone() for p in m.parameters()]))
+        runs.append((losses, [p.detach().clone() for p in m.parameters()]))
     _close(runs[1][0], runs[0][0], "losses")
     for a, b in zip(runs[1][1], runs[0][1]):
         _close(a, b, "parameters")
@@ -274,18 +282,10 @@ def test_crrloss_train_step_without_compile_is_the_three_calls():
     model = _moons_model()
     x, y = _data(n=48)
     runs = []
-    for mode in ("calls", "train_step"):
-        m = copy.deepcopy(model)
-        opt = torch.optim.SGD(m.parameters(), lr=1e-2, momentum=0.9)
+    for via_train_step in (False, True):
         crit = cf.CRRLoss(orders=(1, 2), directions="fixed", subset=16, scale=0.1)
-        torch.manual_seed(2)
-        for _ in range(3):
-            if mode == "calls":
-                opt.zero_grad()
-                crit(m, x, y).backward()
-                opt.step()
-            else:
-                crit.train_step(m, x, y, opt)
+        m, _ = _crr_steps(model, crit, lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9), x, y, steps=3,
+                          seed=2, via_train_step=via_train_step)
         runs.append([p.detach().clone() for p in m.parameters()])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
@@ -322,18 +322,10 @@ def test_dropout_masks_and_subsets_match_the_eager_engine():
     x, y = _data()
     runs = []
     for mode in ("eager", "train_step"):
-        m = copy.deepcopy(model)
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
         crit = cf.CRRLoss(orders=(1, 3), directions="fixed", subset=16, scale=0.1,
                           compile="eager" if mode == "train_step" else False)
-        torch.manual_seed(5)
-        for _ in range(4):
-            if mode == "eager":
-                opt.zero_grad()
-                crit(m, x, y).backward()
-                opt.step()
-            else:
-                crit.train_step(m, x, y, opt)
+        m, _ = _crr_steps(model, crit, lambda ps: torch.optim.AdamW(ps, lr=1e-2), x, y, steps=4, seed=5,
+                          via_train_step=mode == "train_step")
         runs.append(m)
     for a, b in zip(runs[1].parameters(), runs[0].parameters()):
         _close(a.detach(), b.detach(), "parameters")
