@@ -51,6 +51,7 @@ more capture and compile.
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -61,6 +62,7 @@ from torch import Tensor, nn
 from .cpu_gemm import GEMM_MODES, rewrite_graph
 from .jets.registry import settings
 from .jets.tensor import JetError
+from .optim_update import group_constants, lr_tensor, mark_stepped, rule_for
 
 __all__ = ["compile", "CompiledLoss", "CaptureError"]
 
@@ -508,7 +510,6 @@ class CompiledLoss:
     def train_step_with_aux(self, optimizer: torch.optim.Optimizer, *args, **kwargs
                       ) -> Tuple[Tensor, Tuple[Tensor, ...]]:
         """:meth:`train_step`, returning (the loss, fn's auxiliary outputs), all detached."""
-        from .optim_update import group_constants, lr_tensor, mark_stepped, rule_for
         if torch.compiler.is_compiling():
             raise CaptureError(f"compile({self.name}).train_step cannot run inside torch.compile; there, call the "
                                "loss, backward() and optimizer.step()")
@@ -633,6 +634,7 @@ class CompiledLoss:
             return list(entry.runner(*[t.detach() for t in flat]))
 
 
+@functools.lru_cache(maxsize=1)
 def _distributed_classes() -> tuple:
     out = [nn.parallel.DistributedDataParallel]
     try:

@@ -9,7 +9,7 @@ oneDNN, the rate XLA reaches too). Inductor only uses its own CPU GEMM templates
 (constant) weights, so training graphs keep ``aten.mm``.
 
 :func:`rewrite_graph` replaces each float32 CPU ``aten.mm`` of a captured graph whose shape runs
-faster with oneDNN by :func:`cpu_mm` (``curvrate::cpu_mm``, an opaque custom op that inductor calls
+faster with oneDNN by :func:`cpu_mm` (``curvrate::cpu_mm``, an opaque dispatcher op that inductor calls
 as an extern kernel). Which is faster is measured once per (shapes, strides, thread count) on the
 running machine, so a CPU where MKL is the faster one keeps ``aten.mm``. Both compute the float32
 product with float32 accumulation, in different summation orders (results agree to float32

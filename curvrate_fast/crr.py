@@ -540,11 +540,15 @@ class CRRLoss(nn.Module):
         self.__dict__.update(last_task_loss=task, last_penalty=R, last_terms=terms)
         return total
 
+    def _task_only(self, model, x: Tensor, y) -> Tensor:
+        """A call without the penalty: the task loss alone (logged as such)."""
+        task = self._task(model, x, y)
+        self.last_task_loss, self.last_penalty, self.last_terms = task.detach(), None, None
+        return task
+
     def forward(self, model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor]) -> Tensor:
         if not self._advance():
-            task = self._task(model, x, y)
-            self.last_task_loss, self.last_penalty, self.last_terms = task.detach(), None, None
-            return task
+            return self._task_only(model, x, y)
         backend = _capture_backend(self.compile)
         if backend is not None:
             return self._captured(backend, model, x, y)
@@ -580,12 +584,8 @@ class CRRLoss(nn.Module):
         backend = _capture_backend(self.compile)
         if backend is None or torch.compiler.is_compiling() or not isinstance(model, nn.Module):
             return self._eager_step(model, optimizer, lambda: self(model, x, y))
-        if not self._advance():
-            def task() -> Tensor:   # a step without the penalty: the plain task loss
-                t = self._task(model, x, y)
-                self.last_task_loss, self.last_penalty, self.last_terms = t.detach(), None, None
-                return t
-            return self._eager_step(model, optimizer, task)
+        if not self._advance():   # a step without the penalty: the plain task loss
+            return self._eager_step(model, optimizer, lambda: self._task_only(model, x, y))
         return self._captured(backend, model, x, y, optimizer)
 
     @staticmethod
