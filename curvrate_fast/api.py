@@ -10,6 +10,7 @@ from torch import Tensor
 
 from . import rules  # noqa: F401  (registers every rule)
 from .baseline import per_sample_cross_entropy
+from .finite import all_finite
 from .jets.dispatcher import direction_scale, model_call, unscale_coefficients
 from .jets.registry import engine_settings, settings, tracing
 from .jets.tensor import JetTensor, is_jet, pad_coeffs
@@ -38,7 +39,7 @@ def _check_tensor(name: str, t) -> None:
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor (derivatives along x + t·u need real "
                         f"inputs), got dtype {t.dtype}; convert it with .float() or .double()")
-    if settings.check_finite and not tracing() and not bool(torch.isfinite(t).all()):
+    if settings.check_finite and not tracing() and not all_finite(t):
         bad = int((~torch.isfinite(t)).sum())
         raise ValueError(f"{name} contains {bad} NaN or Inf value(s)")
 

@@ -60,6 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from .cpu_gemm import GEMM_MODES, rewrite_graph
+from .finite import all_finite
 from .jets.registry import settings
 from .jets.tensor import JetError
 from .optim_update import group_constants, lr_tensor, mark_stepped, rule_for
@@ -175,7 +176,8 @@ def _module_state(m: nn.Module):
 
 
 def _meta(t: Tensor) -> tuple:
-    return (tuple(t.shape), t.dtype, t.device, bool(t.requires_grad))
+    # torch.Size is a tuple: hashed and compared as one, no copy needed
+    return (t.shape, t.dtype, t.device, t.requires_grad)
 
 
 class _Entry:
@@ -206,7 +208,13 @@ class _GradsTimesIncoming(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         grads = ctx.grads
         del ctx.grads
-        return (None, None) + tuple(None if g is None else g * grad_out for g in grads)
+        if grad_out.device.type == "cpu" and grad_out.numel() == 1 and grad_out.item() == 1.0:
+            # loss.backward()'s implicit 1 (on the CPU the read costs no sync): the graph's own
+            # gradients, fresh tensors of this call, handed over without one multiply each
+            return (None, None) + tuple(grads)
+        scaled = torch._foreach_mul([g for g in grads if g is not None], grad_out)
+        it = iter(scaled)
+        return (None, None) + tuple(None if g is None else next(it) for g in grads)
 
 
 class CompiledLoss:
@@ -645,19 +653,26 @@ def _distributed_classes() -> tuple:
     return tuple(out)
 
 
+_NO_DISTRIBUTED: Dict[tuple, bool] = {}    # guard keys already seen to hold no DDP/FSDP module
+
+
 def _refuse_backward_work(name: str, key: tuple, wrt: Sequence[Tensor]) -> None:
     """A captured training step runs no backward pass: refuse what relies on one (DDP's and
     FSDP's gradient synchronization, gradient hooks), which it would skip silently."""
-    dist = _distributed_classes()
-    for item in key:
-        if item[0] != "M":
-            continue
-        flags = item[1]                 # (prefix, submodule key, ...): a submodule key starts with its class
-        for sub_key in flags[1::2]:
-            if issubclass(sub_key[0], dist):
-                raise CaptureError(f"compile({name}).train_step: the model holds a {sub_key[0].__name__}, which "
-                                   "synchronizes gradients in backward hooks; a captured step runs no backward "
-                                   "pass. Call the loss, backward() and optimizer.step() instead.")
+    if key not in _NO_DISTRIBUTED:    # the submodule classes are part of the key: checked once per key
+        dist = _distributed_classes()
+        for item in key:
+            if item[0] != "M":
+                continue
+            flags = item[1]             # (prefix, submodule key, ...): a submodule key starts with its class
+            for sub_key in flags[1::2]:
+                if issubclass(sub_key[0], dist):
+                    raise CaptureError(f"compile({name}).train_step: the model holds a {sub_key[0].__name__}, "
+                                       "which synchronizes gradients in backward hooks; a captured step runs no "
+                                       "backward pass. Call the loss, backward() and optimizer.step() instead.")
+        if len(_NO_DISTRIBUTED) > 256:
+            _NO_DISTRIBUTED.clear()
+        _NO_DISTRIBUTED[key] = True
     for t in wrt:
         if t._backward_hooks or getattr(t, "_post_accumulate_grad_hooks", None):
             raise CaptureError(f"compile({name}).train_step: a tensor of shape {tuple(t.shape)} has gradient "
@@ -779,7 +794,7 @@ def _check_finite_args(args, kwargs) -> None:
     if not settings.check_finite:
         return
     for a in list(args) + list(kwargs.values()):
-        if isinstance(a, Tensor) and a.is_floating_point() and not bool(torch.isfinite(a).all()):
+        if isinstance(a, Tensor) and a.is_floating_point() and not all_finite(a):
             raise ValueError(f"a tensor argument of shape {tuple(a.shape)} contains NaN or Inf")
 
 

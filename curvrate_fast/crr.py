@@ -40,6 +40,7 @@ from .baseline import per_sample_cross_entropy
 from .capture import CompiledLoss, backend_of
 from .curvature import check_labels
 from .directions import _check_positive_int, check_directions, polarization, polarization_weights, sample_directions
+from .finite import all_finite
 from .jets.registry import settings
 
 __all__ = ["crr_penalty", "CRRLoss", "parse_orders", "subset_indices"]
@@ -269,7 +270,7 @@ def _program_check(model, x, y, idx, U, ords, per_order, loss_fn, order_reductio
     if explicit_u:
         check_directions(U.reshape((-1,) + tuple(U.shape[-x.dim():])), x if idx is None else x[idx],
                          name="directions")
-    if settings.check_finite and not bool(torch.isfinite(x).all()):
+    if settings.check_finite and not all_finite(x):
         raise ValueError(f"x contains {int((~torch.isfinite(x)).sum())} NaN or Inf value(s)")
 
 

@@ -27,6 +27,7 @@ Example::
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -53,6 +54,11 @@ class UpdateRule:
     neutral: Tuple[str, ...]
     update: Update
     check: Callable[[Dict[str, Any]], Optional[str]] = lambda group: None
+
+    @functools.cached_property
+    def known(self) -> frozenset:
+        """Every group key the rule accepts (its constants and the neutral keys)."""
+        return frozenset(self.constants) | frozenset(self.neutral)
 
 
 # keys every PyTorch optimizer group may carry without changing the math of its update
@@ -168,8 +174,8 @@ def rule_for(optimizer: torch.optim.Optimizer) -> UpdateRule:
         raise CaptureError(f"a captured step cannot update {type(optimizer).__name__}: its step method was "
                            "replaced on the instance; call loss.backward() and optimizer.step() instead")
     for group in optimizer.param_groups:
-        unknown = sorted(set(group) - set(rule.constants) - set(rule.neutral))
-        if unknown:
+        if not rule.known.issuperset(group):
+            unknown = sorted(set(group) - rule.known)
             raise CaptureError(f"a captured step cannot update {type(optimizer).__name__}: its param group has "
                                f"option(s) {unknown} that the captured update does not know; call "
                                "loss.backward() and optimizer.step() instead")

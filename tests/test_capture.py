@@ -257,6 +257,46 @@ def test_no_grad_call_captures_a_value_only_graph():
     assert _max_rel(gx, gx_e) <= TOL
 
 
+def test_backward_scales_by_the_incoming_gradient_and_accumulates():
+    """loss.backward()'s implicit 1 hands the graph's gradients over as they are; any other
+    incoming gradient (a scaled loss, an explicit one, a sum with another loss) multiplies them,
+    and .grad accumulates across backward calls as with an eager loss."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    x, y, u = torch.randn(5, 3, dtype=D64), torch.randint(0, 2, (5,)), torch.randn(5, 3, dtype=D64)
+    fast = cf.compile(derivative_loss, backend="eager")
+    params = list(model.parameters())
+    ref = torch.autograd.grad(derivative_loss(model, x, y, u), params)
+
+    def grads_after(run):
+        for p in params:
+            p.grad = None
+        run()
+        return [p.grad.clone() for p in params]
+
+    cases = {
+        "implicit one": (lambda: fast(model, x, y, u).backward(), 1.0),
+        "scaled loss": (lambda: (-2.5 * fast(model, x, y, u)).backward(), -2.5),
+        "explicit gradient": (lambda: fast(model, x, y, u).backward(torch.tensor(0.5, dtype=D64)), 0.5),
+        "sum with another loss": (lambda: (fast(model, x, y, u) + 0.0 * params[0].sum()).backward(), 1.0),
+        "two backward calls": (lambda: (fast(model, x, y, u).backward(), fast(model, x, y, u).backward()), 2.0),
+    }
+    for name, (run, factor) in cases.items():
+        got = grads_after(run)
+        for g, r in zip(got, ref):
+            assert _max_rel(g, factor * r) <= TOL, name
+    # the handed-over gradients are the call's own tensors: a later call writes none of them
+    for p in params:
+        p.grad = None
+    fast(model, x, y, u).backward()
+    held = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    fast(model, x + 1.0, y, u).backward()
+    for g, r, p in zip(held, ref, params):
+        assert g is not p.grad and _max_rel(g, r) <= TOL
+
+
 def test_autocast_state_is_part_of_the_configuration():
     """A graph recorded under autocast holds its casts: the same call in and out of autocast is two
     captures, each replaying what the eager engine computes in that state."""

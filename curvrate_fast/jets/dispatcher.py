@@ -34,6 +34,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 import torch
 from torch.utils._pytree import tree_flatten
 
+from ..finite import all_finite
 from . import registry
 from .registry import op_name, record, settings, tracing
 from .tensor import JetError, JetTensor, RuleMissingError, install_dispatcher, primals
@@ -513,7 +514,7 @@ def unscale_coefficients(c: torch.Tensor, scale: float) -> torch.Tensor:
         return c
     if c.dtype in _LOW:
         c = c.float()
-    if not tracing() and not bool(torch.isfinite(c).all()):
+    if not tracing() and not all_finite(c):
         raise JetError(
             f"float16 autocast: the Taylor coefficients along {scale:g}·u overflowed (inf or NaN); "
             "lower curvrate_fast.jets.dispatcher.precision.fp16_direction_scale (a power of two), or "
