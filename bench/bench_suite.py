@@ -966,64 +966,67 @@ def crr_steps(name: str, cfg: BenchConfig, device, log=print) -> List[Dict[str, 
         return _baseline_crr(m, x, y, (lo, hi), spec["directions"], subset, spec["scale"], loss_fn,
                              primitive)
 
-    def make(pen_fn):
+    def make(kind: str, payload):
+        """The timed step of one variant: ``kind`` "penalty" (the task loss plus ``payload(model)``,
+        None for the plain step), "crrloss" (``payload(model, x, y)``, a CRRLoss) or "train_step"
+        (``payload.train_step``, loss, gradients and update in one call)."""
         m = copy.deepcopy(model)  # each variant trains its own copy with its own Adam
         opt = torch.optim.Adam(m.parameters(), lr=1e-3)
-        if isinstance(pen_fn, tuple) and pen_fn[0] == "train_step":   # CRRLoss.train_step
-            crit = pen_fn[1]
-
+        if kind == "train_step":
             def step_fused():
-                crit.train_step(m, x, y, opt)
+                payload.train_step(m, x, y, opt)
             return step_fused
-        if isinstance(pen_fn, nn.Module):  # CRRLoss: task loss + penalty in one call
-            crit = pen_fn
-
+        if kind == "crrloss":     # CRRLoss: task loss + penalty in one call
             def step_crit():
                 opt.zero_grad(set_to_none=True)
-                crit(m, x, y).backward()
+                payload(m, x, y).backward()
                 opt.step()
             return step_crit
+        if kind != "penalty":
+            raise ValueError(f"unknown CRR step kind {kind!r}")
 
         def step():
             opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(m(x), y) if loss_fn is None else loss_fn(m(x), y).mean()
-            if pen_fn is not None:
-                loss = loss + pen_fn(m)
+            if payload is not None:
+                loss = loss + payload(m)
             loss.backward()
             opt.step()
         return step
 
-    variants = [("plain", None, "forward, CE, backward, Adam step"),
-                ("ours", ours_pen, f"curvrate_fast.crr_penalty(directions={spec['directions']!r}) + a "
-                                   "separate forward for CE, eager engine"),
-                ("ours_crrloss", cf.CRRLoss(**kw), "curvrate_fast.CRRLoss, eager engine (CE read off the "
-                                                   "jet pass when the penalty covers the whole batch)")]
+    # (name, kind of step (see make), what it calls, note)
+    variants = [("plain", "penalty", None, "forward, CE, backward, Adam step"),
+                ("ours", "penalty", ours_pen, f"curvrate_fast.crr_penalty(directions={spec['directions']!r}) + "
+                                              "a separate forward for CE, eager engine"),
+                ("ours_crrloss", "crrloss", cf.CRRLoss(**kw), "curvrate_fast.CRRLoss, eager engine (CE read "
+                                                              "off the jet pass when the penalty covers the "
+                                                              "whole batch)")]
     if cfg.crr_captured:
-        variants.append(("captured", cf.CRRLoss(**kw, compile=True),
+        variants.append(("captured", "crrloss", cf.CRRLoss(**kw, compile=True),
                          "curvrate_fast.CRRLoss(compile=True): CE + penalty + gradients as one captured, "
                          "inductor-compiled graph (first call reported apart)"))
-        variants.append(("captured_step", ("train_step", cf.CRRLoss(**kw, compile=True)),
+        variants.append(("captured_step", "train_step", cf.CRRLoss(**kw, compile=True),
                          "curvrate_fast.CRRLoss(compile=True).train_step: CE + penalty + gradients + the "
                          "Adam update as one captured, inductor-compiled graph (first call reported apart)"))
         if device.type == "cuda":
-            variants.append(("captured_cudagraphs",
+            variants.append(("captured_cudagraphs", "crrloss",
                              cf.CRRLoss(**kw, compile=True, compile_options={"triton.cudagraphs": True}),
                              "the captured program replayed as a CUDA graph "
                              "(compile_options={'triton.cudagraphs': True})"))
-    variants.append(("baseline", base_pen,
+    variants.append(("baseline", "penalty", base_pen,
                      f"nested autograd (paper's code), directions={spec['directions']}"
                      + (", LayerNorm/attention in primitive ops" if primitive else "")))
     rows: Dict[str, Dict[str, Any]] = {}
     steps: Dict[str, Callable] = {}
     est: Dict[str, float] = {}
     torch.manual_seed(cfg.seed)
-    for vname, pen, note in variants:
+    for vname, kind, payload, note in variants:
         row = {"kind": "crr", "workload": name, "base_workload": spec["workload"],
                "method": vname, "orders": f"{lo}-{hi}", "directions": spec["directions"],
                "subset": subset, "batch": x.shape[0], "note": note, "setting": spec["note"]}
         rows[vname] = row
         try:
-            step = make(pen)
+            step = make(kind, payload)
             # a captured step's first call captures and compiles; a CUDA-graph one records on a
             # later call, so its warm-up is a call longer still
             # (a captured_step's first call is the optimizer's eager first step, its second captures)
@@ -1545,9 +1548,18 @@ def targets(rows: List[Dict[str, Any]]) -> List[Dict[str, str]]:
         ratio = num["median_ms"] / den["median_ms"]
         if invert:
             ratio = 1.0 / ratio
-        out.append({"target": target, "measured": f"{ratio:.2f}× ({num['median_ms']:.2f} vs "
-                                                  f"{den['median_ms']:.2f} ms)",
-                    "met": "yes" if ratio >= need else "no"})
+        measured = f"{ratio:.2f}× ({num['median_ms']:.2f} vs {den['median_ms']:.2f} ms)"
+        met = ratio >= need
+        # a ratio of medians alone can come from one side's interference in the interleaved run
+        # (a peer whose times are bimodal: JAX's ranged 0.43–0.9 ms in one run, 0.39 ms stable in
+        # another); a target is met only if the ratio of the best times agrees
+        if num.get("min_ms") and den.get("min_ms"):
+            best = num["min_ms"] / den["min_ms"]
+            if invert:
+                best = 1.0 / best
+            measured += f"; best times {best:.2f}× ({num['min_ms']:.2f} vs {den['min_ms']:.2f} ms)"
+            met = met and best >= need
+        out.append({"target": target, "measured": measured, "met": "yes" if met else "no"})
 
     b = med("crr", "two_moons_crr", "baseline")
     c = med("crr", "two_moons_crr", "captured")

@@ -463,7 +463,10 @@ class CompiledLoss:
 
     def _cached(self, key: tuple, capture: Callable[[], _Entry]) -> _Entry:
         """The entry of ``key``, captured (and cached, evicting the least recently used) when
-        missing. Recency is a counter in the entry: one lookup (one hash of the key) per call."""
+        missing. Recency is a counter in the entry: one lookup (one hash of the key) per call. The
+        counter is advanced without the lock (threads calling one loss at once may stamp an entry
+        a little early or late: only which graph is evicted first can differ); inserting and
+        evicting hold it."""
         self._clock += 1
         entry = self._cache.get(key)
         if entry is not None:

@@ -154,3 +154,22 @@ def test_summary_is_curated(tmp_path):
     assert bs.build_parser().parse_args([]).out_dir == bs.RAW
     with pytest.raises(ValueError):
         bs.write_summary(rows, env, bs.BenchConfig(), "../x", out_dir=str(tmp_path))
+
+
+def test_a_target_needs_the_medians_and_the_best_times():
+    """A peer's median inflated by interleaving (bimodal times) does not make a target met: the
+    ratio of the best times must agree."""
+    def row(method, med, best):
+        return {"kind": "deriv", "workload": "two_moons", "method": method, "dirs": 1, "order": 4,
+                "median_ms": med, "min_ms": best}
+
+    def line(rows):
+        (t,) = [t for t in bs.targets(rows) if "JAX" in t["target"] and "tiny" in t["target"]]
+        return t
+
+    noisy = line([row("captured", 0.50, 0.38), row("jax", 0.86, 0.43)])
+    assert noisy["met"] == "no" and "1.72×" in noisy["measured"] and "best times 1.13×" in noisy["measured"]
+    clear = line([row("captured", 0.25, 0.22), row("jax", 0.40, 0.36)])
+    assert clear["met"] == "yes"
+    slow = line([row("captured", 0.40, 0.20), row("jax", 0.40, 0.36)])
+    assert slow["met"] == "no"
