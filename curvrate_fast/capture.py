@@ -208,9 +208,11 @@ class _GradsTimesIncoming(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         grads = ctx.grads
         del ctx.grads
-        if grad_out.device.type == "cpu" and grad_out.numel() == 1 and grad_out.item() == 1.0:
-            # loss.backward()'s implicit 1 (on the CPU the read costs no sync): the graph's own
-            # gradients, fresh tensors of this call, handed over without one multiply each
+        if (type(grad_out) is Tensor and grad_out.device.type == "cpu" and grad_out.numel() == 1
+                and not torch.compiler.is_compiling() and grad_out.item() == 1.0):
+            # loss.backward()'s implicit 1 (a real CPU tensor: reading it costs no sync, and no
+            # tracer of the backward sees the read): the graph's own gradients, fresh tensors of
+            # this call, handed over without one multiply each
             return (None, None) + tuple(grads)
         scaled = torch._foreach_mul([g for g in grads if g is not None], grad_out)
         it = iter(scaled)
