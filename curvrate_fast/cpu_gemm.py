@@ -107,7 +107,10 @@ def cpu_mm(a: Tensor, b: Tensor) -> Tensor:
 #: project's AMD EPYC, interleaved with nested-autograd steps, the tiny MLP's derivative step
 #: (640×64·64×64 products, 5.2 MFLOP) took 559 µs with them on oneDNN and 522 µs on MKL, and the
 #: Two Moons CRR training step (1024×64·64×64, 8.4 MFLOP) 835–855 µs either way, although alone
-#: they had gained 10–40 µs. 16 MFLOP is ~150 µs on one core with MKL.
+#: they had gained 10–40 µs. 16 MFLOP is ~150 µs on one core with MKL. Measured again on
+#: 2026-12-01, the CRR step A/B in one process: oneDNN for its two 1024×64·64×64 products gains
+#: 35 µs back to back (698 → 663 µs) and loses 77 µs when every step follows a nested-autograd
+#: step (965 → 1042 µs): cold caches cost oneDNN more than MKL.
 MIN_AUTO_FLOP = 16e6
 
 _Key = Tuple[tuple, tuple, tuple, tuple, int]
