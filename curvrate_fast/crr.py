@@ -39,7 +39,8 @@ from .api import jet
 from .baseline import per_sample_cross_entropy
 from .capture import CompiledLoss, backend_of
 from .curvature import check_labels
-from .directions import _check_positive_int, check_directions, polarization, polarization_weights, sample_directions
+from .directions import (_check_positive_int, check_directions, draw_directions, normalize_directions, polarization,
+                         polarization_weights, sample_directions)
 from .finite import all_finite
 from .jets.registry import settings
 
@@ -157,10 +158,13 @@ def _loss_coefficients(model, x: Tensor, y, U: Tensor, order: int, loss_fn) -> T
 
 
 def _per_order_directions(directions, xs: Tensor, x_full: Tensor, idx: Optional[Tensor],
-                          N: int, n_dirs: int, generator, check_values: bool = True) -> Tensor:
-    """u_1..u_N per direction set: shape (D, N, *xs.shape)."""
+                          N: int, n_dirs: int, generator, check_values: bool = True,
+                          raw_draws: bool = False) -> Tensor:
+    """u_1..u_N per direction set: shape (D, N, *xs.shape) (sampled ones not yet normalized
+    with ``raw_draws``)."""
     if isinstance(directions, str):
-        u = sample_directions(xs, n_dirs * N, generator=generator)
+        draw = draw_directions if raw_draws else sample_directions
+        u = draw(xs, n_dirs * N, generator=generator)
         return u.reshape((n_dirs, N) + tuple(xs.shape))
     us = list(directions)
     if len(us) < N:
@@ -178,12 +182,14 @@ def _per_order_directions(directions, xs: Tensor, x_full: Tensor, idx: Optional[
 
 
 def _crr_plan(x: Tensor, y, *, loss_fn, orders, n_dirs, directions, order_reduction, subset, scale,
-              generator, check_values: bool = True):
+              generator, check_values: bool = True, raw_draws: bool = False):
     """The configuration and the random draws of a CRR call, made eagerly (outside any captured
     graph): (orders, per_order, scale, subset indices or None, directions U). U is (D, B', ...)
     for fixed directions and (D, N, B', ...) for per-order ones (B' the penalized samples).
     ``check_values=False`` leaves the checks that read tensor values (label range, zero or
-    non-finite explicit directions) to the caller (a captured program runs them before its graph)."""
+    non-finite explicit directions) to the caller (a captured program runs them before its graph);
+    ``raw_draws=True`` returns sampled directions as the normal draws, before their normalization
+    (a captured program normalizes them inside its graph: ``_crr_compute(normalize_u=True)``)."""
     ords = parse_orders(orders)
     _check_positive_int("n_dirs", n_dirs)
     if order_reduction not in ("mean", "sum"):
@@ -214,17 +220,20 @@ def _crr_plan(x: Tensor, y, *, loss_fn, orders, n_dirs, directions, order_reduct
     if not per_order:
         U = fixed_u[:, idx] if (fixed_u is not None and idx is not None) else fixed_u
         if U is None:
-            U = sample_directions(xs, n_dirs, generator=generator)
+            U = (draw_directions if raw_draws else sample_directions)(xs, n_dirs, generator=generator)
     else:
-        U = _per_order_directions(directions, xs, x, idx, N, n_dirs, generator, check_values)
+        U = _per_order_directions(directions, xs, x, idx, N, n_dirs, generator, check_values, raw_draws)
     return ords, per_order, scale, idx, U
 
 
 def _crr_compute(model, x: Tensor, y, idx: Optional[Tensor], U: Tensor, ords: Tuple[int, ...],
-                 per_order: bool, loss_fn, order_reduction: str, scale: float
+                 per_order: bool, loss_fn, order_reduction: str, scale: float, normalize_u: bool = False
                  ) -> Tuple[Tensor, Tensor, Tensor]:
     """The deterministic part of CRR (what a captured program records): (penalty, per-order
-    terms, per-sample losses at x of the penalized samples) from the drawn subset and directions."""
+    terms, per-sample losses at x of the penalized samples) from the drawn subset and directions
+    (``normalize_u``: U holds raw draws, normalized per sample here, as sample_directions does)."""
+    if normalize_u:
+        U = normalize_directions(U, batch_dims=U.dim() - x.dim() + 1)
     xs, ys = x, y
     if idx is not None:
         xs = x[idx]
@@ -275,7 +284,9 @@ def _program_check(model, x, y, idx, U, ords, per_order, loss_fn, order_reductio
 
 
 def _penalty_program(model, x, y, idx, U, ords, per_order, loss_fn, order_reduction, scale, explicit_u):
-    return _crr_compute(model, x, y, idx, U, ords, per_order, loss_fn, order_reduction, scale)[0]
+    # sampled directions come as raw draws (_crr_plan(raw_draws=True)): normalized in the graph
+    return _crr_compute(model, x, y, idx, U, ords, per_order, loss_fn, order_reduction, scale,
+                        normalize_u=not explicit_u)[0]
 
 
 def _task_loss(model, x, y, loss_fn) -> Tensor:
@@ -288,7 +299,8 @@ def _task_loss(model, x, y, loss_fn) -> Tensor:
 
 def _total_program(model, x, y, idx, U, ords, per_order, loss_fn, order_reduction, scale, explicit_u):
     """CRRLoss's whole loss in one program: (task + R, task, R, terms)."""
-    R, terms, losses0 = _crr_compute(model, x, y, idx, U, ords, per_order, loss_fn, order_reduction, scale)
+    R, terms, losses0 = _crr_compute(model, x, y, idx, U, ords, per_order, loss_fn, order_reduction, scale,
+                                     normalize_u=not explicit_u)
     task = losses0.mean() if idx is None else _task_loss(model, x, y, loss_fn)
     return task + R, task, R, terms
 
@@ -420,7 +432,7 @@ def crr_penalty(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor
     ords, per_order, scale, idx, U = _crr_plan(
         x, y, loss_fn=loss_fn, orders=orders, n_dirs=n_dirs, directions=directions,
         order_reduction=order_reduction, subset=subset, scale=scale, generator=generator,
-        check_values=False)
+        check_values=False, raw_draws=True)
     return _program("penalty", backend, options)(model, x, y, idx, U, ords, per_order, loss_fn,
                                                  order_reduction, scale, not isinstance(directions, str))
 
@@ -528,7 +540,7 @@ class CRRLoss(nn.Module):
         ords, per_order, scale, idx, U = _crr_plan(
             x, y, loss_fn=self.loss_fn, orders=self.orders, n_dirs=self.n_dirs,
             directions=self.directions, order_reduction=self.order_reduction, subset=self.subset,
-            scale=self.scale, generator=self.generator, check_values=False)
+            scale=self.scale, generator=self.generator, check_values=False, raw_draws=True)
         options = _options_key(self.compile_options, backend_of(self.compile))
         program = _program("total", backend, options)
         args = (model, x, y, idx, U, ords, per_order, self.loss_fn, self.order_reduction, scale,

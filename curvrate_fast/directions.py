@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .finite import all_finite
 
-__all__ = ["DIRECTION_EPS", "normalize_directions", "sample_directions", "check_directions",
+__all__ = ["DIRECTION_EPS", "normalize_directions", "sample_directions", "draw_directions", "check_directions",
            "polarization", "polarization_weights"]
 
 #: the ε in u = g / (‖g‖₂ + ε) (docs/math.md §1, the reference code's value)
@@ -72,6 +72,23 @@ def sample_directions(x: Tensor, n_dirs: int = 1, *, generator: Optional[torch.G
         >>> u = sample_directions(x, n_dirs=2, generator=torch.Generator().manual_seed(0))
         >>> u.shape, u[0].norm(dim=1)          # (2, 16, 2), all ones
     """
+    return normalize_directions(draw_directions(x, n_dirs, generator=generator, dtype=dtype), batch_dims=2)
+
+
+def draw_directions(x: Tensor, n_dirs: int = 1, *, generator: Optional[torch.Generator] = None,
+                    dtype: Optional[torch.dtype] = None) -> Tensor:
+    """The draws of :func:`sample_directions` before their normalization: ``n_dirs`` standard
+    normal tensors shaped like ``x``, stacked, on ``x.device`` (the same random numbers, from the
+    same generator calls). A captured CRR program takes these and normalizes them inside its graph.
+
+    Example::
+
+        >>> g = torch.randn(16, 2)
+        >>> d = draw_directions(g, 2, generator=torch.Generator().manual_seed(0))
+        >>> torch.allclose(normalize_directions(d, batch_dims=2),
+        ...                sample_directions(g, 2, generator=torch.Generator().manual_seed(0)))
+        True
+    """
     n_dirs = _check_positive_int("n_dirs", n_dirs)
     if not isinstance(x, Tensor) or x.dim() < 1:
         raise ValueError("x must be a tensor with a batch dimension")
@@ -79,7 +96,7 @@ def sample_directions(x: Tensor, n_dirs: int = 1, *, generator: Optional[torch.G
     dev = generator.device if generator is not None else x.device
     out = [torch.randn(tuple(x.shape), generator=generator, dtype=dtype, device=dev)
            for _ in range(n_dirs)]
-    return normalize_directions(torch.stack(out), batch_dims=2).to(x.device)
+    return torch.stack(out).to(x.device)
 
 
 def check_directions(u: Tensor, x: Tensor, *, name: str = "directions", values: bool = True) -> Tensor:

@@ -92,6 +92,22 @@ def test_generator_draws_directions_like_sample_directions():
     assert crr_penalty(m, x, y).item() == a
 
 
+def test_draw_directions_are_the_draws_of_sample_directions():
+    """A captured program normalizes the raw draws inside its graph: the draws must be the very
+    numbers sample_directions normalizes (same generator calls, same order)."""
+    from curvrate_fast.directions import draw_directions, normalize_directions
+    x = torch.randn(7, 3, 2, dtype=torch.float64)
+    d = draw_directions(x, 3, generator=torch.Generator().manual_seed(5))
+    u = sample_directions(x, 3, generator=torch.Generator().manual_seed(5))
+    assert d.shape == u.shape == (3, 7, 3, 2)
+    assert torch.equal(normalize_directions(d, batch_dims=2), u)
+    assert not torch.allclose(d, u)            # raw: not unit vectors
+    torch.manual_seed(2)
+    a = draw_directions(x, 2)
+    torch.manual_seed(2)
+    assert torch.equal(normalize_directions(a, batch_dims=2), sample_directions(x, 2))
+
+
 # --- per-order directions (polarization) ----------------------------------------------------------
 @pytest.mark.parametrize("orders", [(2, 3), (1, 4)])
 def test_per_order_matches_notebook_nested_mixed_derivatives(orders):
