@@ -17,8 +17,10 @@ from torch import Tensor
 
 __all__ = ["all_finite"]
 
-# sums of half-precision values accumulate in float32: a float16 result overflows at 65504
-_WIDE_SUM = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+# the dtypes summed (half precision in float32: a float16 result overflows at 65504); any other
+# floating dtype (float8 ...) takes the element-wise check
+_SUM_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: None,
+              torch.float64: None, torch.complex64: None, torch.complex128: None}
 
 
 def all_finite(t: Tensor) -> bool:
@@ -34,7 +36,11 @@ def all_finite(t: Tensor) -> bool:
         return True
     if t.numel() == 0:
         return True
-    s = t.sum(dtype=_WIDE_SUM.get(t.dtype)).item()
+    if t.dtype not in _SUM_DTYPE:      # float8 and the like: isfinite has no kernel for all of them
+        return bool(torch.isfinite(t.float()).all())
+    if t.requires_grad:      # no autograd node for a check
+        t = t.detach()
+    s = t.sum(dtype=_SUM_DTYPE[t.dtype]).item()
     if cmath.isfinite(s):
         return True
     return bool(torch.isfinite(t).all())     # Inf/NaN, or a sum of large finite values that overflowed

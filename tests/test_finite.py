@@ -56,3 +56,18 @@ def test_half_precision_sums_in_float32():
     # and the answer is right either way
     t = torch.full((4096,), 30000.0, dtype=torch.float16)
     assert all_finite(t)
+
+
+def test_a_tensor_that_requires_grad_is_checked_without_a_graph():
+    t = torch.randn(5, requires_grad=True)
+    assert all_finite(t) and t.grad_fn is None and t.grad is None
+    bad = t.detach().clone()
+    bad[2] = float("nan")
+    assert not all_finite(bad.requires_grad_(True))
+
+
+@pytest.mark.parametrize("dtype", [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)],
+                         ids=str)
+def test_float8(dtype):
+    assert all_finite(torch.randn(16).to(dtype))
+    assert not all_finite(torch.tensor([1.0, float("nan")]).to(dtype))
