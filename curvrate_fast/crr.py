@@ -39,8 +39,15 @@ from .api import jet
 from .baseline import per_sample_cross_entropy
 from .capture import CompiledLoss, backend_of
 from .curvature import check_labels
-from .directions import (_check_positive_int, check_directions, draw_directions, normalize_directions, polarization,
-                         polarization_weights, sample_directions)
+from .directions import (
+    _check_positive_int,
+    check_directions,
+    draw_directions,
+    normalize_directions,
+    polarization,
+    polarization_weights,
+    sample_directions,
+)
 from .finite import all_finite
 from .jets.registry import settings
 
