@@ -4,12 +4,13 @@ argmax), vector norms (docs/math.md §2)."""
 from __future__ import annotations
 
 import math
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .. import series as S
-from ..jets.registry import register
+from ..jets.registry import register, tracing
 from ._common import JetError, aliases, is_jet, make_jet, primal
 
 
@@ -92,30 +93,95 @@ def _lse_and_softmax(c: Tensor, dims, K: int):
     return y, S.div(e, s, K)
 
 
+#: elements (all stored coefficients together) of one row block of a large logsumexp jet on the CPU:
+#: 1 MiB of float32, so that the ~40 passes of its exp/sum/log/div recurrences run on data in L2
+#: instead of streaming the whole tensor from memory ~40 times. Measured on one core, a language
+#: model's vocabulary (K = 4, 2048 rows × 8192 classes): forward 1158 → 122 ms, bitwise equal;
+#: backward (recomputing the softmax jet block by block instead of keeping it) 400 → 278 ms.
+LSE_BLOCK_ELEMENTS = 1 << 18
+
+
+def _row_blocks(c: Tensor, dims) -> Optional[Tuple[Tensor, int]]:
+    """``c`` viewed as (n, rows, classes) and the rows of one block, when the logsumexp jet is
+    run block by block: on the CPU, outside a trace (a captured graph is fused by its compiler
+    instead), over the trailing axes of a contiguous tensor of more than one block."""
+    if c.device.type != "cpu" or not c.is_contiguous() or tracing():
+        return None
+    nd = c.dim() - 1
+    ds = sorted(set(dims))
+    if nd < 2 or ds != list(range(nd - len(ds), nd)) or len(ds) == nd:
+        return None
+    n = c.shape[0]
+    C = math.prod(c.shape[1 + nd - len(ds):])
+    R = c.numel() // max(n * C, 1)
+    rows = max(1, LSE_BLOCK_ELEMENTS // max(n * C, 1))
+    if rows >= R:
+        return None
+    return c.view(n, R, C), rows
+
+
+def _lse_blocks(view: Tensor, rows: int, K: int) -> Tensor:
+    """The logsumexp jet (K + 1, R, 1) of ``view`` (n, R, C) over its last axis, block by block
+    (each row's arithmetic is the one-block arithmetic: the same numbers)."""
+    R = view.shape[1]
+    out = view.new_empty((K + 1, R, 1))
+    for s in range(0, R, rows):
+        y, _ = _lse_and_softmax(view[:, s:s + rows], (1,), K)
+        torch.stack(y, out=out[:, s:s + rows])
+    return out
+
+
+def _toeplitz_backward(gy: Tensor, p, n_in: int, K: int):
+    """ḡz_j = Σ_{k≥j} ḡlse_k · p_{k−j}, j < n_in (see _LogSumExpJet)."""
+    grads = []
+    for j in range(n_in):
+        acc = None
+        for k in range(j, K + 1):
+            acc = gy[k] * p[k - j] if acc is None else torch.addcmul(acc, gy[k], p[k - j])
+        grads.append(acc)
+    return grads
+
+
 class _LogSumExpJet(torch.autograd.Function):
     """logsumexp jet with the Toeplitz backward: since ∂lse/∂z_c = softmax_c(z), along the path
     ∂lse_k/∂z_{c,j} = p_{c,k−j} with p the softmax jet, so ḡz_{c,j} = Σ_{k≥j} ḡlse_k · p_{c,k−j}
-    (the same structure as ``curvrate_fast.activation_jet``); only p is kept for the backward."""
+    (the same structure as ``curvrate_fast.activation_jet``); only p is kept for the backward.
+    A large jet on the CPU (``_row_blocks``) runs block by block and keeps its input instead of p
+    (the same memory), recomputing p block by block in the backward."""
 
     @staticmethod
     def forward(ctx, c: Tensor, dims: tuple, K: int) -> Tensor:
-        with torch.no_grad():
-            y, p = _lse_and_softmax(c, dims, K)
-        ctx.save_for_backward(*p)
         ctx.n_in = c.shape[0]
+        blocks = _row_blocks(c, dims)
+        with torch.no_grad():
+            if blocks is not None:
+                view, rows = blocks
+                ctx.rows = rows
+                ctx.save_for_backward(c)
+                y = _lse_blocks(view, rows, K)
+                return y.view((K + 1,) + tuple(1 if i in dims else d for i, d in enumerate(c.shape[1:])))
+            y, p = _lse_and_softmax(c, dims, K)
+        ctx.rows = None
+        ctx.save_for_backward(*p)
         return torch.stack(y)
 
     @staticmethod
     def backward(ctx, gy: Tensor):
-        p = ctx.saved_tensors
         K = gy.shape[0] - 1
-        grads = []
-        for j in range(ctx.n_in):
-            acc = None
-            for k in range(j, K + 1):
-                acc = gy[k] * p[k - j] if acc is None else torch.addcmul(acc, gy[k], p[k - j])
-            grads.append(acc)
-        return torch.stack(grads), None, None
+        if ctx.rows is None:
+            return torch.stack(_toeplitz_backward(gy, ctx.saved_tensors, ctx.n_in, K)), None, None
+        (c,) = ctx.saved_tensors
+        n = ctx.n_in
+        R = gy[0].numel()                      # the rows: gy has 1 on the reduced axes
+        view = c.view(n, R, c.numel() // (n * R))
+        g = gy.reshape(K + 1, R, 1)
+        out = torch.empty_like(view)
+        rows = ctx.rows
+        with torch.no_grad():
+            for s in range(0, view.shape[1], rows):
+                _, p = _lse_and_softmax(view[:, s:s + rows], (1,), K)
+                torch.stack(_toeplitz_backward(g[:, s:s + rows], p, n, K), out=out[:, s:s + rows])
+        return out.view(c.shape), None, None
 
 
 def logsumexp_coeffs(input, dim, keepdim: bool = False):
@@ -126,7 +192,13 @@ def logsumexp_coeffs(input, dim, keepdim: bool = False):
     if c.requires_grad and torch.is_grad_enabled():
         y = list(_LogSumExpJet.apply(c, dims, K).unbind(0))
     else:
-        y = _lse_and_softmax(c, dims, K)[0]
+        blocks = _row_blocks(c, dims)
+        if blocks is None:
+            y = _lse_and_softmax(c, dims, K)[0]
+        else:
+            view, rows = blocks
+            shape = (K + 1,) + tuple(1 if i in dims else d for i, d in enumerate(c.shape[1:]))
+            y = list(_lse_blocks(view, rows, K).view(shape).unbind(0))
     if not keepdim:
         y = [x.squeeze(dims) for x in y]
     return y
