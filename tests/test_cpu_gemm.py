@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from models import mlp
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -163,3 +164,70 @@ def test_mkldnn_switched_off_means_no_rewrite():
             with pytest.raises(RuntimeError, match="oneDNN is not available"):
                 cpu_gemm.rewrite_graph(gm, "onednn")
     assert cpu_gemm.onednn_available()
+
+
+# -- the eager engine's linear layers (cpu_gemm.eager_linear) ----------------------------------
+
+def test_eager_linear_values_gradients_and_double_backward(monkeypatch):
+    """Forced onto oneDNN (every shape measured faster), eager_linear gives F.linear's product,
+    gradients and second derivatives to float32 rounding; float64, small products, non-contiguous
+    inputs and deterministic mode stay on F.linear."""
+    monkeypatch.setattr(cpu_gemm, "MIN_AUTO_FLOP", 0)
+    monkeypatch.setattr(cpu_gemm, "faster_with_onednn", lambda *a, **k: True)
+    if not cpu_gemm.onednn_available():
+        pytest.skip("no oneDNN in this PyTorch build")
+    torch.manual_seed(0)
+    x = torch.randn(3, 40, 24, requires_grad=True)
+    w = torch.randn(16, 24, requires_grad=True)
+    y = cpu_gemm.eager_linear(x, w)
+    assert "OneDNNLinear" in type(y.grad_fn.next_functions[0][0]).__name__
+    ref = F.linear(x, w)
+    assert y.shape == ref.shape and torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
+    gy = torch.randn_like(y)
+    g = torch.autograd.grad(y, (x, w), gy)
+    g_ref = torch.autograd.grad(ref, (x, w), gy)
+    for a, b in zip(g, g_ref):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-4)
+
+    def second(lin):
+        f = (lin(x, w) ** 2).sum()
+        (gx,) = torch.autograd.grad(f, x, create_graph=True)
+        return torch.autograd.grad((gx * gx).sum(), w)[0]
+    h, h_ref = second(cpu_gemm.eager_linear), second(F.linear)
+    assert float((h - h_ref).abs().max() / h_ref.abs().max()) < 1e-5
+
+    for a, b in [(x.detach().double(), w.detach().double()),           # float64
+                 (x.detach().transpose(1, 2).contiguous().transpose(1, 2), w.detach())]:  # strided x
+        out = cpu_gemm.eager_linear(a, b)
+        assert out.grad_fn is None or "OneDNN" not in type(out.grad_fn).__name__
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert cpu_gemm.eager_linear(x, w).grad_fn.name() == F.linear(x, w).grad_fn.name()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_eager_engine_linear_on_onednn_matches_nested_autograd(monkeypatch):
+    """The jet engine's linear rule through eager_linear (forced onto oneDNN): loss derivatives
+    and their parameter gradients as nested autograd gives them (float32, rounding level)."""
+    if not cpu_gemm.onednn_available():
+        pytest.skip("no oneDNN in this PyTorch build")
+    import curvrate_fast as cf
+    from curvrate_fast import baseline
+    calls = []
+    real = cpu_gemm._OneDNNLinear.apply
+    monkeypatch.setattr(cpu_gemm, "MIN_AUTO_FLOP", 0)
+    monkeypatch.setattr(cpu_gemm, "faster_with_onednn", lambda *a, **k: True)
+    monkeypatch.setattr(cpu_gemm._OneDNNLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.Tanh(), torch.nn.Linear(32, 5))
+    x, y, u = torch.randn(16, 6), torch.randint(0, 5, (16,)), torch.randn(16, 6)
+    d = cf.loss_directional_derivatives(model, x, y, u, 3)
+    assert calls
+    ref = baseline.loss_directional_derivatives(model, x, y, u, 3)
+    assert torch.allclose(d, ref, rtol=1e-4, atol=1e-5)
+    params = list(model.parameters())
+    g = torch.autograd.grad(d.abs().mean(), params)
+    g_ref = torch.autograd.grad(ref.abs().mean(), params)
+    for a, b in zip(g, g_ref):
+        assert float((a - b).abs().max() / b.abs().max()) < 1e-4

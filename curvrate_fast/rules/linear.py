@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..jets.registry import register
+from ..cpu_gemm import eager_linear
+from ..jets.registry import register, tracing
 from ._common import JetTensor, aliases, cauchy_op, is_jet, lift, make_jet, order_of, per_coefficient
 from .activations import use_triton
 
@@ -39,6 +40,10 @@ def linear(input, weight, bias=None):
         # GEMM or as cuBLAS + one fused epilogue (whichever measured faster for this shape); any
         # other reader runs the GEMM then.
         return JetTensor.deferred_linear(x, weight, bias, K)
+    if x.device.type == "cpu" and not tracing():
+        # the eager engine's wide CPU products on oneDNN where it measures faster (a captured
+        # graph makes that choice in its own GEMM pass, curvrate_fast.cpu_gemm.rewrite_graph)
+        return make_jet(_add_bias0(eager_linear(x, weight), bias), K)
     return make_jet(_add_bias0(F.linear(x, weight), bias), K)
 
 
