@@ -339,7 +339,8 @@ def eager_linear(x: Tensor, weight: Tensor) -> Tensor:
         True
     """
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32
-            or weight.dim() != 2 or x.dim() < 1 or not x.is_contiguous()):
+            or weight.dim() != 2 or x.dim() < 1 or not x.is_contiguous()
+            or torch.is_autocast_enabled("cpu")):   # autocast's linear casts: F.linear does them
         return F.linear(x, weight)
     k = x.shape[-1]
     x2 = x.reshape(-1, k)

@@ -200,6 +200,8 @@ def test_eager_linear_values_gradients_and_double_backward(monkeypatch):
                  (x.detach().transpose(1, 2).contiguous().transpose(1, 2), w.detach())]:  # strided x
         out = cpu_gemm.eager_linear(a, b)
         assert out.grad_fn is None or "OneDNN" not in type(out.grad_fn).__name__
+    with torch.autocast("cpu", dtype=torch.bfloat16):      # autocast's casts belong to F.linear
+        assert cpu_gemm.eager_linear(x, w).dtype == torch.bfloat16
     torch.use_deterministic_algorithms(True)
     try:
         assert cpu_gemm.eager_linear(x, w).grad_fn.name() == F.linear(x, w).grad_fn.name()
