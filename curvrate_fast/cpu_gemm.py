@@ -165,8 +165,10 @@ def faster_with_onednn(a_shape: Sequence[int], a_stride: Sequence[int], b_shape:
 
 
 def _random_strided(shape: Sequence[int], stride: Sequence[int]) -> Tensor:
-    """Random data laid out with ``stride`` (a broadcast stride of 0 included)."""
-    dense = torch.randn(tuple(shape))
+    """Random data laid out with ``stride`` (a broadcast stride of 0 included), from a generator of
+    its own: a measurement in the middle of training must not move the global random stream (the
+    eager engine measures a new shape on its first use)."""
+    dense = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(0))
     out = torch.empty_strided(tuple(shape), tuple(max(s, 0) for s in stride))
     return out.copy_(dense) if 0 not in stride else dense.as_strided(tuple(shape), tuple(stride))
 

@@ -233,3 +233,13 @@ def test_eager_engine_linear_on_onednn_matches_nested_autograd(monkeypatch):
     g_ref = torch.autograd.grad(ref.abs().mean(), params)
     for a, b in zip(g, g_ref):
         assert float((a - b).abs().max() / b.abs().max()) < 1e-4
+
+
+def test_measuring_a_shape_leaves_the_global_random_stream_alone(monkeypatch):
+    """The eager engine measures a new GEMM shape on its first use, mid-training: the measurement
+    draws its data from its own generator, so training with and without it draws the same numbers."""
+    monkeypatch.setattr(cpu_gemm, "_choices", {})
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    cpu_gemm.faster_with_onednn((96, 40), (40, 1), (40, 24), (1, 40))
+    assert torch.equal(torch.get_rng_state(), before)
