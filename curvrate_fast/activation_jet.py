@@ -24,6 +24,7 @@ from torch import Tensor
 
 from . import series as S
 from .activation_kinds import KINDS  # the one table of activation kinds
+from .first_order import first_order_backward
 
 __all__ = ["activation_jet_reference", "activation_series_with_derivative", "KINDS"]
 
@@ -103,6 +104,7 @@ class _ActivationJet(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_backward("activation jet (reference rules)")
     def backward(ctx, gy: Tensor):
         w = ctx.saved_tensors
         if w and w[0].is_complex():  # autograd's convention for holomorphic maps: ḡu = conj(∂y/∂u)·ḡy

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import series as S
+from ..first_order import first_order_backward
 from ..jets.registry import register, tracing
 from ._common import JetError, aliases, is_jet, make_jet, primal
 
@@ -166,6 +167,7 @@ class _LogSumExpJet(torch.autograd.Function):
         return torch.stack(y)
 
     @staticmethod
+    @first_order_backward("logsumexp jet (cross-entropy, logsumexp, log_softmax)")
     def backward(ctx, gy: Tensor):
         K = gy.shape[0] - 1
         if ctx.rows is None:
@@ -175,12 +177,18 @@ class _LogSumExpJet(torch.autograd.Function):
         R = gy[0].numel()                      # the rows: gy has 1 on the reduced axes
         view = c.view(n, R, c.numel() // (n * R))
         g = gy.reshape(K + 1, R, 1)
-        out = torch.empty_like(view)
         rows = ctx.rows
-        with torch.no_grad():
+        if torch.is_grad_enabled():   # create_graph: blocks joined on the incoming gradient's graph
+            parts = []
             for s in range(0, view.shape[1], rows):
-                _, p = _lse_and_softmax(view[:, s:s + rows], (1,), K)
-                torch.stack(_toeplitz_backward(g[:, s:s + rows], p, n, K), out=out[:, s:s + rows])
+                with torch.no_grad():
+                    _, p = _lse_and_softmax(view[:, s:s + rows], (1,), K)
+                parts.append(torch.stack(_toeplitz_backward(g[:, s:s + rows], p, n, K)))
+            return torch.cat(parts, 1).view(c.shape), None, None
+        out = torch.empty_like(view)
+        for s in range(0, view.shape[1], rows):
+            _, p = _lse_and_softmax(view[:, s:s + rows], (1,), K)
+            torch.stack(_toeplitz_backward(g[:, s:s + rows], p, n, K), out=out[:, s:s + rows])
         return out.view(c.shape), None, None
 
 
