@@ -22,12 +22,11 @@ __all__ = ["first_order_backward"]
 
 def first_order_backward(name: str) -> Callable[[Callable], Callable]:
     """Decorate the ``backward`` of a custom autograd Function whose saved tensors enter it as
-    constants. An ordinary backward runs as it is. Under ``create_graph`` the backward runs with
-    the incoming gradient's graph and its results pass through a node that raises, naming
-    ``name``, when a second backward reaches it; and where the incoming gradient is a constant (no
-    graph to hang that node on) while the Function's input needs a gradient, it raises at once:
-    the second-order terms through the saved jets could not be reached by any later backward and
-    would be missing without a word.
+    constants. An ordinary backward runs as it is. Under ``create_graph`` its results pass through
+    a node, hung on the incoming gradients, that raises, naming ``name``, when a second backward
+    reaches it; and where the incoming gradient is a constant (no graph to hang that node on) while
+    the Function's input needs a gradient, it raises at once: the second-order terms through the
+    saved jets could not be reached by any later backward and would be missing without a word.
 
     Example::
 
@@ -62,16 +61,28 @@ def first_order_backward(name: str) -> Callable[[Callable], Callable]:
                     raise RuntimeError(now)
                 with torch.no_grad():
                     return backward(ctx, *grads)
-            out = backward(ctx, *grads)              # recorded: it depends on the incoming gradient
+            with torch.no_grad():                    # nothing may differentiate the result: no graph
+                out = backward(ctx, *grads)
             outs = out if isinstance(out, tuple) else (out,)
-            tracked = [o for o in outs if isinstance(o, torch.Tensor) and o.requires_grad]
-            if not tracked:
-                raise RuntimeError(now)
-            guarded = torch._C._functions.DelayedError(later.encode(), len(tracked))(*tracked)
+            results = [o for o in outs if isinstance(o, torch.Tensor)]
+            if not results:
+                return out
+
+            def leaf(t):                              # a result a kernel made carries no graph
+                if t.requires_grad:
+                    return t
+                t = t.detach()
+                t.requires_grad_(True)
+                return t
+            # the node also takes the incoming gradients, so that a second backward from anything
+            # they depend on reaches it (and raises) even where the results have no graph of their own
+            anchors = [g for g in grads if isinstance(g, torch.Tensor) and g.requires_grad]
+            ins = [leaf(t) for t in results] + anchors
+            guarded = torch._C._functions.DelayedError(later.encode(), len(ins))(*ins)
             if isinstance(guarded, torch.Tensor):
                 guarded = (guarded,)
-            it = iter(guarded)
-            new = tuple(next(it) if isinstance(o, torch.Tensor) and o.requires_grad else o for o in outs)
+            it = iter(guarded[:len(results)])
+            new = tuple(next(it) if isinstance(o, torch.Tensor) else o for o in outs)
             return new if isinstance(out, tuple) else new[0]
         return wrapper
     return decorate

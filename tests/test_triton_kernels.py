@@ -392,11 +392,19 @@ def test_registered_ops_and_torch_compile():
 
 
 def test_double_backward_raises():
+    """The kernels' backward is first-order (curvrate_fast/first_order.py): a second derivative
+    raises, naming the op; with a constant incoming gradient the create_graph backward raises at
+    once (no later backward could reach the guard); a plain backward is unaffected."""
     c = rand_jet(2, (7,), torch.Generator().manual_seed(4)).requires_grad_(True)
     y = CF.activation_jet(c, "tanh", 2)
-    (g,) = torch.autograd.grad(y.sum(), c, create_graph=True)
-    with pytest.raises(RuntimeError):
-        torch.autograd.grad(g.sum(), c)
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        torch.autograd.grad(y.sum(), c, create_graph=True)
+    w = torch.randn(y.shape, requires_grad=True)
+    (g,) = torch.autograd.grad(CF.activation_jet(c, "tanh", 2), c, w, create_graph=True)
+    (g_plain,) = torch.autograd.grad(CF.activation_jet(c, "tanh", 2), c, w.detach())
+    assert torch.equal(g.detach(), g_plain)
+    with pytest.raises(RuntimeError, match="activation jet"):
+        torch.autograd.grad(g.sum(), w)
 
 
 def test_bad_arguments():

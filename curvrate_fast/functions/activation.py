@@ -13,10 +13,10 @@ from typing import List, Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ..activation_jet import activation_jet_reference
 from ..activation_kinds import ACTIVATIONS, MAX_KERNEL_ORDER, kernel_params
+from ..first_order import first_order_backward
 from ._backend import KERNEL_DTYPES, triton_available
 from ._ops import ensure_registered
 
@@ -69,7 +69,7 @@ class ActivationJetFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @first_order_backward("activation jet (Triton kernels)")
     def backward(ctx, grad_y: Tensor):
         x, bias = ctx.saved_tensors
         kind, order, p0, p1, channels, inner = ctx.args

@@ -11,9 +11,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import series as S
+from ..first_order import first_order_backward
 from ._backend import KERNEL_DTYPES, triton_available
 from ._ops import ensure_registered
 
@@ -59,7 +59,7 @@ class CrossEntropyJetFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
+    @first_order_backward("cross-entropy jet (Triton kernels)")
     def backward(ctx, grad_loss: Tensor):
         z, target, weight, lse = ctx.saved_tensors
         order, ignore_index = ctx.args

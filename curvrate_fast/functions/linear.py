@@ -31,8 +31,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
+from ..first_order import first_order_backward
 from ._backend import KERNEL_DTYPES, triton_available
 from ._ops import ensure_registered
 from .activation import MAX_KERNEL_ORDER, activation_params, bias_activation_jet
@@ -53,7 +53,7 @@ class LinearActivationJetFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @first_order_backward("linear + activation jet (Triton kernels)")
     def backward(ctx, grad_y: Tensor):
         x, weight, bias = ctx.saved_tensors
         kind, order, p0, p1 = ctx.args
