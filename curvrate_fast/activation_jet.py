@@ -26,7 +26,7 @@ from . import series as S
 from .activation_kinds import KINDS  # the one table of activation kinds
 from .first_order import first_order_backward
 
-__all__ = ["activation_jet_reference", "activation_series_with_derivative", "KINDS"]
+__all__ = ["activation_jet_reference", "activation_series_with_derivative", "toeplitz_backward", "KINDS"]
 
 
 def _pad(a: List[Tensor], n: int) -> List[Tensor]:
@@ -109,14 +109,21 @@ class _ActivationJet(torch.autograd.Function):
         w = ctx.saved_tensors
         if w and w[0].is_complex():  # autograd's convention for holomorphic maps: ḡu = conj(∂y/∂u)·ḡy
             w = [x.conj() for x in w]
-        K = gy.shape[0] - 1
-        grads = []
-        for j in range(ctx.n_in):  # only the stored input coefficients need a gradient
-            acc = None
-            for k in range(j, K + 1):
-                acc = gy[k] * w[k - j] if acc is None else torch.addcmul(acc, gy[k], w[k - j])
-            grads.append(acc)
-        return torch.stack(grads), None, None, None
+        return torch.stack(toeplitz_backward(gy, w, ctx.n_in)), None, None, None
+
+
+def toeplitz_backward(gy: Tensor, w, n_in: int) -> List[Tensor]:
+    """ḡu_j = Σ_{k≥j} ḡy_k · w_{k−j} for j < n_in (only the stored input coefficients need a
+    gradient): the backward of a map whose coefficient Jacobian is lower-triangular Toeplitz in
+    the jet w (docs/math.md, "The Toeplitz backward"); gy holds the K + 1 output coefficients."""
+    K = gy.shape[0] - 1
+    grads = []
+    for j in range(n_in):
+        acc = None
+        for k in range(j, K + 1):
+            acc = gy[k] * w[k - j] if acc is None else torch.addcmul(acc, gy[k], w[k - j])
+        grads.append(acc)
+    return grads
 
 
 def activation_jet_reference(c: Tensor, kind: str, order: int, **params) -> Tensor:

@@ -214,9 +214,7 @@ class _GradsTimesIncoming(torch.autograd.Function):
             # tracer of the backward sees the read): the graph's own gradients, fresh tensors of
             # this call, handed over without one multiply each
             return (None, None) + tuple(grads)
-        scaled = torch._foreach_mul([g for g in grads if g is not None], grad_out)
-        it = iter(scaled)
-        return (None, None) + tuple(None if g is None else next(it) for g in grads)
+        return (None, None) + tuple(torch._foreach_mul(list(grads), grad_out))
 
 
 class CompiledLoss:

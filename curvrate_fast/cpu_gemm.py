@@ -278,8 +278,7 @@ def rewrite_graph(gm: torch.fx.GraphModule, mode: str = "auto") -> int:
         if ab is None or ab[0].dtype != torch.float32 or ab[1].dtype != torch.float32:
             continue
         a, b = ab
-        if mode == "auto" and (2 * a.shape[0] * a.shape[1] * b.shape[1] < MIN_AUTO_FLOP
-                               or not faster_with_onednn(a.shape, a.stride(), b.shape, b.stride())):
+        if mode == "auto" and not _onednn_wanted(a.shape, a.stride(), b.shape, b.stride()):
             continue
         _replace(gm, node, _onednn_product)
         m += 1
@@ -291,7 +290,8 @@ def rewrite_graph(gm: torch.fx.GraphModule, mode: str = "auto") -> int:
 # -- the eager engine's linear layers -------------------------------------------------------------
 
 def _onednn_wanted(a_shape, a_stride, b_shape, b_stride) -> bool:
-    """"auto"'s rule for one float32 product a @ b outside a captured graph."""
+    """"auto"'s rule for one float32 product a @ b (a captured graph's GEMM pass, the eager
+    linear rule)."""
     if 2 * a_shape[0] * a_shape[1] * b_shape[1] < MIN_AUTO_FLOP:
         return False
     if not onednn_available() or torch.are_deterministic_algorithms_enabled():

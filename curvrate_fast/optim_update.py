@@ -132,14 +132,14 @@ def _sgd_update(p: Tensor, g: Tensor, states: List[Tensor], h: Dict[str, Any], l
     return p - lr * g, new
 
 
+# Adam and AdamW share one update (AdamW is Adam with decoupled_weight_decay=True in its groups)
+_ADAM = UpdateRule(_adam_states, ("betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay"),
+                   _NEUTRAL, _adam_update, _adam_check)
+
 #: the optimizers a captured step can update, by exact class
 RULES: Dict[type, UpdateRule] = {
-    torch.optim.Adam: UpdateRule(_adam_states, ("betas", "eps", "weight_decay", "amsgrad", "maximize",
-                                                "decoupled_weight_decay"), _NEUTRAL, _adam_update,
-                                 _adam_check),
-    torch.optim.AdamW: UpdateRule(_adam_states, ("betas", "eps", "weight_decay", "amsgrad", "maximize",
-                                                 "decoupled_weight_decay"), _NEUTRAL, _adam_update,
-                                  _adam_check),
+    torch.optim.Adam: _ADAM,
+    torch.optim.AdamW: _ADAM,
     torch.optim.SGD: UpdateRule(_sgd_states, ("momentum", "dampening", "weight_decay", "nesterov",
                                               "maximize"), _NEUTRAL, _sgd_update),
 }

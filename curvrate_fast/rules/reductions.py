@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import series as S
+from ..activation_jet import toeplitz_backward
 from ..first_order import first_order_backward
 from ..jets.registry import register, tracing
 from ._common import JetError, aliases, is_jet, make_jet, primal
@@ -121,26 +122,16 @@ def _row_blocks(c: Tensor, dims) -> Optional[Tuple[Tensor, int]]:
     return c.view(n, R, C), rows
 
 
-def _lse_blocks(view: Tensor, rows: int, K: int) -> Tensor:
-    """The logsumexp jet (K + 1, R, 1) of ``view`` (n, R, C) over its last axis, block by block
-    (each row's arithmetic is the one-block arithmetic: the same numbers)."""
+def _lse_blocks(c: Tensor, dims, view: Tensor, rows: int, K: int) -> Tensor:
+    """The logsumexp jet of ``c`` over ``dims`` (keepdim, stacked: (K + 1, ...)) from its
+    (n, R, C) ``view``, block by block (each row's arithmetic is the one-block arithmetic: the
+    same numbers)."""
     R = view.shape[1]
     out = view.new_empty((K + 1, R, 1))
     for s in range(0, R, rows):
         y, _ = _lse_and_softmax(view[:, s:s + rows], (1,), K)
         torch.stack(y, out=out[:, s:s + rows])
-    return out
-
-
-def _toeplitz_backward(gy: Tensor, p, n_in: int, K: int):
-    """ḡz_j = Σ_{k≥j} ḡlse_k · p_{k−j}, j < n_in (see _LogSumExpJet)."""
-    grads = []
-    for j in range(n_in):
-        acc = None
-        for k in range(j, K + 1):
-            acc = gy[k] * p[k - j] if acc is None else torch.addcmul(acc, gy[k], p[k - j])
-        grads.append(acc)
-    return grads
+    return out.view((K + 1,) + tuple(1 if i in dims else d for i, d in enumerate(c.shape[1:])))
 
 
 class _LogSumExpJet(torch.autograd.Function):
@@ -159,8 +150,7 @@ class _LogSumExpJet(torch.autograd.Function):
                 view, rows = blocks
                 ctx.rows = rows
                 ctx.save_for_backward(c)
-                y = _lse_blocks(view, rows, K)
-                return y.view((K + 1,) + tuple(1 if i in dims else d for i, d in enumerate(c.shape[1:])))
+                return _lse_blocks(c, dims, view, rows, K)
             y, p = _lse_and_softmax(c, dims, K)
         ctx.rows = None
         ctx.save_for_backward(*p)
@@ -171,7 +161,7 @@ class _LogSumExpJet(torch.autograd.Function):
     def backward(ctx, gy: Tensor):
         K = gy.shape[0] - 1
         if ctx.rows is None:
-            return torch.stack(_toeplitz_backward(gy, ctx.saved_tensors, ctx.n_in, K)), None, None
+            return torch.stack(toeplitz_backward(gy, ctx.saved_tensors, ctx.n_in)), None, None
         (c,) = ctx.saved_tensors
         n = ctx.n_in
         R = gy[0].numel()                      # the rows: gy has 1 on the reduced axes
@@ -181,7 +171,7 @@ class _LogSumExpJet(torch.autograd.Function):
         out = torch.empty_like(view)
         for s in range(0, view.shape[1], rows):
             _, p = _lse_and_softmax(view[:, s:s + rows], (1,), K)
-            torch.stack(_toeplitz_backward(g[:, s:s + rows], p, n, K), out=out[:, s:s + rows])
+            torch.stack(toeplitz_backward(g[:, s:s + rows], p, n), out=out[:, s:s + rows])
         return out.view(c.shape), None, None
 
 
@@ -197,9 +187,7 @@ def logsumexp_coeffs(input, dim, keepdim: bool = False):
         if blocks is None:
             y = _lse_and_softmax(c, dims, K)[0]
         else:
-            view, rows = blocks
-            shape = (K + 1,) + tuple(1 if i in dims else d for i, d in enumerate(c.shape[1:]))
-            y = list(_lse_blocks(view, rows, K).view(shape).unbind(0))
+            y = list(_lse_blocks(c, dims, *blocks, K).unbind(0))
     if not keepdim:
         y = [x.squeeze(dims) for x in y]
     return y
