@@ -25,12 +25,15 @@ What is an input of the graph and what is not:
   objects such as functions) of each submodule, and its parameter and buffer names and metadata
   (two instances of one architecture share their graphs, each feeding its own parameters); every
   other argument by value (ints, floats, strings, None, tuples of them) or by identity
-  (functions); grad mode; autocast's state; the engine's backend setting;
+  (functions); grad mode; autocast's state; the engine's backend setting; the global module
+  hooks;
 - **refused** at capture, with an error that names the cause (a graph that would replay a stale
   value is never kept): a tensor value read into Python while tracing (``.item()``, ``bool(t)``:
   the graph would replay that one value), a parameter reached other than through a module
   argument, a plain tensor attribute of a module (register it as a buffer), a result that is not
-  one scalar tensor.
+  one scalar tensor, a forward or backward hook of a module argument's submodules or a global
+  module hook (the graph would run it once, while recording: its side effects would not repeat;
+  hooks are guarded, so one registered later is refused at its capture).
 
 The graph returns the loss and its gradients with respect to every parameter and tensor argument
 that requires grad; the call returns the loss as a tensor whose backward multiplies those
@@ -175,6 +178,57 @@ def _module_state(m: nn.Module):
     return params, buffers, tuple(flags)
 
 
+# the hooks a forward or backward pass runs, per module and global (torch.nn.modules.module): a
+# captured graph would run them once, while it is recorded; their tensor arithmetic would be
+# replayed, their Python side effects (storing outputs, logging, statistics) never again
+_MODULE_RUN_HOOKS = (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"),
+                     ("_backward_pre_hooks", "backward pre-hook"), ("_backward_hooks", "backward hook"))
+_GLOBAL_RUN_HOOKS = (("_global_forward_pre_hooks", "forward pre-hook", "register_module_forward_pre_hook"),
+                     ("_global_forward_hooks", "forward hook", "register_module_forward_hook"),
+                     ("_global_backward_pre_hooks", "backward pre-hook",
+                      "register_module_full_backward_pre_hook"),
+                     ("_global_backward_hooks", "backward hook", "register_module_full_backward_hook"))
+
+
+def _global_hooks_key() -> tuple:
+    """The global module hooks in force (by handle id: a new hook is a new id), for the guard:
+    () in the usual case of none."""
+    mod = torch.nn.modules.module
+    dicts = [getattr(mod, attr, None) for attr, _, _ in _GLOBAL_RUN_HOOKS]
+    if not any(dicts):
+        return ()
+    return tuple(tuple(d) if d else () for d in dicts)
+
+
+def _refuse_hooks(name: str, layout) -> None:
+    """Refuse, at capture, a function whose modules run hooks (their side effects would happen
+    once, at capture, and never on a replay). Hooks are part of the guard key, so one added later
+    means a new capture, which lands here."""
+    why = ("a captured graph runs hooks once, while it is recorded: their tensor arithmetic would be "
+           "replayed but their Python side effects (storing outputs, logging, statistics) would not. ")
+    mod = torch.nn.modules.module
+    for attr, kind, register in _GLOBAL_RUN_HOOKS:
+        if getattr(mod, attr, None):
+            raise CaptureError(f"compile({name}): a global module {kind} is registered "
+                               f"(torch.nn.modules.module.{register}); {why}Remove it while the compiled "
+                               "loss runs, or call the loss without compile.")
+    for item in layout:
+        if item[0] != "M":
+            continue
+        for mname, sub in item[1].named_modules():
+            for attr, kind in _MODULE_RUN_HOOKS:
+                if getattr(sub, attr, None):
+                    where = f"submodule '{mname}'" if mname else "the module"
+                    fsdp = any(c.__module__.startswith("torch.distributed") for c in type(sub).__mro__)
+                    hint = ("FSDP gathers and frees its parameters in such hooks: call the loss without "
+                            "compile." if fsdp else
+                            "Remove the hook while the compiled loss runs, or call the loss without "
+                            "compile (for weight or spectral normalization, torch.nn.utils.parametrizations "
+                            "needs no hook).")
+                    raise CaptureError(f"compile({name}): {where} ({type(sub).__name__}) has a {kind}; "
+                                       f"{why}{hint}")
+
+
 def _meta(t: Tensor) -> tuple:
     # torch.Size is a tuple: hashed and compared as one, no copy needed
     return (t.shape, t.dtype, t.device, t.requires_grad)
@@ -302,6 +356,7 @@ class CompiledLoss:
         key.append(("grad", torch.is_grad_enabled()))
         key.append(("engine", settings.backend, settings.linear_impl))
         key.append(("autocast", _autocast_state()))
+        key.append(("global hooks", _global_hooks_key()))
         return flat, layout, tuple(key)
 
     @staticmethod
@@ -342,6 +397,7 @@ class CompiledLoss:
         from torch.fx.experimental.proxy_tensor import make_fx
         from torch.nn.utils.stateless import _reparametrize_module
 
+        _refuse_hooks(self.name, layout)
         need_grad = bool(wrt)
         n_aux_box = [0]
         unused_box: List[Tuple[bool, ...]] = [()]

@@ -353,6 +353,65 @@ def test_refuses_what_would_replay_stale():
         cf.compile(derivative_loss, backend="eager")(model, x, y, u * float("nan"))
 
 
+MODULE_HOOKS = {
+    "forward pre-hook": lambda m: m.register_forward_pre_hook(lambda mod, i: None),
+    "forward hook": lambda m: m.register_forward_hook(lambda mod, i, o: None),
+    "backward pre-hook": lambda m: m.register_full_backward_pre_hook(lambda mod, go: None),
+    "backward hook": lambda m: m.register_full_backward_hook(lambda mod, gi, go: None),
+}
+_M = torch.nn.modules.module
+GLOBAL_HOOKS = {
+    "forward pre-hook": lambda: _M.register_module_forward_pre_hook(lambda mod, i: None),
+    "forward hook": lambda: _M.register_module_forward_hook(lambda mod, i, o: None),
+    "backward pre-hook": lambda: _M.register_module_full_backward_pre_hook(lambda mod, go: None),
+    "backward hook": lambda: _M.register_module_full_backward_hook(lambda mod, gi, go: None),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MODULE_HOOKS))
+def test_refuses_module_hooks_even_added_after_the_capture(kind):
+    """A graph runs a hook once, while it is recorded: its side effects would not repeat. Measured
+    before the refusal: a forward hook appending to a list ran once in three captured calls, and a
+    global forward hook doubling the Tanh output changed eager (0.183) but not the replay
+    (0.093)."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y, u = torch.randn(4, 3, dtype=D64), torch.randint(0, 2, (4,)), torch.randn(4, 3, dtype=D64)
+    fast = cf.compile(derivative_loss, backend="eager")
+    ok = fast(model, x, y, u)
+    handle = MODULE_HOOKS[kind](model[1])
+    with pytest.raises(cf.CaptureError, match=f"submodule '1' \\(Tanh\\) has a {kind}"):
+        fast(model, x, y, u)
+    handle.remove()                      # without the hook the loss captures (or replays) again
+    assert torch.equal(fast(model, x, y, u), ok)
+
+
+@pytest.mark.parametrize("kind", sorted(GLOBAL_HOOKS))
+def test_refuses_global_module_hooks_even_added_after_the_capture(kind):
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y, u = torch.randn(4, 3, dtype=D64), torch.randint(0, 2, (4,)), torch.randn(4, 3, dtype=D64)
+    fast = cf.compile(derivative_loss, backend="eager")
+    ok = fast(model, x, y, u)
+    handle = GLOBAL_HOOKS[kind]()
+    try:
+        with pytest.raises(cf.CaptureError, match=f"global module {kind}"):
+            fast(model, x, y, u)
+    finally:
+        handle.remove()
+    assert torch.equal(fast(model, x, y, u), ok) and fast.captures == 1
+
+
+def test_parametrizations_need_no_hook_and_replay_exactly():
+    """What the hook refusal recommends for weight normalization: torch.nn.utils.parametrizations
+    (a property, no hook) captures and follows parameter updates."""
+    from torch.nn.utils import parametrizations
+    torch.manual_seed(7)
+    model = nn.Sequential(parametrizations.weight_norm(nn.Linear(3, 5)), nn.Tanh(), nn.Linear(5, 2)).double()
+    x, y, u = torch.randn(6, 3, dtype=D64), torch.randint(0, 2, (6,)), torch.randn(6, 3, dtype=D64)
+    _compare(derivative_loss, model, x, y, u, steps=3)
+
+
 # -- inside a user's torch.compile ----------------------------------------------------------------
 
 def _graph_breaks():
