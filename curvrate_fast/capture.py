@@ -20,7 +20,7 @@ What is an input of the graph and what is not:
   PyTorch's generator at every call, in eager order (inductor is told ``fallback_random``, so
   the masks are those the eager engine would draw);
 - **guards** (a change means a new capture, cached beside the old ones): every tensor's shape,
-  dtype, device and ``requires_grad``; every module argument's structure: the class, the
+  strides (memory layout), dtype, device and ``requires_grad``; every module argument's structure: the class, the
   train/eval flag and the other attributes (sizes, flags, hooks: by value, or by identity for
   objects such as functions) of each submodule, and its parameter and buffer names and metadata
   (two instances of one architecture share their graphs, each feeding its own parameters); every
@@ -230,8 +230,10 @@ def _refuse_hooks(name: str, layout) -> None:
 
 
 def _meta(t: Tensor) -> tuple:
-    # torch.Size is a tuple: hashed and compared as one, no copy needed
-    return (t.shape, t.dtype, t.device, t.requires_grad)
+    # torch.Size is a tuple: hashed and compared as one, no copy needed. The strides too: a graph
+    # compiled for one memory layout reads its inputs with that layout's strides (inductor
+    # asserts them), so a transposed, sliced or channels-last tensor is a capture of its own
+    return (t.shape, t.stride(), t.dtype, t.device, t.requires_grad)
 
 
 class _Entry:

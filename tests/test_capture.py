@@ -466,6 +466,37 @@ def test_inductor_program_matches_eager_with_dropout():
     _train_both(crit_a, crit_b, model, batches)
 
 
+@pytest.mark.slow
+def test_inductor_graph_per_memory_layout():
+    """A graph compiled by inductor reads its inputs with the strides it was compiled for: the
+    strides are part of the guard, so a transposed, sliced or expanded tensor (and a channels-last
+    model and input) gets a capture of its own and the eager values. Before: a transposed ``x``
+    of the same shape raised inductor's "expected ... stride 1==3" from inside the graph."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    y = torch.randint(0, 2, (5,))
+    fast = cf.compile(derivative_loss)
+    x, u = torch.randn(5, 3, dtype=D64), torch.randn(5, 3, dtype=D64)
+    layouts = [(x, u),
+               (torch.randn(3, 5, dtype=D64).t(), u),                      # column-major x
+               (torch.randn(10, 6, dtype=D64)[::2, ::2], u),               # a strided slice
+               (x, torch.randn(1, 3, dtype=D64).expand(5, 3))]             # one direction, stride 0
+    for i, (xi, ui) in enumerate(layouts):
+        for _ in range(2):
+            assert _max_rel(fast(model, xi, y, ui).detach(), derivative_loss(model, xi, y, ui).detach()) <= TOL
+        assert fast.captures == i + 1
+
+    cnn = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)).double()
+    xc, uc = torch.randn(5, 2, 6, 6, dtype=D64), torch.randn(5, 2, 6, 6, dtype=D64)
+    fast_cnn = cf.compile(derivative_loss)
+    ref = derivative_loss(cnn, xc, y, uc).detach()
+    assert _max_rel(fast_cnn(cnn, xc, y, uc).detach(), ref) <= TOL
+    cnn = cnn.to(memory_format=torch.channels_last)
+    cl = [t.contiguous(memory_format=torch.channels_last) for t in (xc, uc)]
+    assert _max_rel(fast_cnn(cnn, *cl[:1], y, cl[1]).detach(), ref) <= TOL
+    assert fast_cnn.captures == 2
+
+
 def test_cpu_graph_falls_back_to_the_python_wrapper_only_when_ours_to_choose(monkeypatch):
     """On CPU inductor builds the graph with its C++ wrapper; where that build fails the Python
     wrapper is used (same values as the eager engine), unless the caller asked for the C++ one,
