@@ -39,12 +39,17 @@ The graph returns the loss and its gradients with respect to every parameter and
 that requires grad; the call returns the loss as a tensor whose backward multiplies those
 gradients by the incoming gradient (exact for a scalar loss; a second derivative through it
 raises). So ``loss.backward()`` and optimizers work as usual, and a custom backward of the engine
-(the Toeplitz backward of the activation jets) is recorded as it runs.
+(the Toeplitz backward of the activation jets) is recorded as it runs. As in eager autograd, a
+tensor the loss does not reach gets no gradient (``.grad`` stays None, so an optimizer skips it);
+a parameter held by two modules (tied weights) is a graph input under each name, and its uses'
+gradients add up.
 
 Inside a user's ``torch.compile`` the call is one ``torch.library`` custom op
 (``curvrate::captured_loss``), so dynamo sees no jet and the step compiles without graph breaks
 (``fullgraph=True`` works); the op runs the captured program at run time with real tensors, and
-there its value checks (NaN/Inf, labels) run too.
+there its value checks (NaN/Inf, labels) run too. There the op's gradient outputs are fixed when
+the step is traced: a tensor the loss does not reach gets a zero gradient, not None (a warning
+says so once).
 
 First-call cost: the capture itself takes about 0.1–0.5 s on small models; inductor then compiles
 the graph, 3–20 s on CPU the first time (its C++ build; later processes reuse inductor's on-disk
@@ -239,7 +244,7 @@ def _meta(t: Tensor) -> tuple:
 class _Entry:
     """One captured configuration: the graph, how to feed it, which outputs are gradients."""
 
-    __slots__ = ("runner", "wrt", "n_aux", "graph", "calls", "unused", "used")
+    __slots__ = ("runner", "wrt", "n_aux", "graph", "calls", "unused", "used", "reached", "warned")
 
     def __init__(self, runner, wrt: List[int], n_aux: int, graph, unused: Tuple[bool, ...] = ()) -> None:
         self.runner = runner
@@ -249,6 +254,11 @@ class _Entry:
         self.calls = 0
         self.unused = unused    # per wrt tensor: the loss does not depend on it (its grad is None)
         self.used = 0           # the cache's clock at the last call (least recently used is evicted)
+        # (position among wrt, flat index) of the tensors the loss reaches: only they get a
+        # gradient, as in eager autograd (an unreached parameter keeps .grad None, so an
+        # optimizer skips it instead of applying momentum or weight decay to a zero gradient)
+        self.reached = [(j, i) for j, i in enumerate(wrt) if not (unused and unused[j])]
+        self.warned = False
 
 
 class _GradsTimesIncoming(torch.autograd.Function):
@@ -418,9 +428,11 @@ class CompiledLoss:
             args, kwargs, tables = self._rebuild(layout, ins, n_args, kw_names)
             with ExitStack() as stack:
                 for m, table in tables:
-                    stack.enter_context(_reparametrize_module(m, table, tie_weights=True, strict=False))
+                    stack.enter_context(_reparametrize_module(m, table, tie_weights=False, strict=False))
                 with torch.set_grad_enabled(need_grad):
                     out = fn(*args, **kwargs)
+                for m, table in tables:
+                    _refuse_reassigned(self.name, m, table)
             value, aux = _split_output(out, self.name)
             n_aux_box[0] = len(aux)
             if leaves:
@@ -442,14 +454,25 @@ class CompiledLoss:
         ins = [t.detach() for t in flat] + [t.detach() for t in extra]
         devices = sorted({t.device.index or 0 for t in flat if t.is_cuda})
         # the trace runs fn once on real tensors: it must not consume random numbers, so that the
-        # first replay draws what an eager call would have drawn
+        # first replay draws what an eager call would have drawn; nor change a tensor in place: a
+        # module's buffers (a running statistic, a counter updated in place, which the graph
+        # replays) are traced on copies, so that the first replay updates them once, as an eager
+        # call would; any other input changed in place by the trace is refused
+        names = _input_names(layout, len(flat), len(extra))
+        traced = [t.clone() if names[i][1] else t for i, t in enumerate(ins)]
+        versions = [t._version for t in ins]
         with _capture_settings(flat), torch.random.fork_rng(devices=devices):
             try:
-                gm = make_fx(joint, tracing_mode="real", _allow_non_fake_inputs=True)(*ins)
+                gm = make_fx(joint, tracing_mode="real", _allow_non_fake_inputs=True)(*traced)
             except RuntimeError as e:
                 if "_local_scalar_dense" not in str(e) and "data-dependent" not in str(e):
                     raise
                 raise CaptureError(_value_read_message(self.name, "aten._local_scalar_dense")) from e
+        for (what, _), t, v in zip(names, ins, versions):
+            if t._version != v:
+                raise CaptureError(f"compile({self.name}): the function changed {what} in place while it was "
+                                   "recorded; a graph cannot replay that exactly. Keep in-place updates to "
+                                   "module buffers (under torch.no_grad()), or call the loss without compile.")
         _verify_graph(gm, layout, self.name)
         rewrite_graph(gm, self.cpu_gemm)   # oneDNN for the float32 CPU GEMMs where it is faster
         runner = self._compile_graph(gm, ins)
@@ -514,9 +537,10 @@ class CompiledLoss:
         outs = list(outs)
         value = outs[0]
         aux = tuple(outs[1:1 + entry.n_aux])
-        grads = tuple(outs[1 + entry.n_aux:])
-        if entry.wrt:
-            value = _GradsTimesIncoming.apply(value, grads, *[flat[i] for i in entry.wrt])
+        if entry.reached:
+            n = 1 + entry.n_aux
+            value = _GradsTimesIncoming.apply(value, tuple(outs[n + j] for j, _ in entry.reached),
+                                              *[flat[i] for _, i in entry.reached])
         return value, aux
 
     def _cached(self, key: tuple, capture: Callable[[], _Entry]) -> _Entry:
@@ -699,6 +723,15 @@ class CompiledLoss:
                                      [i for i, m in enumerate(mask) if m])
         entry = self._cached(key, capture)
         entry.calls += 1
+        if len(entry.reached) < len(entry.wrt) and not entry.warned:
+            # the op's gradients are fixed when the user's step is traced, before this capture
+            # could tell which tensors the loss reaches: an unreached one gets zeros, not None
+            entry.warned = True
+            warnings.warn(f"compile({self.name}) inside torch.compile: {len(entry.wrt) - len(entry.reached)} "
+                          "tensor(s) that require grad (e.g. parameters of an unused submodule) do not reach the "
+                          "loss; they get a zero gradient instead of None, so an optimizer with momentum or "
+                          "weight decay still moves them. Freeze them (requires_grad_(False)) or leave them out "
+                          "of the optimizer.", RuntimeWarning, stacklevel=2)
         with torch.no_grad():
             return list(entry.runner(*[t.detach() for t in flat]))
 
@@ -842,6 +875,40 @@ def _verify_graph(gm: torch.fx.GraphModule, layout, name: str) -> None:
                 f"compile({name}): the plain tensor attribute '{hit}' of a module entered the graph as a "
                 "constant and would not follow later changes; register it as a buffer "
                 "(module.register_buffer) so that it is a graph input.")
+
+
+def _input_names(layout, n_flat: int, n_extra: int) -> List[Tuple[str, bool]]:
+    """(what each graph input is, in words; whether it is a module buffer), in graph input order."""
+    out: List[Tuple[str, bool]] = []
+    arg = 0
+    for item in layout:
+        if item[0] == "M":
+            _, m, pn, bn = item
+            cls = type(m).__name__
+            out.extend((f"parameter '{n}' of argument {arg} ({cls})", False) for n in pn)
+            out.extend((f"buffer '{n}' of argument {arg} ({cls})", True) for n in bn)
+        elif item[0] == "T":
+            out.append((f"tensor argument {arg}", False))
+        arg += 1
+    out.extend(("an optimizer state or learning rate", False) for _ in range(n_extra))
+    assert len(out) == n_flat + n_extra
+    return out
+
+
+def _refuse_reassigned(name: str, m: nn.Module, table: Dict[str, Tensor]) -> None:
+    """Refuse a forward that assigns a new tensor to a parameter or buffer (``self.ema = 0.9 *
+    self.ema + …``): in eager the module keeps the new tensor; a graph would compute it and drop
+    it, so the buffer would never change (measured before this check: an EMA buffer stayed 0)."""
+    for full, t in table.items():
+        prefix, _, leaf = full.rpartition(".")
+        sub = m.get_submodule(prefix) if prefix else m
+        now = sub._buffers.get(leaf) if leaf in sub._buffers else sub._parameters.get(leaf)
+        if now is not t:
+            raise CaptureError(f"compile({name}): while it runs, the function assigns a new tensor to '{full}' of "
+                               f"its {type(m).__name__} argument (e.g. self.{leaf} = 0.9 * self.{leaf} + ...); a "
+                               "graph would compute it and drop it, so the module would keep the old one. Update "
+                               f"it in place under torch.no_grad() (self.{leaf}.mul_(0.9).add_(...)), which a "
+                               "graph replays, or call the loss without compile.")
 
 
 def _value_read_message(name: str, what) -> str:

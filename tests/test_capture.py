@@ -353,6 +353,139 @@ def test_refuses_what_would_replay_stale():
         cf.compile(derivative_loss, backend="eager")(model, x, y, u * float("nan"))
 
 
+def test_weights_tied_across_modules():
+    """One Parameter held by two modules (an LM's tied embedding and output layer): each of its
+    names is a graph input of its own, so the graph sees both uses and the gradients add up, in
+    the call and in train_step. Before: the capture raised functional_call's "got multiple values
+    for keys ['0.weight', '2.weight'], which are tied" (GPT-2 could not be captured)."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)).double()
+    model[2].weight = model[0].weight
+    x, y, u = torch.randn(6, 4, dtype=D64), torch.randint(0, 4, (6,)), torch.randn(6, 4, dtype=D64)
+    _compare(derivative_loss, copy.deepcopy(model), x, y, u, steps=3)
+    runs = []
+    for mode in ("torch", "captured"):
+        m = copy.deepcopy(model)
+        assert m[2].weight is m[0].weight
+        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+        fast = cf.compile(derivative_loss, backend="eager")
+        for _ in range(3):
+            if mode == "torch":
+                opt.zero_grad()
+                derivative_loss(m, x, y, u).backward()
+                opt.step()
+            else:
+                fast.train_step(opt, m, x, y, u)
+        runs.append(m)
+    for (n, a), b in zip(runs[1].named_parameters(), runs[0].parameters()):
+        assert _max_rel(a.detach(), b.detach()) <= TOL and _max_rel(a.grad, b.grad) <= TOL, n
+    assert runs[1][2].weight is runs[1][0].weight
+
+
+class _WithSpare(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        self.spare = nn.Linear(2, 2)          # not used by forward
+
+    def forward(self, z):
+        return self.net(z)
+
+
+def test_a_parameter_the_loss_does_not_reach_gets_no_gradient():
+    """As in eager autograd, a parameter the loss does not reach keeps .grad None, so AdamW skips
+    it. Before: the captured loss handed it a zero gradient and AdamW's weight decay and momentum
+    moved it, unlike the eager step."""
+    torch.manual_seed(12)
+    model = _WithSpare().double()
+    x, y, u = torch.randn(5, 3, dtype=D64), torch.randint(0, 2, (5,)), torch.randn(5, 3, dtype=D64)
+    runs = []
+    for captured in (False, True):
+        m = copy.deepcopy(model)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+        fn = cf.compile(derivative_loss, backend="eager") if captured else derivative_loss
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            fn(m, x, y, u).backward()
+            assert m.spare.weight.grad is None and m.spare.bias.grad is None
+            opt.step()
+        runs.append(m)
+    assert torch.equal(runs[1].spare.weight, model.spare.weight)
+    for (n, a), b in zip(runs[1].named_parameters(), runs[0].parameters()):
+        assert _max_rel(a.detach(), b.detach()) <= TOL, n
+
+
+class _Counting(nn.Module):
+    """A layer that updates buffers in place during its forward (a counter, an EMA under no_grad)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 4)
+        self.register_buffer("count", torch.zeros((), dtype=D64))
+        self.register_buffer("running", torch.zeros(3, dtype=D64))
+
+    def forward(self, z):
+        self.count += 1
+        with torch.no_grad():
+            self.running.mul_(0.9).add_(0.1 * torch.ones(3, dtype=D64))
+        return self.fc(z + self.running)
+
+
+def test_buffers_updated_in_place_once_per_call_as_in_eager():
+    """The trace runs the function on real tensors: a buffer it updates in place is traced on a
+    copy, so the first call updates it once, like every replay and every eager call. Before: the
+    first call counted 2 and applied the EMA twice, and every later value differed from eager
+    (8e-5, growing). Also through train_step (the update in the same graph)."""
+    torch.manual_seed(9)
+    model = nn.Sequential(_Counting(), nn.Tanh(), nn.Linear(4, 2)).double()
+    twin = copy.deepcopy(model)
+    x, y, u = torch.randn(5, 3, dtype=D64), torch.randint(0, 2, (5,)), torch.randn(5, 3, dtype=D64)
+    fast = _compare(derivative_loss, model, x, y, u, steps=3)
+    assert fast.captures == 1 and model[0].count.item() == 3
+    step_fast = cf.compile(derivative_loss, backend="eager")
+    eager = copy.deepcopy(twin)
+    opt_a, opt_b = torch.optim.SGD(twin.parameters(), lr=0.1), torch.optim.SGD(eager.parameters(), lr=0.1)
+    for step in range(3):
+        a = step_fast.train_step(opt_a, twin, x, y, u)
+        opt_b.zero_grad()
+        b = derivative_loss(eager, x, y, u)
+        b.backward()
+        opt_b.step()
+        assert _max_rel(a, b.detach()) <= TOL, step
+        for name, t in eager.state_dict().items():
+            assert _max_rel(twin.state_dict()[name], t) <= TOL, (step, name)
+    assert twin[0].count.item() == 3
+
+
+def test_refuses_what_a_graph_would_drop_or_apply_twice():
+    """A buffer replaced by a new tensor during the forward (eager keeps the new one, a graph
+    would drop it: measured before, an EMA buffer stayed 0 under capture), and an argument
+    changed in place by the function (the trace would change it once more than eager)."""
+    class Reassign(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 4)
+            self.register_buffer("ema", torch.zeros(3, dtype=D64))
+
+        def forward(self, z):
+            self.ema = 0.9 * self.ema + 0.1
+            return self.fc(z + self.ema)
+
+    torch.manual_seed(10)
+    x, y, u = torch.randn(5, 3, dtype=D64), torch.randint(0, 2, (5,)), torch.randn(5, 3, dtype=D64)
+    model = nn.Sequential(Reassign(), nn.Tanh(), nn.Linear(4, 2)).double()
+    with pytest.raises(cf.CaptureError, match="assigns a new tensor to '0.ema'"):
+        cf.compile(derivative_loss, backend="eager")(model, x, y, u)
+    assert model[0].ema.abs().max() == 0          # the refused trace left the module as it was
+
+    def scales_u(m, x, y, u):
+        u.mul_(2.0)
+        return derivative_loss(m, x, y, u)
+    plain = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    with pytest.raises(cf.CaptureError, match="changed tensor argument 3 in place"):
+        cf.compile(scales_u, backend="eager")(plain, x, y, u)
+
+
 MODULE_HOOKS = {
     "forward pre-hook": lambda m: m.register_forward_pre_hook(lambda mod, i: None),
     "forward hook": lambda m: m.register_forward_hook(lambda mod, i, o: None),
@@ -454,6 +587,25 @@ def test_user_torch_compile_fullgraph_no_graph_breaks(use):
                 p.sub_(0.1 * g)
                 q.sub_(0.1 * g)
     assert _graph_breaks() == breaks
+
+
+def test_user_torch_compile_warns_of_zero_gradients_for_unreached_parameters():
+    """Inside a user's torch.compile the captured op's gradient outputs are fixed when the step is
+    traced, before the capture can tell which parameters the loss reaches: an unreached one gets a
+    zero gradient, not None. That difference from eager is announced, once, not left silent."""
+    torch._dynamo.reset()
+    torch.manual_seed(13)
+    model = _WithSpare().double()
+    x, y = torch.randn(6, 3, dtype=D64), torch.randint(0, 2, (6,))
+    u = torch.randn(6, 3, dtype=D64)
+
+    def step(m, x, y, u):
+        return cf.crr_penalty(m, x, y, directions=u, orders=(1, 2))
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with pytest.warns(RuntimeWarning, match="do not reach the loss"):
+        compiled(model, x, y, u).backward()
+    assert float(model.spare.weight.grad.abs().max()) == 0.0
 
 
 @pytest.mark.slow

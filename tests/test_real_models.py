@@ -332,6 +332,56 @@ def test_gpt2_reorder_and_upcast_attention_unmodified():
     check_float32_internals(H.gpt2("eager", upcast=True), H.gpt2("eager"))
 
 
+@pytest.mark.parametrize("spec", [("gpt2", "eager", False), ("llama", "sdpa", False), ("bert", "sdpa", False)],
+                         ids=text_id)
+def test_captured_crr_matches_eager(spec):
+    """curvrate_fast.compile on real models: the captured program (replayed as recorded) gives
+    the eager engine's loss and gradients (1e-12) and a captured train_step (SGD with momentum)
+    the eager step's parameters, three steps. GPT-2 ties its input embedding and output layer (one
+    Parameter in two modules): before, its capture raised in functional_call ("multiple values
+    for keys ... which are tied")."""
+    import copy
+    case = build(spec)
+    u = _direction(case.x)
+
+    def loss(model, x, y, u):     # case.forward calls case.module, the module argument
+        d = cf.loss_directional_derivatives(case.forward, x, y, u, 2, loss_fn=case.loss_fn)
+        return d.abs().mean()
+
+    params = [p for p in case.module.parameters() if p.requires_grad]
+    fast = cf.compile(loss, backend="eager")
+    with _casts(True):
+        a = fast(case.module, case.x, case.y, u)
+        b = loss(case.module, case.x, case.y, u)
+        ga = torch.autograd.grad(a, params, allow_unused=True)
+        gb = torch.autograd.grad(b, params, allow_unused=True)
+    assert float((a - b).abs() / b.abs()) <= 1e-12
+    # relative to the largest gradient: some are zero in exact arithmetic (attention's key bias)
+    scale = max(float(q.abs().max()) for q in gb if q is not None)
+    for p, q in zip(ga, gb):          # the parameters the loss does not reach: None in both
+        assert (p is None) == (q is None)
+        if q is not None:
+            assert float((p - q).abs().max()) <= 1e-12 * scale
+    start = copy.deepcopy(case.module.state_dict())
+    ends = []
+    for captured in (False, True):
+        case.module.load_state_dict(start)
+        # SGD: linear in the gradients (Adam would amplify the rounding noise of gradients that are
+        # zero in exact arithmetic, e.g. attention's key bias, to the size of its step)
+        opt = torch.optim.SGD(case.module.parameters(), lr=1e-2, momentum=0.9)
+        with _casts(True):
+            for _ in range(3):
+                if captured:
+                    fast.train_step(opt, case.module, case.x, case.y, u)
+                else:
+                    opt.zero_grad()
+                    loss(case.module, case.x, case.y, u).backward()
+                    opt.step()
+        ends.append({n: t.clone() for n, t in case.module.state_dict().items()})
+    for n, t in ends[0].items():
+        assert float((ends[1][n] - t).abs().max()) <= 1e-12 * max(1.0, float(t.abs().max())), n
+
+
 # Finite differences: an oracle that shares no code with the engine or with nested autograd. One
 # model per family with smooth activations: across a kink (hardswish, ReLU, ReLU6) the fits never
 # agree and the oracle is inconclusive. ``scale`` lengthens u so that the coefficients of order 3
