@@ -15,7 +15,8 @@ What is an input of the graph and what is not:
 - **inputs** (read afresh on every call, never baked in): the parameters and buffers of every
   ``nn.Module`` argument (passed in with ``torch.nn.utils.stateless``, so an optimizer step is
   seen), every tensor argument (inputs, labels, directions, subset indices: the CRR wrappers draw
-  their random directions and subsets *outside* the graph, eagerly, and pass them in), and the
+  their random directions and subsets *outside* the graph, eagerly, and pass them in, with the
+  penalty's scale as a 0-d tensor, so that a scale schedule replays one graph), and the
   random state: random ops inside the model (dropout) stay random ops of the graph and draw from
   PyTorch's generator at every call, in eager order (inductor is told ``fallback_random``, so
   the masks are those the eager engine would draw);

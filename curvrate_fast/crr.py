@@ -234,10 +234,11 @@ def _crr_plan(x: Tensor, y, *, loss_fn, orders, n_dirs, directions, order_reduct
 
 
 def _crr_compute(model, x: Tensor, y, idx: Optional[Tensor], U: Tensor, ords: Tuple[int, ...],
-                 per_order: bool, loss_fn, order_reduction: str, scale: float, normalize_u: bool = False
-                 ) -> Tuple[Tensor, Tensor, Tensor]:
+                 per_order: bool, loss_fn, order_reduction: str, scale: Union[float, Tensor],
+                 normalize_u: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """The deterministic part of CRR (what a captured program records): (penalty, per-order
     terms, per-sample losses at x of the penalized samples) from the drawn subset and directions
+    (``scale`` a float, or a 0-d tensor in a captured program: :func:`_scale_input`)
     (``normalize_u``: U holds raw draws, normalized per sample here, as sample_directions does)."""
     if normalize_u:
         U = normalize_directions(U, batch_dims=U.dim() - x.dim() + 1)
@@ -368,6 +369,15 @@ def _program(kind: str, backend: str, options: tuple = ()) -> CompiledLoss:
     return prog
 
 
+def _scale_input(scale: float, x: Tensor) -> Tensor:
+    """The penalty's scale as a 0-d input of the captured program, not a constant baked into its
+    graph: a schedule that changes the scale every step (a warm-up of the regularizer) would
+    otherwise capture and compile a new graph every step. float64 (a 0-d operand takes the dtype
+    of the penalty it multiplies), made on x's device by a fill (no host-to-device copy)."""
+    dtype = torch.float64 if x.device.type in ("cpu", "cuda") else x.dtype
+    return torch.full((), scale, dtype=dtype, device=x.device)
+
+
 def _capture_backend(compile_arg) -> Optional[str]:
     """compile=False → None (the eager engine) outside torch.compile; inside a user's
     torch.compile always a captured program (the engine cannot be traced by dynamo): the graph
@@ -440,8 +450,8 @@ def crr_penalty(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor
         x, y, loss_fn=loss_fn, orders=orders, n_dirs=n_dirs, directions=directions,
         order_reduction=order_reduction, subset=subset, scale=scale, generator=generator,
         check_values=False, raw_draws=True)
-    return _program("penalty", backend, options)(model, x, y, idx, U, ords, per_order, loss_fn,
-                                                 order_reduction, scale, not isinstance(directions, str))
+    return _program("penalty", backend, options)(model, x, y, idx, U, ords, per_order, loss_fn, order_reduction,
+                                                 _scale_input(scale, x), not isinstance(directions, str))
 
 
 def _check_capturable(model) -> None:
@@ -550,7 +560,7 @@ class CRRLoss(nn.Module):
             scale=self.scale, generator=self.generator, check_values=False, raw_draws=True)
         options = _options_key(self.compile_options, backend_of(self.compile))
         program = _program("total", backend, options)
-        args = (model, x, y, idx, U, ords, per_order, self.loss_fn, self.order_reduction, scale,
+        args = (model, x, y, idx, U, ords, per_order, self.loss_fn, self.order_reduction, _scale_input(scale, x),
                 not isinstance(self.directions, str))
         if optimizer is None:
             total, (task, R, terms) = program.call_with_aux(*args)

@@ -182,6 +182,32 @@ def test_crrloss_shape_change_recaptures_and_mode_change():
     assert _max_rel(a.detach(), b.detach()) <= TOL
 
 
+def test_a_scale_schedule_keeps_one_graph():
+    """The penalty's scale is a graph input, not a constant: a schedule that changes it every step
+    (a warm-up of the regularizer) replays one graph, with the eager values. Before: every new
+    scale was a new configuration (11 captures in 12 steps, each an inductor compile with
+    compile=True, and the cache-eviction warning)."""
+    torch.manual_seed(14)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2)).double().train()
+    crit_a, crit_b = _crr_pair("eager", orders=(2, 3), directions="per_order", subset=6, scale=1e-2)
+    batches = [(torch.randn(10, 2, dtype=D64), torch.randint(0, 2, (10,))) for _ in range(5)]
+    prog = _program("total")
+    before = prog.captures
+    for step, batch in enumerate(batches):     # (each call trains model and a fresh copy of it)
+        crit_a.scale = crit_b.scale = 1e-2 * (step + 1)
+        _train_both(crit_a, crit_b, model, [batch])
+    assert prog.captures == before + 1
+    pen = _program("penalty")
+    before = pen.captures
+    x, y = batches[0]
+    for scale in (0.5, 2.0, 0.0):
+        a = cf.crr_penalty(model, x, y, orders=(1, 2), scale=scale, compile="eager",
+                           generator=torch.Generator().manual_seed(1))
+        b = cf.crr_penalty(model, x, y, orders=(1, 2), scale=scale, generator=torch.Generator().manual_seed(1))
+        assert float((a - b).abs()) <= TOL * max(float(b.abs()), 1e-300)
+    assert pen.captures == before + 1
+
+
 def test_crr_penalty_explicit_directions_and_generator():
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
