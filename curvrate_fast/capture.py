@@ -34,7 +34,11 @@ What is an input of the graph and what is not:
   argument, a plain tensor attribute of a module (register it as a buffer), a result that is not
   one scalar tensor, a forward or backward hook of a module argument's submodules or a global
   module hook (the graph would run it once, while recording: its side effects would not repeat;
-  hooks are guarded, so one registered later is refused at its capture).
+  hooks are guarded, so one registered later is refused at its capture), a data-parallel wrapper
+  whose own forward work a replay would skip (DDP with ``find_unused_parameters``,
+  ``static_graph`` or buffers to broadcast; FSDP), a buffer replaced by a new tensor in the
+  forward or another input changed in place (buffers updated in place are fine: the trace runs
+  on copies of them, the graph updates them once per call).
 
 The graph returns the loss and its gradients with respect to every parameter and tensor argument
 that requires grad; the call returns the loss as a tensor whose backward multiplies those
@@ -204,6 +208,37 @@ def _global_hooks_key() -> tuple:
     if not any(dicts):
         return ()
     return tuple(tuple(d) if d else () for d in dicts)
+
+
+def _refuse_distributed(name: str, layout) -> None:
+    """A captured graph replays the module's computation, not its Python: a data-parallel wrapper's
+    own forward work does not run on a replay. Plain DDP needs none of it for the gradients (its
+    all-reduce runs in the parameters' gradient hooks, which the captured loss's backward still
+    fires: tested on two ranks) unless it broadcasts buffers at every forward; the other modes
+    and FSDP need their forward (found unused parameters, static-graph bookkeeping, gathering
+    and freeing shards) and are refused."""
+    ddp = nn.parallel.DistributedDataParallel
+    others = tuple(c for c in _distributed_classes() if c is not ddp)
+    for item in layout:
+        if item[0] != "M":
+            continue
+        for mname, sub in item[1].named_modules():
+            what = None
+            if isinstance(sub, others):
+                what = f"an FSDP module ({type(sub).__name__}), which gathers and frees its parameters in its forward"
+            elif isinstance(sub, ddp):
+                if sub.find_unused_parameters or getattr(sub, "static_graph", False):
+                    what = ("DistributedDataParallel with find_unused_parameters=True or static_graph=True, whose "
+                            "forward prepares the reducer for the backward")
+                elif getattr(sub, "broadcast_buffers", False) and any(True for _ in sub.module.buffers()):
+                    what = ("DistributedDataParallel with broadcast_buffers=True and buffers, whose forward "
+                            "copies rank 0's buffers to every rank")
+            if what is not None:
+                where = f" (submodule '{mname}')" if mname else ""
+                raise CaptureError(f"compile({name}): the model holds {what}{where}; a captured graph replays "
+                                   "the computation without that forward. Call the loss without compile (the "
+                                   "eager engine supports every DDP mode and FSDP2), or use plain DDP "
+                                   "(broadcast_buffers=False where the model has buffers).")
 
 
 def _refuse_hooks(name: str, layout) -> None:
@@ -411,6 +446,7 @@ class CompiledLoss:
         from torch.nn.utils.stateless import _reparametrize_module
 
         _refuse_hooks(self.name, layout)
+        _refuse_distributed(self.name, layout)
         need_grad = bool(wrt)
         n_aux_box = [0]
         unused_box: List[Tuple[bool, ...]] = [()]

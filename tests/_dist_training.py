@@ -14,7 +14,8 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 
-MODES = ("ddp", "ddp_find_unused", "ddp_find_unused_two_forwards", "ddp_static_graph", "ddp_no_sync", "fsdp2")
+MODES = ("ddp", "ddp_find_unused", "ddp_find_unused_two_forwards", "ddp_static_graph", "ddp_no_sync", "fsdp2",
+         "ddp_captured", "ddp_captured_refused")
 B, T, V, H = 4, 6, 16, 8
 CRR = dict(orders=(1, 3), scale=0.7)
 
@@ -63,6 +64,8 @@ def _run_mode(mode: str, rank: int):
     half = slice(rank * B // 2, (rank + 1) * B // 2)
     ids, y, u = ids[half], y[half], u[half]
     one = mode == "ddp_find_unused"
+    if mode.startswith("ddp_captured"):
+        return _run_captured(rank, refused=mode.endswith("refused"))
     if mode == "fsdp2":
         from torch.distributed.fsdp import fully_shard
         for block in m.blocks:
@@ -93,6 +96,49 @@ def _run_mode(mode: str, rank: int):
         grads[n] = (g * scale).detach().clone()
     dist.barrier()
     return grads
+
+
+def mlp_step_data():
+    """An MLP, a batch of B, and explicit directions: what the captured-DDP modes train."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, 3, generator=g, dtype=torch.float64)
+    return m, x, torch.randint(0, 2, (B,), generator=g), torch.randn(B, 3, generator=g, dtype=torch.float64)
+
+
+def reference_captured() -> Dict[str, torch.Tensor]:
+    """The eager CRRLoss step of the captured-DDP modes, one process, the whole batch."""
+    import curvrate_fast as cf
+    m, x, y, u = mlp_step_data()
+    cf.CRRLoss(orders=(1, 2), directions=u, scale=0.7)(m, x, y).backward()
+    return {n: p.grad.detach().clone() for n, p in m.named_parameters()}
+
+
+def _run_captured(rank: int, refused: bool):
+    """CRRLoss(compile=...) through plain DDP, each rank on its half (its all-reduce runs in the
+    gradient hooks the captured loss's backward fires; two steps, the second a replay), or a DDP
+    mode whose forward a replay would skip (refused: the message is returned)."""
+    import torch.distributed as dist
+
+    import curvrate_fast as cf
+    m, x, y, u = mlp_step_data()
+    half = slice(rank * B // 2, (rank + 1) * B // 2)
+    crit = cf.CRRLoss(orders=(1, 2), directions=u[half], scale=0.7, compile="eager")
+    if refused:
+        model = torch.nn.parallel.DistributedDataParallel(m, find_unused_parameters=True)
+        try:
+            crit(model, x[half], y[half])
+        except cf.CaptureError as e:
+            dist.barrier()
+            return {"refused": str(e)}
+        raise AssertionError("DDP(find_unused_parameters=True) was captured")
+    model = torch.nn.parallel.DistributedDataParallel(m)
+    for _ in range(2):
+        model.zero_grad()
+        crit(model, x[half], y[half]).backward()
+    dist.barrier()
+    return {n: p.grad.detach().clone() for n, p in m.named_parameters()}
 
 
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:

@@ -436,15 +436,24 @@ def distributed_runs():
 
 
 @pytest.mark.parametrize("mode", ["ddp", "ddp_find_unused", "ddp_find_unused_two_forwards", "ddp_static_graph",
-                                  "ddp_no_sync", "fsdp2"])
+                                  "ddp_no_sync", "fsdp2", "ddp_captured"])
 def test_distributed_crr_step_equals_one_process(distributed_runs, mode):
     dt, codes, res = distributed_runs
     assert codes == [0, 0], f"the ranks exited with {codes} (a crash or a hang)"
-    ref = dt.reference(one_forward=mode == "ddp_find_unused")
+    ref = dt.reference_captured() if mode == "ddp_captured" else dt.reference(one_forward=mode == "ddp_find_unused")
     for rank in (0, 1):
         got = res[rank][mode]
         assert not isinstance(got, str), f"rank {rank}:\n{got}"
         assert _max_diff(got, ref) <= 1e-10
+
+
+def test_distributed_capture_refuses_a_ddp_mode_whose_forward_a_replay_skips(distributed_runs):
+    dt, codes, res = distributed_runs
+    assert codes == [0, 0], f"the ranks exited with {codes} (a crash or a hang)"
+    for rank in (0, 1):
+        got = res[rank]["ddp_captured_refused"]
+        assert not isinstance(got, str), f"rank {rank}:\n{got}"
+        assert "find_unused_parameters=True" in got["refused"] and "without compile" in got["refused"]
 
 
 # -- trainers ------------------------------------------------------------------------------------
