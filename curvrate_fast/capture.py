@@ -36,7 +36,7 @@ What is an input of the graph and what is not:
   module hook (the graph would run it once, while recording: its side effects would not repeat;
   hooks are guarded, so one registered later is refused at its capture), a data-parallel wrapper
   whose own forward work a replay would skip (DDP with ``find_unused_parameters``,
-  ``static_graph`` or buffers to broadcast; FSDP), a buffer replaced by a new tensor in the
+  ``static_graph``, or broadcasting buffers the forward updates; FSDP), a buffer replaced by a new tensor in the
   forward or another input changed in place (buffers updated in place are fine: the trace runs
   on copies of them, the graph updates them once per call).
 
@@ -210,13 +210,15 @@ def _global_hooks_key() -> tuple:
     return tuple(tuple(d) if d else () for d in dicts)
 
 
-def _refuse_distributed(name: str, layout) -> None:
+def _refuse_distributed(name: str, layout, mutated_buffers: Sequence[str] = ()) -> None:
     """A captured graph replays the module's computation, not its Python: a data-parallel wrapper's
     own forward work does not run on a replay. Plain DDP needs none of it for the gradients (its
     all-reduce runs in the parameters' gradient hooks, which the captured loss's backward still
-    fires: tested on two ranks) unless it broadcasts buffers at every forward; the other modes
-    and FSDP need their forward (found unused parameters, static-graph bookkeeping, gathering
-    and freeing shards) and are refused."""
+    fires: tested on two ranks), nor its buffer broadcast where the forward leaves the buffers as
+    they are (they were made equal on every rank when DDP was built); the other modes and FSDP
+    need their forward (found unused parameters, static-graph bookkeeping, gathering and freeing
+    shards) and are refused, and so is DDP broadcasting buffers that the forward updates
+    (``mutated_buffers``, found by the trace)."""
     ddp = nn.parallel.DistributedDataParallel
     others = tuple(c for c in _distributed_classes() if c is not ddp)
     for item in layout:
@@ -230,15 +232,15 @@ def _refuse_distributed(name: str, layout) -> None:
                 if sub.find_unused_parameters or getattr(sub, "static_graph", False):
                     what = ("DistributedDataParallel with find_unused_parameters=True or static_graph=True, whose "
                             "forward prepares the reducer for the backward")
-                elif getattr(sub, "broadcast_buffers", False) and any(True for _ in sub.module.buffers()):
-                    what = ("DistributedDataParallel with broadcast_buffers=True and buffers, whose forward "
-                            "copies rank 0's buffers to every rank")
+                elif mutated_buffers and getattr(sub, "broadcast_buffers", False):
+                    what = ("DistributedDataParallel with broadcast_buffers=True, whose forward copies rank 0's "
+                            f"buffers to every rank, around a forward that updates {mutated_buffers[0]}")
             if what is not None:
                 where = f" (submodule '{mname}')" if mname else ""
                 raise CaptureError(f"compile({name}): the model holds {what}{where}; a captured graph replays "
                                    "the computation without that forward. Call the loss without compile (the "
                                    "eager engine supports every DDP mode and FSDP2), or use plain DDP "
-                                   "(broadcast_buffers=False where the model has buffers).")
+                                   "(with broadcast_buffers=False where the forward updates buffers).")
 
 
 def _refuse_hooks(name: str, layout) -> None:
@@ -505,6 +507,9 @@ class CompiledLoss:
                 if "_local_scalar_dense" not in str(e) and "data-dependent" not in str(e):
                     raise
                 raise CaptureError(_value_read_message(self.name, "aten._local_scalar_dense")) from e
+        updated = [what for (what, is_buffer), t in zip(names, traced) if is_buffer and t._version != 0]
+        if updated:
+            _refuse_distributed(self.name, layout, updated)
         for (what, _), t, v in zip(names, ins, versions):
             if t._version != v:
                 raise CaptureError(f"compile({self.name}): the function changed {what} in place while it was "

@@ -98,10 +98,26 @@ def _run_mode(mode: str, rank: int):
     return grads
 
 
-def mlp_step_data():
-    """An MLP, a batch of B, and explicit directions: what the captured-DDP modes train."""
+class Shifted(torch.nn.Module):
+    """x + a buffer (constant, or with ``count`` a counter the forward updates in place)."""
+
+    def __init__(self, count: bool = False):
+        super().__init__()
+        self.count = count
+        self.register_buffer("shift", torch.full((3,), 0.5, dtype=torch.float64))
+
+    def forward(self, x):
+        if self.count:
+            with torch.no_grad():
+                self.shift.add_(1.0)
+        return x + self.shift
+
+
+def mlp_step_data(count: bool = False):
+    """An MLP with a buffer, a batch of B, and explicit directions: what the captured-DDP modes
+    train."""
     torch.manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+    m = torch.nn.Sequential(Shifted(count), torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
     g = torch.Generator().manual_seed(1)
     x = torch.randn(B, 3, generator=g, dtype=torch.float64)
     return m, x, torch.randint(0, 2, (B,), generator=g), torch.randn(B, 3, generator=g, dtype=torch.float64)
@@ -117,8 +133,9 @@ def reference_captured() -> Dict[str, torch.Tensor]:
 
 def _run_captured(rank: int, refused: bool):
     """CRRLoss(compile=...) through plain DDP, each rank on its half (its all-reduce runs in the
-    gradient hooks the captured loss's backward fires; two steps, the second a replay), or a DDP
-    mode whose forward a replay would skip (refused: the message is returned)."""
+    gradient hooks the captured loss's backward fires; two steps, the second a replay), or DDP
+    where a replay would skip its forward's work (refused: the messages are returned): with
+    find_unused_parameters, and broadcasting a buffer the forward updates."""
     import torch.distributed as dist
 
     import curvrate_fast as cf
@@ -126,14 +143,17 @@ def _run_captured(rank: int, refused: bool):
     half = slice(rank * B // 2, (rank + 1) * B // 2)
     crit = cf.CRRLoss(orders=(1, 2), directions=u[half], scale=0.7, compile="eager")
     if refused:
-        model = torch.nn.parallel.DistributedDataParallel(m, find_unused_parameters=True)
-        try:
-            crit(model, x[half], y[half])
-        except cf.CaptureError as e:
-            dist.barrier()
-            return {"refused": str(e)}
-        raise AssertionError("DDP(find_unused_parameters=True) was captured")
-    model = torch.nn.parallel.DistributedDataParallel(m)
+        out = {}
+        for what, model in (("find_unused", torch.nn.parallel.DistributedDataParallel(m, find_unused_parameters=True)),
+                            ("updated_buffer", torch.nn.parallel.DistributedDataParallel(mlp_step_data(True)[0]))):
+            try:
+                crit(model, x[half], y[half])
+                out[what] = "captured"
+            except cf.CaptureError as e:
+                out[what] = str(e)
+        dist.barrier()
+        return out
+    model = torch.nn.parallel.DistributedDataParallel(m)    # broadcast_buffers: its buffer is constant
     for _ in range(2):
         model.zero_grad()
         crit(model, x[half], y[half]).backward()

@@ -453,7 +453,8 @@ def test_distributed_capture_refuses_a_ddp_mode_whose_forward_a_replay_skips(dis
     for rank in (0, 1):
         got = res[rank]["ddp_captured_refused"]
         assert not isinstance(got, str), f"rank {rank}:\n{got}"
-        assert "find_unused_parameters=True" in got["refused"] and "without compile" in got["refused"]
+        assert "find_unused_parameters=True" in got["find_unused"] and "without compile" in got["find_unused"]
+        assert "broadcast_buffers=True" in got["updated_buffer"] and "buffer 'module.0.shift'" in got["updated_buffer"]
 
 
 # -- trainers ------------------------------------------------------------------------------------
