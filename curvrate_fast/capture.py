@@ -470,7 +470,8 @@ class CompiledLoss:
                     stack.enter_context(_reparametrize_module(m, table, tie_weights=False, strict=False))
                 with torch.set_grad_enabled(need_grad):
                     out = fn(*args, **kwargs)
-                for m, table in tables:
+                # (a module passed twice is reparametrized twice: the last table is in force)
+                for m, table in {id(m): (m, table) for m, table in tables}.values():
                     _refuse_reassigned(self.name, m, table)
             value, aux = _split_output(out, self.name)
             n_aux_box[0] = len(aux)

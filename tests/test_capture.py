@@ -408,6 +408,26 @@ def test_weights_tied_across_modules():
     assert runs[1][2].weight is runs[1][0].weight
 
 
+def test_one_module_passed_twice():
+    """The same module as two arguments is reparametrized twice (the inner table in force):
+    the gradients still equal eager, and the reassignment check does not mistake the second
+    table for a reassignment."""
+    torch.manual_seed(15)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y, u = torch.randn(5, 3, dtype=D64), torch.randint(0, 2, (5,)), torch.randn(5, 3, dtype=D64)
+
+    def twice(m1, m2, x, y, u):
+        return derivative_loss(m1, x, y, u) + derivative_loss(m2, x, y, -u)
+
+    a = cf.compile(twice, backend="eager")(model, model, x, y, u)
+    ga = torch.autograd.grad(a, list(model.parameters()))
+    b = twice(model, model, x, y, u)
+    gb = torch.autograd.grad(b, list(model.parameters()))
+    assert _max_rel(a.detach(), b.detach()) <= TOL
+    for p, q in zip(ga, gb):
+        assert _max_rel(p, q) <= TOL
+
+
 class _WithSpare(nn.Module):
     def __init__(self):
         super().__init__()
