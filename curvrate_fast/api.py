@@ -10,7 +10,7 @@ from torch import Tensor
 
 from . import rules  # noqa: F401  (registers every rule)
 from .baseline import per_sample_cross_entropy
-from .finite import all_finite
+from .finite import require_finite
 from .jets.dispatcher import direction_scale, model_call, unscale_coefficients
 from .jets.registry import engine_settings, settings, tracing
 from .jets.tensor import JetTensor, is_jet, pad_coeffs
@@ -39,9 +39,8 @@ def _check_tensor(name: str, t) -> None:
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor (derivatives along x + t·u need real "
                         f"inputs), got dtype {t.dtype}; convert it with .float() or .double()")
-    if settings.check_finite and not tracing() and not all_finite(t):
-        bad = int((~torch.isfinite(t)).sum())
-        raise ValueError(f"{name} contains {bad} NaN or Inf value(s)")
+    if settings.check_finite and not tracing():
+        require_finite(t, name)
 
 
 def _check_pair(x: Tensor, u: Tensor) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .finite import all_finite
+from .finite import require_finite
 
 __all__ = ["expected_calibration_error", "hard_fraction_accuracy", "reliability_bins",
            "confidence_and_correct"]
@@ -48,8 +48,7 @@ def confidence_and_correct(logits: ArrayLike, labels: ArrayLike, *, probs: bool 
         raise TypeError("labels must be integer class indices")
     if bool((t < 0).any()) or bool((t >= z.shape[1]).any()):
         raise ValueError(f"labels must lie in [0, {z.shape[1]}), got [{int(t.min())}, {int(t.max())}]")
-    if not all_finite(z):
-        raise ValueError("logits/probabilities contain NaN or Inf")
+    require_finite(z, "logits/probabilities")
     p = z if probs else torch.softmax(z, dim=1)
     conf, pred = p.max(dim=1)
     return conf, pred.eq(t)

@@ -73,7 +73,7 @@ import torch
 from torch import Tensor, nn
 
 from .cpu_gemm import GEMM_MODES, rewrite_graph
-from .finite import all_finite
+from .finite import require_finite
 from .jets.registry import settings
 from .jets.tensor import JetError
 from .optim_update import group_constants, lr_tensor, mark_stepped, rule_for
@@ -968,8 +968,8 @@ def _check_finite_args(args, kwargs) -> None:
     if not settings.check_finite:
         return
     for a in list(args) + list(kwargs.values()):
-        if isinstance(a, Tensor) and a.is_floating_point() and not all_finite(a):
-            raise ValueError(f"a tensor argument of shape {tuple(a.shape)} contains NaN or Inf")
+        if isinstance(a, Tensor) and a.is_floating_point():
+            require_finite(a, f"a tensor argument of shape {tuple(a.shape)}")
 
 
 # =============================================================================================

@@ -48,7 +48,7 @@ from .directions import (
     polarization_weights,
     sample_directions,
 )
-from .finite import all_finite
+from .finite import require_finite
 from .jets.registry import settings
 
 __all__ = ["crr_penalty", "CRRLoss", "parse_orders", "subset_indices"]
@@ -287,8 +287,8 @@ def _program_check(model, x, y, idx, U, ords, per_order, loss_fn, order_reductio
     if explicit_u:
         check_directions(U.reshape((-1,) + tuple(U.shape[-x.dim():])), x if idx is None else x[idx],
                          name="directions")
-    if settings.check_finite and not all_finite(x):
-        raise ValueError(f"x contains {int((~torch.isfinite(x)).sum())} NaN or Inf value(s)")
+    if settings.check_finite:
+        require_finite(x, "x")
 
 
 def _penalty_program(model, x, y, idx, U, ords, per_order, loss_fn, order_reduction, scale, explicit_u):

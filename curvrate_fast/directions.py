@@ -34,7 +34,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .finite import all_finite
+from .finite import require_finite
 
 __all__ = ["DIRECTION_EPS", "normalize_directions", "sample_directions", "draw_directions", "check_directions",
            "polarization", "polarization_weights"]
@@ -121,8 +121,7 @@ def check_directions(u: Tensor, x: Tensor, *, name: str = "directions", values: 
     u = u.to(dtype=x.dtype, device=x.device)
     if not values:  # shapes only: a captured program checks the values before its graph
         return u
-    if not all_finite(u):
-        raise ValueError(f"{name} contains NaN or Inf")
+    require_finite(u, name)
     norms = u.reshape(u.shape[0], u.shape[1], -1).norm(dim=-1)
     if bool((norms == 0).any()):
         k, b = (norms == 0).nonzero()[0].tolist()

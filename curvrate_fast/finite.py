@@ -15,7 +15,7 @@ import cmath
 import torch
 from torch import Tensor
 
-__all__ = ["all_finite"]
+__all__ = ["all_finite", "require_finite"]
 
 # the dtypes summed (half precision in float32: a float16 result overflows at 65504); any other
 # floating dtype (float8 ...) takes the element-wise check
@@ -44,3 +44,19 @@ def all_finite(t: Tensor) -> bool:
     if cmath.isfinite(s):
         return True
     return bool(torch.isfinite(t).all())     # Inf/NaN, or a sum of large finite values that overflowed
+
+
+def require_finite(t: Tensor, name: str) -> None:
+    """Raise ``ValueError("<name> contains N NaN or Inf value(s)")`` unless every value of ``t`` is
+    finite: the one wording of every input check (the count costs an element-wise pass, paid
+    only on the way to the error).
+
+    Example::
+
+        >>> require_finite(torch.tensor([1.0, float("inf")]), "x")
+        Traceback (most recent call last):
+        ValueError: x contains 1 NaN or Inf value(s)
+    """
+    if not all_finite(t):
+        bad = int((~torch.isfinite(t if t.dtype in _SUM_DTYPE else t.float())).sum())
+        raise ValueError(f"{name} contains {bad} NaN or Inf value(s)")

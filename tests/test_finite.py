@@ -71,3 +71,28 @@ def test_a_tensor_that_requires_grad_is_checked_without_a_graph():
 def test_float8(dtype):
     assert all_finite(torch.randn(16).to(dtype))
     assert not all_finite(torch.tensor([1.0, float("nan")]).to(dtype))
+
+
+def test_require_finite_names_the_input_and_counts_the_bad_values():
+    """One wording for every input check: the input's name and how many values are NaN or Inf."""
+    from curvrate_fast.finite import require_finite
+    for dtype in (torch.float32, torch.float16, torch.float64, torch.complex64):
+        t = torch.ones(4, 5, dtype=dtype)
+        require_finite(t, "x")                        # finite: nothing raised
+        t[1, 2] = float("nan")
+        t[3, 0] = float("-inf")
+        with pytest.raises(ValueError, match=r"^x contains 2 NaN or Inf value\(s\)$"):
+            require_finite(t, "x")
+    if hasattr(torch, "float8_e4m3fn"):
+        f8 = torch.tensor([1.0, float("nan"), 2.0]).to(torch.float8_e4m3fn)
+        with pytest.raises(ValueError, match="u contains 1 NaN"):
+            require_finite(f8, "u")
+    require_finite(torch.arange(3), "labels")          # integers are finite
+    import curvrate_fast as cf
+    x = torch.randn(3, 2)
+    x[0, 0] = float("inf")
+    for call, name in ((lambda: cf.jet(torch.tanh, x, torch.ones_like(x), 2), "x"),
+                       (lambda: cf.crr_penalty(torch.nn.Linear(2, 2), torch.randn(3, 2), torch.tensor([0, 1, 0]),
+                                               directions=x), "directions")):
+        with pytest.raises(ValueError, match=f"{name} contains 1 NaN or Inf value"):
+            call()
