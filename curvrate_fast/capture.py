@@ -21,13 +21,13 @@ What is an input of the graph and what is not:
   PyTorch's generator at every call, in eager order (inductor is told ``fallback_random``, so
   the masks are those the eager engine would draw);
 - **guards** (a change means a new capture, cached beside the old ones): every tensor's shape,
-  strides (memory layout), dtype, device and ``requires_grad``; every module argument's structure: the class, the
-  train/eval flag and the other attributes (sizes, flags, hooks: by value, or by identity for
-  objects such as functions) of each submodule, and its parameter and buffer names and metadata
-  (two instances of one architecture share their graphs, each feeding its own parameters); every
-  other argument by value (ints, floats, strings, None, tuples of them) or by identity
-  (functions); grad mode; autocast's state; the engine's backend setting; the global module
-  hooks;
+  strides (memory layout), dtype, device and ``requires_grad``; every module argument's
+  structure: the class, the train/eval flag and the other attributes (sizes, flags, hooks: by
+  value, or by identity for objects such as functions) of each submodule, and its parameter and
+  buffer names and metadata (two instances of one architecture share their graphs, each feeding
+  its own parameters); every other argument by value (ints, floats, strings, None, tuples of
+  them) or by identity (functions); grad mode; autocast's state; the engine's backend setting;
+  the global module hooks;
 - **refused** at capture, with an error that names the cause (a graph that would replay a stale
   value is never kept): a tensor value read into Python while tracing (``.item()``, ``bool(t)``:
   the graph would replay that one value), a parameter reached other than through a module
@@ -36,9 +36,9 @@ What is an input of the graph and what is not:
   module hook (the graph would run it once, while recording: its side effects would not repeat;
   hooks are guarded, so one registered later is refused at its capture), a data-parallel wrapper
   whose own forward work a replay would skip (DDP with ``find_unused_parameters``,
-  ``static_graph``, or broadcasting buffers the forward updates; FSDP), a buffer replaced by a new tensor in the
-  forward or another input changed in place (buffers updated in place are fine: the trace runs
-  on copies of them, the graph updates them once per call).
+  ``static_graph``, or broadcasting buffers the forward updates; FSDP), a buffer replaced by a
+  new tensor in the forward or another input changed in place (buffers updated in place are
+  fine: the trace runs on copies of them, the graph updates them once per call).
 
 The graph returns the loss and its gradients with respect to every parameter and tensor argument
 that requires grad; the call returns the loss as a tensor whose backward multiplies those
