@@ -66,6 +66,7 @@ from __future__ import annotations
 import collections
 import functools
 import threading
+import types
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -106,18 +107,25 @@ def _autocast_state() -> tuple:
     return tuple(out) + (("fp16_scale", float(precision.fp16_direction_scale)),)
 
 
-class _Const:
-    """A non-tensor argument inside the guard key: by value when hashable, else by identity."""
+class _Ident:
+    """An object inside a guard key by identity, and kept alive by that key. An ``id()`` alone can
+    be handed to a later object at the same address, whose call would then replay a graph
+    captured for another value (measured: a list argument ``[1.0, 0.0]``, made anew per call,
+    replayed the graph of ``[0.0, 1.0]``)."""
 
-    __slots__ = ("value", "key")
+    __slots__ = ("obj",)
 
-    def __init__(self, value: Any) -> None:
-        self.value = value
-        try:
-            hash(value)
-            self.key = ("v", type(value).__name__, value)
-        except TypeError:
-            self.key = ("id", id(value))
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is _Ident and other.obj is self.obj
+
+    def __repr__(self) -> str:
+        return f"<{type(self.obj).__name__} at {id(self.obj):#x}>"
 
 
 _PRIMITIVE = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
@@ -129,19 +137,62 @@ _NOT_ATTRIBUTES = frozenset({"_parameters", "_buffers", "_modules"})
 _PRIMITIVE_TYPES = frozenset(_PRIMITIVE)
 
 
+def _function_key(f: types.FunctionType, depth: int):
+    """A plain function by what decides what it computes: its code, its module's globals (by
+    identity), its defaults and the current contents of its closure cells. So an inline lambda
+    made anew at every call is one configuration, not a new capture per call."""
+    if f.__dict__:                 # function attributes: by identity, as any object
+        return _Ident(f)
+    cells = []
+    for c in f.__closure__ or ():
+        try:
+            cells.append(_attr_key(c.cell_contents, depth + 1))
+        except ValueError:         # an empty cell (a name assigned later in the enclosing scope)
+            cells.append("<empty cell>")
+    return ("fn", f.__code__, _Ident(f.__globals__), _attr_key(f.__defaults__, depth + 1),
+            _attr_key(f.__kwdefaults__, depth + 1), tuple(cells))
+
+
 def _attr_key(v, depth: int = 0):
+    """A non-tensor value inside a guard key: primitives by value (and type), containers by their
+    contents (three levels deep), plain functions and partials by what they compute with
+    (:func:`_function_key`), any other object by identity (:class:`_Ident`)."""
     if type(v) in _PRIMITIVE_TYPES or isinstance(v, _PRIMITIVE):
-        return v
-    if depth < 3 and isinstance(v, (tuple, list)):
-        return (type(v).__name__,) + tuple(_attr_key(x, depth + 1) for x in v)
-    if depth < 3 and isinstance(v, dict):
-        if not v:
-            return ()
-        return ("dict",) + tuple((k if isinstance(k, _PRIMITIVE) else id(k), _attr_key(x, depth + 1))
-                                 for k, x in v.items())
-    if depth < 3 and isinstance(v, (set, frozenset)) and all(isinstance(x, str) for x in v):
-        return ("set",) + tuple(sorted(v))
-    return ("id", id(v))          # any other object (a function, a tensor attribute...): by identity
+        return (type(v), v)
+    if depth < 3:
+        if isinstance(v, (tuple, list)):
+            return (type(v).__name__,) + tuple(_attr_key(x, depth + 1) for x in v)
+        if isinstance(v, dict):
+            if not v:
+                return ()
+            return ("dict",) + tuple((_attr_key(k, depth + 1), _attr_key(x, depth + 1)) for k, x in v.items())
+        if isinstance(v, (set, frozenset)) and all(isinstance(x, str) for x in v):
+            return ("set",) + tuple(sorted(v))
+        if type(v) is types.FunctionType:
+            return _function_key(v, depth)
+        if type(v) is functools.partial:
+            return ("partial", _attr_key(v.func, depth + 1), _attr_key(v.args, depth + 1),
+                    _attr_key(v.keywords, depth + 1))
+    return _Ident(v)          # any other object (a module's tensor attribute, a hook...): by identity
+
+
+class _Const:
+    """A non-tensor argument inside the guard key: primitives, containers, functions as
+    :func:`_attr_key` keys them; any other hashable object by value (a frozen config made anew
+    per call is one configuration), an unhashable one by identity."""
+
+    __slots__ = ("value", "key")
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        key = _attr_key(value)
+        if type(key) is _Ident:
+            try:
+                hash(value)
+                key = ("v", type(value).__name__, value)
+            except TypeError:
+                pass
+        self.key = key
 
 
 def _submodule_key(sub: nn.Module) -> tuple:

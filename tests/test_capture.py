@@ -208,6 +208,57 @@ def test_a_scale_schedule_keeps_one_graph():
     assert pen.captures == before + 1
 
 
+def test_argument_values_not_addresses():
+    """Non-tensor arguments are keyed by value (containers, functions by code and closure) or by an
+    identity the key keeps alive, never by a bare id(): a list made anew per call could get the
+    address of a freed one and replay its graph. Measured before: the third call, with
+    [1.0, 0.0], returned the loss of [0.0, 1.0]."""
+    import weakref
+
+    from curvrate_fast.capture import _Const
+    torch.manual_seed(16)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    x, y, u = torch.randn(16, 2, dtype=D64), torch.randint(0, 2, (16,)), torch.randn(16, 2, dtype=D64)
+
+    def weighted(m, x, y, u, weights):
+        d = cf.loss_directional_derivatives(m, x, y, u, 2)
+        return sum(w * d[i].abs().mean() for i, w in enumerate(weights))
+
+    fast = cf.compile(weighted, backend="eager")
+    for ws in ([1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]):
+        a = fast(model, x, y, u, list(ws))
+        assert _max_rel(a.detach(), weighted(model, x, y, u, list(ws)).detach()) <= TOL, ws
+    assert fast.captures == 2
+    assert _Const([1.0, 0.0]).key == _Const([1.0, 0.0]).key != _Const([0.0, 1.0]).key
+    assert _Const(2).key != _Const(2.0).key != _Const(True).key
+
+    class Opaque:                   # unhashable, no value: by identity, kept alive by the key
+        __hash__ = None
+    obj = Opaque()
+    key, ref = _Const(obj).key, weakref.ref(obj)
+    del obj
+    assert ref() is not None and key == key
+
+
+def test_an_inline_lambda_is_one_configuration():
+    """A loss_fn written inline (a new function object at every call) is keyed by its code and
+    closure: one capture for the same lambda, another where its closure holds another value.
+    Before: a capture per call (with compile=True an inductor compile per step)."""
+    torch.manual_seed(17)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(12, 2, dtype=D64), torch.randint(0, 3, (12,))
+    prog = _program("penalty")
+    before = prog.captures
+    for smoothing in (0.0, 0.0, 0.0, 0.2, 0.2):
+        kw = dict(orders=(1, 2), generator=torch.Generator().manual_seed(3),
+                  loss_fn=lambda z, t: F.cross_entropy(z, t, reduction="none", label_smoothing=smoothing))
+        a = cf.crr_penalty(model, x, y, compile="eager", **kw)
+        kw["generator"] = torch.Generator().manual_seed(3)
+        b = cf.crr_penalty(model, x, y, **kw)
+        assert _max_rel(a.detach(), b.detach()) <= TOL, smoothing
+    assert prog.captures == before + 2
+
+
 def test_crr_penalty_explicit_directions_and_generator():
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
