@@ -25,9 +25,12 @@ What is an input of the graph and what is not:
   structure: the class, the train/eval flag and the other attributes (sizes, flags, hooks: by
   value, or by identity for objects such as functions) of each submodule, and its parameter and
   buffer names and metadata (two instances of one architecture share their graphs, each feeding
-  its own parameters); every other argument by value (ints, floats, strings, None, tuples of
-  them) or by identity (functions); grad mode; autocast's state; the engine's backend setting;
-  the global module hooks;
+  its own parameters); every other argument by value (numbers with their type, strings, None;
+  lists, tuples, dicts by their contents; a plain function or partial by its code, globals,
+  defaults and closure contents, so an inline lambda made anew per call is one configuration;
+  another hashable object by equality) or else by an identity the key keeps alive (a bare
+  ``id()`` could be reused by a later object); grad mode; autocast's state; the engine's backend
+  setting; the global module hooks;
 - **refused** at capture, with an error that names the cause (a graph that would replay a stale
   value is never kept): a tensor value read into Python while tracing (``.item()``, ``bool(t)``:
   the graph would replay that one value), a parameter reached other than through a module
