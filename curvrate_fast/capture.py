@@ -527,14 +527,17 @@ class CompiledLoss:
                 # (a module passed twice is reparametrized twice: the last table is in force)
                 for m, table in {id(m): (m, table) for m, table in tables}.values():
                     _refuse_reassigned(self.name, m, table)
-            value, aux = _split_output(out, self.name)
-            n_aux_box[0] = len(aux)
-            if leaves:
-                raw = list(torch.autograd.grad(value, leaves, allow_unused=True))
-                unused_box[0] = tuple(g is None for g in raw)
-                grads = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(raw, leaves)]
-            else:
-                raw, grads = [], []
+                value, aux = _split_output(out, self.name)
+                n_aux_box[0] = len(aux)
+                # the backward too runs with the graph's inputs in the modules: activation
+                # checkpointing recomputes the forward there and must meet them, not the modules'
+                # own parameters (which would enter the graph as constants)
+                if leaves:
+                    raw = list(torch.autograd.grad(value, leaves, allow_unused=True))
+                    unused_box[0] = tuple(g is None for g in raw)
+                    grads = [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(raw, leaves)]
+                else:
+                    raw, grads = [], []
             updated: List[Tensor] = []
             if update is not None:
                 # the optimizer's arithmetic as its own step() runs it: no autocast casts
@@ -926,10 +929,22 @@ class _capture_settings:
         self.saved = settings.backend
         if settings.backend in ("auto", "cpp") and not any(t.is_cuda for t in self.flat):
             settings.backend = "reference"
+        # a torch.compile'd module (OptimizedModule) called while make_fx traces: dynamo steps
+        # aside and the original module runs into the trace (the captured graph is then compiled
+        # as a whole), instead of dynamo's "FX to symbolically trace a dynamo-optimized function"
+        self.dynamo = None
+        try:
+            import torch._dynamo.config as dynamo_config
+            self.dynamo = dynamo_config.patch(error_on_nested_fx_trace=False)
+            self.dynamo.__enter__()
+        except (ImportError, AttributeError):   # a torch without that option: its own error stands
+            self.dynamo = None
         return self
 
     def __exit__(self, *exc):
         settings.backend = self.saved
+        if self.dynamo is not None:
+            self.dynamo.__exit__(*exc)
         return False
 
 

@@ -479,6 +479,50 @@ def test_one_module_passed_twice():
         assert _max_rel(p, q) <= TOL
 
 
+class _Checkpointed(nn.Module):
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        self.reentrant = reentrant
+        self.a, self.b = nn.Linear(3, 8), nn.Linear(8, 2)
+
+    def forward(self, z):
+        from torch.utils.checkpoint import checkpoint
+        h = checkpoint(lambda t: torch.tanh(self.a(t)), z, use_reentrant=self.reentrant)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "checkpoint_reentrant", "torch_compiled"])
+def test_activation_checkpointing_and_a_compiled_model(kind):
+    """Activation checkpointing recomputes the forward inside the backward: the capture keeps the
+    graph's inputs in the modules while it differentiates, so the recomputation meets them (before:
+    refused with a misleading "a parameter entered the graph as a constant"). A torch.compile'd
+    model (OptimizedModule) runs its original module into the trace (before: dynamo's "FX to
+    symbolically trace a dynamo-optimized function"). Call path and train_step equal eager."""
+    torch.manual_seed(18)
+    if kind == "torch_compiled":
+        model = torch.compile(nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double(),
+                              backend="eager")
+    else:
+        model = _Checkpointed(reentrant=kind.endswith("reentrant")).double()
+    x, y, u = torch.randn(5, 3, dtype=D64), torch.randint(0, 2, (5,)), torch.randn(5, 3, dtype=D64)
+    _compare(derivative_loss, copy.deepcopy(model), x, y, u, steps=2)
+    runs = []
+    for captured in (False, True):
+        m = copy.deepcopy(model)
+        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+        fast = cf.compile(derivative_loss, backend="eager")
+        for _ in range(3):
+            if captured:
+                fast.train_step(opt, m, x, y, u)
+            else:
+                opt.zero_grad()
+                derivative_loss(m, x, y, u).backward()
+                opt.step()
+        runs.append(m)
+    for a, b in zip(runs[1].parameters(), runs[0].parameters()):
+        assert _max_rel(a.detach(), b.detach()) <= TOL
+
+
 class _WithSpare(nn.Module):
     def __init__(self):
         super().__init__()
