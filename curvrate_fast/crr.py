@@ -372,10 +372,11 @@ def _program(kind: str, backend: str, options: tuple = ()) -> CompiledLoss:
 def _scale_input(scale: float, x: Tensor) -> Tensor:
     """The penalty's scale as a 0-d input of the captured program, not a constant baked into its
     graph: a schedule that changes the scale every step (a warm-up of the regularizer) would
-    otherwise capture and compile a new graph every step. float64 (a 0-d operand takes the dtype
-    of the penalty it multiplies), made on x's device by a fill (no host-to-device copy)."""
-    dtype = torch.float64 if x.device.type in ("cpu", "cuda") else x.dtype
-    return torch.full((), scale, dtype=dtype, device=x.device)
+    otherwise capture and compile a new graph every step. In x's dtype: the penalty it multiplies
+    is 0-d too, so a wider scale would promote the loss (a float64 scale made a float32 model's
+    captured loss float64); a Python float is rounded to that dtype by the eager product alike.
+    Made on x's device by a fill (no host-to-device copy)."""
+    return torch.full((), scale, dtype=x.dtype, device=x.device)
 
 
 def _capture_backend(compile_arg) -> Optional[str]:

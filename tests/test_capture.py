@@ -206,6 +206,15 @@ def test_a_scale_schedule_keeps_one_graph():
         b = cf.crr_penalty(model, x, y, orders=(1, 2), scale=scale, generator=torch.Generator().manual_seed(1))
         assert float((a - b).abs()) <= TOL * max(float(b.abs()), 1e-300)
     assert pen.captures == before + 1
+    # float32: the scale input must not promote the 0-d penalty (the loss keeps the model's dtype)
+    m32, x32 = copy.deepcopy(model).float(), x.float()
+    crit32, ref32 = cf.CRRLoss(orders=(1, 2), scale=0.3, compile="eager"), cf.CRRLoss(orders=(1, 2), scale=0.3)
+    torch.manual_seed(4)
+    a = crit32(m32, x32, y)
+    torch.manual_seed(4)
+    b = ref32(m32, x32, y)
+    assert a.dtype == b.dtype == crit32.last_penalty.dtype == torch.float32
+    assert float((a - b).abs()) <= 1e-6 * float(b.abs())
 
 
 def test_argument_values_not_addresses():
