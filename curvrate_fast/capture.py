@@ -68,9 +68,11 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import threading
 import types
 import warnings
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -1047,19 +1049,54 @@ def _check_finite_args(args, kwargs) -> None:
 
 _HANDLES: Dict[int, tuple] = {}
 _HANDLE_KEYS: Dict[tuple, int] = {}
+_HANDLE_COUNTER = itertools.count()
+
+
+class _WeakModule:
+    """A module argument inside the handle table, held weakly: the table lives for the process,
+    and a strong reference would keep every model ever stepped under torch.compile alive (a
+    sweep that builds a model per run would never free one)."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, module: nn.Module) -> None:
+        self.ref = weakref.ref(module)
+
+    def get(self) -> nn.Module:
+        m = self.ref()
+        if m is None:
+            raise RuntimeError("curvrate::captured_loss: the module of this compiled step was freed; "
+                               "torch.compile should have recompiled the step for the new one")
+        return m
+
+
+def _handle_alive(h: int, loss: "CompiledLoss", static: tuple) -> bool:
+    """Whether handle h still names these very objects (not others that reuse their addresses)."""
+    entry = _HANDLES.get(h)
+    if entry is None or entry[0]() is not loss:
+        return False
+    return all((s.ref() is t) if isinstance(s, _WeakModule) else True for s, t in zip(entry[1], static))
 
 
 @torch._dynamo.assume_constant_result
 def _handle_for(loss: "CompiledLoss", kw_names: tuple, mask: tuple, *static) -> int:
     """An int naming (compiled loss, the non-tensor arguments, which tensors need gradients) for
     the custom op: dynamo calls this once while tracing and keeps the int as a constant (the
-    arguments come one by one: dynamo converts a module argument, not a tuple holding one)."""
-    key = (id(loss),) + tuple(("id", id(s)) if isinstance(s, nn.Module) else _Const(s).key
+    arguments come one by one: dynamo converts a module argument, not a tuple holding one). The
+    loss and the module arguments are held weakly (entries of freed objects are dropped), the
+    other arguments as their guard keys hold them."""
+    key = (id(loss),) + tuple(("module", id(s)) if isinstance(s, nn.Module) else _Const(s).key
                               for s in static) + (kw_names, mask)
     h = _HANDLE_KEYS.get(key)
-    if h is None:
-        h = len(_HANDLES)
-        _HANDLES[h] = (loss, static, kw_names, mask)
+    if h is None or not _handle_alive(h, loss, static):
+        for dead in [k for k, (ref, held, _, _) in _HANDLES.items()
+                     if ref() is None or any(isinstance(x, _WeakModule) and x.ref() is None for x in held)]:
+            del _HANDLES[dead]
+        for k in [k for k, v in _HANDLE_KEYS.items() if v not in _HANDLES]:
+            del _HANDLE_KEYS[k]
+        h = next(_HANDLE_COUNTER)
+        held = tuple(_WeakModule(s) if isinstance(s, nn.Module) else s for s in static)
+        _HANDLES[h] = (weakref.ref(loss), held, kw_names, mask)
         _HANDLE_KEYS[key] = h
     return h
 
@@ -1090,7 +1127,11 @@ def _static_of(items: tuple) -> tuple:
 
 
 def _rebuild_from_handle(h: int, tensors: Sequence[Tensor]):
-    loss, static, kw_names, mask = _HANDLES[h]
+    loss_ref, held, kw_names, mask = _HANDLES[h]
+    loss = loss_ref()
+    if loss is None:
+        raise RuntimeError("curvrate::captured_loss: the compiled loss of this step was freed")
+    static = [s.get() if isinstance(s, _WeakModule) else s for s in held]
     items, i = [], 0
     for s in static:
         if s is _SLOT:

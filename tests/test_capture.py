@@ -758,6 +758,34 @@ def test_user_torch_compile_warns_of_zero_gradients_for_unreached_parameters():
     assert float(model.spare.weight.grad.abs().max()) == 0.0
 
 
+def test_user_torch_compile_does_not_keep_models_alive():
+    """The custom op's handle table lives for the process; it holds the module arguments weakly,
+    so a sweep that builds a model per run under torch.compile frees each one (before: every model
+    stayed alive in the table, parameters and all). A later model at a reused address gets a
+    handle of its own and the eager values."""
+    import gc
+    import weakref
+
+    def run(seed):
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+        x, y = torch.randn(5, 3, dtype=D64), torch.randint(0, 2, (5,))
+        u = torch.randn(5, 3, dtype=D64)
+        step = torch.compile(lambda m, x, y, u: cf.crr_penalty(m, x, y, directions=u, orders=(1, 2)),
+                             fullgraph=True, backend="aot_eager")
+        a = step(m, x, y, u)
+        b = cf.crr_penalty(m, x, y, directions=u, orders=(1, 2))
+        assert _max_rel(a.detach(), b.detach()) <= TOL
+        return weakref.ref(m)
+
+    for seed in range(3):
+        torch._dynamo.reset()
+        ref = run(seed)
+        torch._dynamo.reset()
+        gc.collect()
+        assert ref() is None, seed
+
+
 @pytest.mark.slow
 def test_inductor_program_matches_eager_with_dropout():
     """compile=True: the graph compiled by inductor (fallback_random: the eager dropout masks)."""
