@@ -276,7 +276,7 @@ def _refuse_distributed(name: str, layout, mutated_buffers: Sequence[str] = ()) 
     shards) and are refused, and so is DDP broadcasting buffers that the forward updates
     (``mutated_buffers``, found by the trace)."""
     ddp = nn.parallel.DistributedDataParallel
-    others = tuple(c for c in _distributed_classes() if c is not ddp)
+    others = _fsdp_classes()
     for item in layout:
         if item[0] != "M":
             continue
@@ -318,9 +318,8 @@ def _refuse_hooks(name: str, layout) -> None:
             for attr, kind in _MODULE_RUN_HOOKS:
                 if getattr(sub, attr, None):
                     where = f"submodule '{mname}'" if mname else "the module"
-                    fsdp = any(c.__module__.startswith("torch.distributed") for c in type(sub).__mro__)
                     hint = ("FSDP gathers and frees its parameters in such hooks: call the loss without "
-                            "compile." if fsdp else
+                            "compile." if isinstance(sub, _fsdp_classes()) else
                             "Remove the hook while the compiled loss runs, or call the loss without "
                             "compile (for weight or spectral normalization, torch.nn.utils.parametrizations "
                             "needs no hook).")
@@ -850,6 +849,11 @@ def _distributed_classes() -> tuple:
     except ImportError:  # a build without distributed
         pass
     return tuple(out)
+
+
+def _fsdp_classes() -> tuple:
+    """The FSDP module classes among :func:`_distributed_classes` (all but DDP)."""
+    return tuple(c for c in _distributed_classes() if c is not nn.parallel.DistributedDataParallel)
 
 
 _NO_DISTRIBUTED: Dict[tuple, bool] = {}    # guard keys already seen to hold no DDP/FSDP module
