@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _steps import adam, torch_and_captured
 from models import EncoderClassifier, MnistCNN, ResidualLN, SpecialFunctionModel, mlp
 
 import curvrate_fast as cf
@@ -449,23 +450,11 @@ def test_weights_tied_across_modules():
     model[2].weight = model[0].weight
     x, y, u = torch.randn(6, 4, dtype=D64), torch.randint(0, 4, (6,)), torch.randn(6, 4, dtype=D64)
     _compare(derivative_loss, copy.deepcopy(model), x, y, u, steps=3)
-    runs = []
-    for mode in ("torch", "captured"):
-        m = copy.deepcopy(model)
-        assert m[2].weight is m[0].weight
-        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
-        fast = cf.compile(derivative_loss, backend="eager")
-        for _ in range(3):
-            if mode == "torch":
-                opt.zero_grad()
-                derivative_loss(m, x, y, u).backward()
-                opt.step()
-            else:
-                fast.train_step(opt, m, x, y, u)
-        runs.append(m)
-    for (n, a), b in zip(runs[1].named_parameters(), runs[0].parameters()):
+    eager, captured = torch_and_captured(derivative_loss, model, (x, y, u), adam)
+    assert eager[2].weight is eager[0].weight
+    for (n, a), b in zip(captured.named_parameters(), eager.parameters()):
         assert _max_rel(a.detach(), b.detach()) <= TOL and _max_rel(a.grad, b.grad) <= TOL, n
-    assert runs[1][2].weight is runs[1][0].weight
+    assert captured[2].weight is captured[0].weight
 
 
 def test_one_module_passed_twice():
@@ -515,20 +504,8 @@ def test_activation_checkpointing_and_a_compiled_model(kind):
         model = _Checkpointed(reentrant=kind.endswith("reentrant")).double()
     x, y, u = torch.randn(5, 3, dtype=D64), torch.randint(0, 2, (5,)), torch.randn(5, 3, dtype=D64)
     _compare(derivative_loss, copy.deepcopy(model), x, y, u, steps=2)
-    runs = []
-    for captured in (False, True):
-        m = copy.deepcopy(model)
-        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
-        fast = cf.compile(derivative_loss, backend="eager")
-        for _ in range(3):
-            if captured:
-                fast.train_step(opt, m, x, y, u)
-            else:
-                opt.zero_grad()
-                derivative_loss(m, x, y, u).backward()
-                opt.step()
-        runs.append(m)
-    for a, b in zip(runs[1].parameters(), runs[0].parameters()):
+    eager, captured = torch_and_captured(derivative_loss, model, (x, y, u), adam)
+    for a, b in zip(captured.parameters(), eager.parameters()):
         assert _max_rel(a.detach(), b.detach()) <= TOL
 
 

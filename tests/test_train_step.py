@@ -12,6 +12,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from _steps import adam, torch_and_captured
 
 import curvrate_fast as cf
 from curvrate_fast import optim_update
@@ -201,20 +202,8 @@ def test_inductor_train_step_matches_torch_optimizer_float32():
     model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 2))
     x, y = torch.randn(32, 2), torch.randint(0, 2, (32,))
     u = torch.randn_like(x)
-    runs = []
-    for mode in ("torch", "captured"):
-        m = copy.deepcopy(model)
-        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
-        fast = cf.compile(derivative_loss)
-        for _ in range(3):
-            if mode == "torch":
-                opt.zero_grad()
-                derivative_loss(m, x, y, u).backward()
-                opt.step()
-            else:
-                fast.train_step(opt, m, x, y, u)
-        runs.append(m)
-    for a, b in zip(runs[1].parameters(), runs[0].parameters()):
+    eager, captured = torch_and_captured(derivative_loss, model, (x, y, u), adam, backend="inductor")
+    for a, b in zip(captured.parameters(), eager.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
