@@ -30,7 +30,8 @@ What is an input of the graph and what is not:
   defaults and closure contents, so an inline lambda made anew per call is one configuration;
   another hashable object by equality) or else by an identity the key keeps alive (a bare
   ``id()`` could be reused by a later object); grad mode; autocast's state; the engine's backend
-  setting; the global module hooks;
+  setting; the global module hooks; the process settings a graph fixes (the default dtype,
+  deterministic algorithms, oneDNN's switch, the float32 matmul precision);
 - **refused** at capture, with an error that names the cause (a graph that would replay a stale
   value is never kept): a tensor value read into Python while tracing (``.item()``, ``bool(t)``:
   the graph would replay that one value), a parameter reached other than through a module
@@ -45,11 +46,12 @@ What is an input of the graph and what is not:
 
 The graph returns the loss and its gradients with respect to every parameter and tensor argument
 that requires grad; the call returns the loss as a tensor whose backward multiplies those
-gradients by the incoming gradient (exact for a scalar loss; a second derivative through it
-raises). So ``loss.backward()`` and optimizers work as usual, and a custom backward of the engine
-(the Toeplitz backward of the activation jets) is recorded as it runs. As in eager autograd, a
-tensor the loss does not reach gets no gradient (``.grad`` stays None, so an optimizer skips it);
-a parameter held by two modules (tied weights) is a graph input under each name, and its uses'
+gradients by the incoming gradient (exact for a scalar loss; a backward with
+``create_graph=True``, for a second derivative through it, raises a :class:`CaptureError`). So
+``loss.backward()`` and optimizers work as usual, and a custom backward of the engine (the
+Toeplitz backward of the activation jets) is recorded as it runs. As in eager autograd, a tensor
+the loss does not reach gets no gradient (``.grad`` stays None, so an optimizer skips it); a
+parameter held by two modules (tied weights) is a graph input under each name, and its uses'
 gradients add up.
 
 Inside a user's ``torch.compile`` the call is one ``torch.library`` custom op
@@ -110,6 +112,18 @@ def _autocast_state() -> tuple:
         if torch.is_autocast_enabled(dt):
             out.append((dt, torch.get_autocast_dtype(dt)))
     return tuple(out) + (("fp16_scale", float(precision.fp16_direction_scale)),)
+
+
+def _global_state_key() -> tuple:
+    """Process-wide settings that a recorded graph holds fixed, for the guard: the default dtype
+    (a tensor the function makes without a dtype, ``torch.ones(n)``, is recorded without one and
+    its conversion to the input's dtype was a no-op, so an eager replay after
+    ``torch.set_default_dtype`` computed in the new dtype while eager PyTorch did not: measured,
+    a float32 model's loss came back float64), deterministic algorithms and oneDNN's switch (they
+    decide at capture whether a CPU GEMM may run on oneDNN: :mod:`curvrate_fast.cpu_gemm`), and
+    the float32 matmul precision (TF32 on CUDA)."""
+    return (torch.get_default_dtype(), torch.are_deterministic_algorithms_enabled(),
+            bool(torch.backends.mkldnn.enabled), torch.get_float32_matmul_precision())
 
 
 class _Ident:
@@ -358,13 +372,22 @@ class _GradsTimesIncoming(torch.autograd.Function):
     """value (computed, detached) → value, whose backward hands grad_out · g_i to input i."""
 
     @staticmethod
-    def forward(ctx, value: Tensor, grads: Tuple[Tensor, ...], *wrt: Tensor) -> Tensor:
+    def forward(ctx, value: Tensor, grads: Tuple[Tensor, ...], name: str, *wrt: Tensor) -> Tensor:
         ctx.grads = grads
+        ctx.name = name
         return value
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
+        if torch.is_grad_enabled():
+            # backward(create_graph=True): the graph's gradients are computed values, constants to
+            # a second differentiation, so a gradient penalty or a Hessian product through this
+            # loss would silently lose the loss's own second-order terms (once_differentiable
+            # raised only where grad_out itself required grad, and unclearly)
+            raise CaptureError(f"{ctx.name}: a captured loss gives first-order gradients only, and this "
+                               "backward was asked for a differentiable graph (create_graph=True: double "
+                               "backward, a gradient penalty, a Hessian-vector product). Compute this loss "
+                               "without compile (the eager engine is differentiable to any order).")
         grads = ctx.grads
         del ctx.grads
         if (type(grad_out) is Tensor and grad_out.device.type == "cpu" and grad_out.numel() == 1
@@ -372,8 +395,8 @@ class _GradsTimesIncoming(torch.autograd.Function):
             # loss.backward()'s implicit 1 (a real CPU tensor: reading it costs no sync, and no
             # tracer of the backward sees the read): the graph's own gradients, fresh tensors of
             # this call, handed over without one multiply each
-            return (None, None) + tuple(grads)
-        return (None, None) + tuple(torch._foreach_mul(list(grads), grad_out))
+            return (None, None, None) + tuple(grads)
+        return (None, None, None) + tuple(torch._foreach_mul(list(grads), grad_out))
 
 
 class CompiledLoss:
@@ -462,6 +485,7 @@ class CompiledLoss:
         key.append(("engine", settings.backend, settings.linear_impl))
         key.append(("autocast", _autocast_state()))
         key.append(("global hooks", _global_hooks_key()))
+        key.append(("global state", _global_state_key()))
         return flat, layout, tuple(key)
 
     @staticmethod
@@ -641,7 +665,7 @@ class CompiledLoss:
         if entry.reached:
             n = 1 + entry.n_aux
             value = _GradsTimesIncoming.apply(value, tuple(outs[n + j] for j, _ in entry.reached),
-                                              *[flat[i] for _, i in entry.reached])
+                                              f"compile({self.name})", *[flat[i] for _, i in entry.reached])
         return value, aux
 
     def _cached(self, key: tuple, capture: Callable[[], _Entry]) -> _Entry:
@@ -1218,7 +1242,9 @@ def compile(fn: Callable[..., Any] = None, *, backend: Optional[str] = "inductor
     ``fn(*args, **kwargs)`` must return a 0-d tensor. ``nn.Module`` arguments contribute their
     parameters and buffers as graph inputs, tensor arguments are graph inputs, other arguments
     are guarded by value. The result is differentiable with respect to every parameter and
-    tensor argument that requires grad (first order: ``loss.backward()``, optimizers).
+    tensor argument that requires grad, to first order (``loss.backward()``, optimizers); a
+    backward with ``create_graph=True`` (gradient penalties, Hessian-vector products) raises a
+    :class:`CaptureError`: use the eager engine for those.
 
     - ``backend="inductor"`` (default): the graph compiled by ``torch.compile``'s inductor
       (fuses the Taylor recurrences; first call 3–20 s on CPU, cached on disk by inductor);

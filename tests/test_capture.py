@@ -672,6 +672,74 @@ def test_parametrizations_need_no_hook_and_replay_exactly():
     _compare(derivative_loss, model, x, y, u, steps=3)
 
 
+@pytest.mark.parametrize("outer", ["loss", "loss_squared", "plus_eager_term"])
+def test_refuses_a_differentiable_backward(outer):
+    """The graph's gradients are computed values: a backward with create_graph=True (a gradient
+    penalty, a Hessian-vector product) would lose the captured loss's second-order terms. It is
+    refused, however the loss enters the outer expression; an ordinary backward still works."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x, y, u = torch.randn(6, 3, dtype=D64), torch.randint(0, 2, (6,)), torch.randn(6, 3, dtype=D64)
+    fast = cf.compile(derivative_loss, backend="eager")
+    params = list(model.parameters())
+
+    def total():
+        v = fast(model, x, y, u)
+        if outer == "loss_squared":
+            return v ** 2
+        if outer == "plus_eager_term":          # the captured part silently constant before
+            return v + F.cross_entropy(model(x), y)
+        return v
+
+    with pytest.raises(cf.CaptureError, match="first-order gradients only.*create_graph=True"):
+        torch.autograd.grad(total(), params, create_graph=True)
+    g = torch.autograd.grad(total(), params)
+    twin = copy.deepcopy(model)
+    v = derivative_loss(twin, x, y, u)
+    ref = {"loss": v, "loss_squared": v ** 2, "plus_eager_term": v + F.cross_entropy(twin(x), y)}[outer]
+    for a, b in zip(g, torch.autograd.grad(ref, list(twin.parameters()))):
+        assert _max_rel(a, b) <= TOL
+
+
+def test_process_settings_the_graph_fixes_are_guarded():
+    """A function that makes a tensor without a dtype (``torch.ones(n)``): its graph records no
+    dtype, so after torch.set_default_dtype a replay computed in the new one (a float32 loss came
+    back float64). The default dtype, deterministic algorithms, oneDNN's switch and the float32
+    matmul precision are part of the guard: a change captures again and matches eager."""
+    torch.manual_seed(9)
+
+    class Offset(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.lin(x) + torch.ones(2).to(x.dtype) / 3
+
+    model, x, y = Offset(), torch.randn(4, 2), torch.tensor([0, 1, 0, 1])
+    fast = cf.compile(lambda m, x, y: F.cross_entropy(m(x), y), backend="eager")
+    fast(model, x, y)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got, want = fast(model, x, y), F.cross_entropy(model(x), y)
+    finally:
+        torch.set_default_dtype(old)
+    assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)
+    assert fast.captures == 2
+    for switch in (lambda on: torch.use_deterministic_algorithms(on),
+                   lambda on: setattr(torch.backends.mkldnn, "enabled", not on),
+                   lambda on: torch.set_float32_matmul_precision("high" if on else "highest")):
+        switch(True)
+        try:
+            fast(model, x, y)
+        finally:
+            switch(False)
+    assert fast.captures == 5
+    fast(model, x, y)
+    assert fast.captures == 5
+
+
 # -- inside a user's torch.compile ----------------------------------------------------------------
 
 def _graph_breaks():
