@@ -140,7 +140,15 @@ def directional_derivatives(fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor
 
 def per_sample_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
     """The default loss of every entry point: the per-sample cross-entropy ℓ_b = CE(z_b, y_b)
-    (docs/math.md §3: the function whose derivatives λ and CRR are about)."""
+    (docs/math.md §3: the function whose derivatives λ and CRR are about). The model must return
+    the logits as one tensor; for a model returning a tuple or an output object (Hugging Face's
+    ``ModelOutput``) pass a ``loss_fn`` that picks them, e.g. ``lambda out, y:
+    F.cross_entropy(out.logits, y, reduction="none")``."""
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"the default loss (per-sample cross-entropy) needs the model to return the logits "
+                        f"as one tensor, got {type(logits).__name__}; pass loss_fn=lambda out, y: ... that "
+                        "picks them (e.g. F.cross_entropy(out.logits, y, reduction='none') for a Hugging "
+                        "Face model, or out[0] for a tuple)")
     return F.cross_entropy(logits, y, reduction="none")
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from _curv_oracle import data, nested_fixed, nested_mixed, tiny_mlp, unit
 
+import curvrate_fast
 from curvrate_fast.crr import CRRLoss, crr_penalty, parse_orders, subset_indices
 from curvrate_fast.directions import sample_directions
 
@@ -241,6 +242,10 @@ def test_bad_inputs():
         crr_penalty(m, x, y, orders=(0, 2))
     with pytest.raises(ValueError, match="one loss per sample"):
         crr_penalty(m, x, y, loss_fn=lambda z, t: F.cross_entropy(z, t))
+    with pytest.raises(TypeError, match="default loss .* logits as one tensor, got tuple"):
+        crr_penalty(lambda x: (m(x), x), x, y)         # a tuple output needs a loss_fn that picks
+    with pytest.raises(TypeError, match="logits as one tensor, got tuple"):
+        curvrate_fast.curvature_rate(lambda x: (m(x), x), x, y)
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
         crr_penalty(m, x, torch.tensor([0, 1, 2, 3, 0]))
     with pytest.raises(ValueError, match="≥ 0"):
