@@ -140,6 +140,19 @@ def test_no_grad_region_inside_model_is_constant():
     assert rel_err(g_ours, g_ref) < 1e-9
 
 
+def test_data_attribute_is_a_constant_as_in_autograd():
+    """``t.data`` (older code's detach) is the value without derivatives, as nested autograd has it."""
+    torch.manual_seed(23)
+    lin, lin2 = nn.Linear(4, 3, dtype=D64), nn.Linear(4, 3, dtype=D64)
+
+    def model(x):
+        return torch.tanh(lin(x)) * lin2(x).data + torch.sin(lin2(x))
+    x, u = rand(5, 4, seed=24), rand(5, 4, seed=25)
+    y = torch.tensor([0, 1, 2, 1, 0])
+    ours = cf.loss_directional_derivatives(model, x, y, u, 3)
+    assert rel_err(ours, _nested_autograd_loss_derivatives(model, x, y, u, 3)) < 1e-10
+
+
 def test_no_grad_caller_still_gets_derivatives_and_inner_region_still_constant():
     torch.manual_seed(16)
     model = NoGradScale()

@@ -82,6 +82,9 @@ _AUTOGRAD_GETTERS = {
     "_version": lambda c: c._version,
     "retains_grad": lambda c: c.retains_grad,
     "_base": lambda c: None,
+    # ``t.data``: the value without its autograd history, as ``detach()`` (a constant along the
+    # path, as nested autograd sees it), sharing storage with coefficient 0 as eager's does
+    "data": lambda c: c[0].detach(),
 }
 
 # Metadata the wrapper itself answers correctly (its sizes, dtype and device are those of the
