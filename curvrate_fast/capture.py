@@ -373,7 +373,11 @@ class _GradsTimesIncoming(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, value: Tensor, grads: Tuple[Tensor, ...], name: str, *wrt: Tensor) -> Tensor:
-        ctx.grads = grads
+        # saved as autograd saves tensors: released right after the backward (so the gradients
+        # handed over as they are below are stolen by AccumulateGrad, not copied), kept under
+        # retain_graph=True for a second backward (AccumulateGrad then copies, as the saved ones
+        # are still referenced), and a second backward without it gets autograd's own error
+        ctx.save_for_backward(*grads)
         ctx.name = name
         return value
 
@@ -388,8 +392,7 @@ class _GradsTimesIncoming(torch.autograd.Function):
                                "backward was asked for a differentiable graph (create_graph=True: double "
                                "backward, a gradient penalty, a Hessian-vector product). Compute this loss "
                                "without compile (the eager engine is differentiable to any order).")
-        grads = ctx.grads
-        del ctx.grads
+        grads = ctx.saved_tensors
         if (type(grad_out) is Tensor and grad_out.device.type == "cpu" and grad_out.numel() == 1
                 and not torch.compiler.is_compiling() and grad_out.item() == 1.0):
             # loss.backward()'s implicit 1 (a real CPU tensor: reading it costs no sync, and no

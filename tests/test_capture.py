@@ -701,6 +701,28 @@ def test_refuses_a_differentiable_backward(outer):
         assert _max_rel(a, b) <= TOL
 
 
+def test_backward_twice_with_retain_graph_as_in_eager():
+    """loss.backward(retain_graph=True) then another backward accumulates twice, as eager autograd
+    does (it raised an AttributeError: the gradients were dropped after the first backward), also
+    when the gradients were zeroed in place in between; a second backward without retain_graph
+    gets autograd's own error."""
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x, y, u = torch.randn(6, 3, dtype=D64), torch.randint(0, 2, (6,)), torch.randn(6, 3, dtype=D64)
+    fast = cf.compile(derivative_loss, backend="eager")
+    twin = copy.deepcopy(model)
+    ref = torch.autograd.grad(derivative_loss(twin, x, y, u), list(twin.parameters()))
+    loss = fast(model, x, y, u)
+    loss.backward(retain_graph=True)
+    model.zero_grad(set_to_none=False)     # in place: must not reach what the loss kept
+    loss.backward(retain_graph=True)
+    loss.backward()
+    for p, g in zip(model.parameters(), ref):
+        assert _max_rel(p.grad, 2 * g) <= TOL
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+
+
 def test_process_settings_the_graph_fixes_are_guarded():
     """A function that makes a tensor without a dtype (``torch.ones(n)``): its graph records no
     dtype, so after torch.set_default_dtype a replay computed in the new one (a float32 loss came
