@@ -51,6 +51,7 @@ from torch import Tensor
 
 from .api import loss_directional_derivatives
 from .directions import _check_positive_int, check_directions, sample_directions
+from .finite import require_finite
 
 __all__ = ["CurvatureRate", "CurvatureWarning", "Band", "BandSelection", "curvature_rate",
            "estimate_from_derivatives", "ols_slope", "select_band", "band_indices",
@@ -176,11 +177,23 @@ def ols_slope(y: Tensor, orders: Optional[Sequence[float]] = None) -> Tensor:
         tensor(1.)
     """
     y = torch.as_tensor(y)
+    if not (y.is_floating_point() or y.is_complex()):
+        y = y.to(torch.get_default_dtype())            # integer values (a list of ints)
+    if y.dim() < 1:
+        raise ValueError("ols_slope needs the values along a last axis (one per order), got a 0-d tensor")
     N = y.shape[-1]
     if N < 2:
         raise ValueError(f"a slope needs at least 2 orders, got {N}")
+    require_finite(y, "ols_slope: y")
     n = (torch.arange(1, N + 1, dtype=y.dtype, device=y.device) if orders is None
          else torch.as_tensor(orders, dtype=y.dtype, device=y.device))
+    if orders is not None:
+        if n.shape != (N,):
+            raise ValueError(f"ols_slope: orders must hold one value per entry of y's last axis ({N}), "
+                             f"got shape {tuple(n.shape)}")
+        require_finite(n, "ols_slope: orders")
+        if bool((n == n[0]).all()):     # no spread: the slope is 0/0
+            raise ValueError("ols_slope: the orders must not all be equal (a slope needs two distinct x values)")
     c = n - n.mean()
     w = c / (c * c).sum()
     return (y * w).sum(-1)

@@ -38,6 +38,20 @@ def test_ols_weights_for_orders_1_to_4():
     assert float(ols_slope(_t([0.0, 1.0, 3.0, 6.0]))) == pytest.approx(2.0, abs=1e-14)
     with pytest.raises(ValueError):
         ols_slope(_t([1.0]))
+    assert float(ols_slope([0, 2, 4])) == pytest.approx(2.0)                  # integers: as floats
+    assert float(ols_slope(_t([1.0, 4.0]), orders=[1, 4])) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("y, orders, match", [
+    ([1.0, float("nan"), 3.0], None, "y contains 1 NaN or Inf"),
+    ([1.0, float("inf")], None, "y contains 1 NaN or Inf"),
+    ([1.0, 2.0, 3.0], [2, 2, 2], "must not all be equal"),       # was 0/0: NaN
+    ([1.0, 2.0, 3.0], [1, 2], "one value per entry"),
+    ([1.0, 2.0], [1, float("nan")], "orders contains 1 NaN"),
+])
+def test_ols_slope_rejects_what_has_no_slope(y, orders, match):
+    with pytest.raises(ValueError, match=match):
+        ols_slope(_t(y), orders=orders)
 
 
 def test_slope_estimator_hand_numbers():
