@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import csv
+import inspect
 import math
 import os
 from pathlib import Path
@@ -59,6 +60,11 @@ class LambdaTracker:
         self.csv_path = Path(csv_path) if csv_path is not None else None
         self.plot_path = Path(plot_path) if plot_path is not None else None
         self.autosave = autosave
+        # a misspelt setting fails here, not at the first measure() hours into a run
+        known = set(inspect.signature(curvature_rate).parameters) - {"model", "x", "y"}
+        unknown = sorted(set(curvature_kwargs) - known)
+        if unknown:
+            raise TypeError(f"LambdaTracker: unknown curvature_rate setting(s) {unknown}; known: {sorted(known)}")
         self.curvature_kwargs = curvature_kwargs
         self.rows: List[Dict[str, Any]] = []
 

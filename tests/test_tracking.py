@@ -61,3 +61,5 @@ def test_errors(tmp_path):
         tr.record(1, 1.0, estimator="mine")
     assert math.isnan(tr.history["lambda_std"][0])
     assert tr.plot(tmp_path / "only_lambda.png").exists()      # no log norms recorded: one panel
+    with pytest.raises(TypeError, match=r"unknown curvature_rate setting\(s\) \['max_ordr'\]"):
+        LambdaTracker(max_ordr=4)                              # at construction, not at measure()
