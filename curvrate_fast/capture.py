@@ -19,7 +19,9 @@ What is an input of the graph and what is not:
   penalty's scale as a 0-d tensor, so that a scale schedule replays one graph), and the
   random state: random ops inside the model (dropout) stay random ops of the graph and draw from
   PyTorch's generator at every call, in eager order (inductor is told ``fallback_random``, so
-  the masks are those the eager engine would draw);
+  the masks are those the eager engine would draw), or from a ``torch.Generator`` of the user's
+  (an argument, a module attribute, in fn's closure, defaults or globals), whose state the
+  recording leaves as it found it; a generator found nowhere else is refused;
 - **guards** (a change means a new capture, cached beside the old ones): every tensor's shape,
   strides (memory layout), dtype, device and ``requires_grad``; every module argument's
   structure: the class, the train/eval flag and the other attributes (sizes, flags, hooks: by
@@ -586,13 +588,15 @@ class CompiledLoss:
         names = _input_names(layout, len(flat), len(extra))
         traced = [t.clone() if names[i][1] else t for i, t in enumerate(ins)]
         versions = [t._version for t in ins]
-        with _capture_settings(flat), torch.random.fork_rng(devices=devices):
+        generators = _generators_of(fn, layout)
+        with _capture_settings(flat), torch.random.fork_rng(devices=devices), _states_kept(generators):
             try:
                 gm = make_fx(joint, tracing_mode="real", _allow_non_fake_inputs=True)(*traced)
             except RuntimeError as e:
                 if "_local_scalar_dense" not in str(e) and "data-dependent" not in str(e):
                     raise
                 raise CaptureError(_value_read_message(self.name, "aten._local_scalar_dense")) from e
+        _refuse_unseen_generators(gm, generators, self.name)
         updated = [what for (what, is_buffer), t in zip(names, traced) if is_buffer and t._version != 0]
         if updated:
             _refuse_distributed(self.name, layout, updated)
@@ -979,6 +983,91 @@ class _capture_settings:
         if self.dynamo is not None:
             self.dynamo.__exit__(*exc)
         return False
+
+
+def _generators_of(fn: Callable, layout) -> Dict[int, torch.Generator]:
+    """The ``torch.Generator`` objects a traced call may draw from, found where a function keeps
+    them: its arguments (and containers among them), the attributes of the module arguments'
+    submodules, fn's closure, defaults and module globals. ``fork_rng`` guards only the default
+    generators; these the trace would advance, so that every replay drew one step late (measured:
+    a noise draw from a generator argument gave eager's second, third, ... losses)."""
+    found: Dict[int, torch.Generator] = {}
+
+    def add(v, depth: int = 0) -> None:
+        if isinstance(v, torch.Generator):
+            found[id(v)] = v
+        elif depth < 2 and isinstance(v, (list, tuple)):
+            for w in v:
+                add(w, depth + 1)
+        elif depth < 2 and isinstance(v, dict):
+            for w in v.values():
+                add(w, depth + 1)
+
+    for item in layout:
+        if item[0] == "C":
+            add(item[1])
+        elif item[0] == "M":
+            for sub in item[1].modules():
+                for v in vars(sub).values():
+                    add(v)
+    f = getattr(fn, "func", fn)            # a partial: its function, arguments and keywords
+    if f is not fn:
+        add(fn.args)
+        add(fn.keywords)
+    for c in getattr(f, "__closure__", None) or ():
+        try:
+            add(c.cell_contents)
+        except ValueError:                 # an empty cell
+            pass
+    add(getattr(f, "__defaults__", None))
+    add(getattr(f, "__kwdefaults__", None))
+    for v in list(getattr(f, "__globals__", {}).values()):
+        if isinstance(v, torch.Generator):
+            add(v)
+    return found
+
+
+class _states_kept:
+    """Restore the states of these generators on exit: the trace must not consume their numbers
+    (the first replay draws what an eager call would have drawn)."""
+
+    def __init__(self, generators: Dict[int, torch.Generator]) -> None:
+        self.generators = generators
+
+    def __enter__(self) -> None:
+        self.states = [(g, g.get_state()) for g in self.generators.values()]
+
+    def __exit__(self, *exc) -> None:
+        for g, state in self.states:
+            g.set_state(state)
+
+
+def _same_generator(a: torch.Generator, b: torch.Generator) -> bool:
+    """Whether two generator objects share one state (the graph holds its own Python object for
+    a generator the function drew from): draw from ``a`` and see whether ``b`` moved; both
+    states are restored."""
+    if a is b:
+        return True
+    if a.device != b.device:
+        return False
+    sa, sb = a.get_state(), b.get_state()
+    try:
+        torch.empty(1, device=a.device).uniform_(generator=a)
+        return not torch.equal(b.get_state(), sb)
+    finally:
+        a.set_state(sa)
+        b.set_state(sb)
+
+
+def _refuse_unseen_generators(gm: torch.fx.GraphModule, seen: Dict[int, torch.Generator], name: str) -> None:
+    """A generator the graph draws from (a constant of the graph) that :func:`_generators_of`
+    did not find was advanced by the trace: refuse rather than replay one draw late."""
+    for attr, v in vars(gm).items():
+        if isinstance(v, torch.Generator) and not any(_same_generator(v, g) for g in seen.values()):
+            raise CaptureError(f"compile({name}): the function draws random numbers from a torch.Generator that "
+                               f"is not an argument, a module attribute, or in its closure or globals ({attr} "
+                               "of the graph); the capture cannot keep the recording from consuming its numbers. "
+                               "Pass the generator as an argument.")
 
 
 def _verify_graph(gm: torch.fx.GraphModule, layout, name: str) -> None:

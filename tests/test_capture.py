@@ -723,6 +723,65 @@ def test_backward_twice_with_retain_graph_as_in_eager():
         loss.backward()
 
 
+class _NoisyInput(nn.Module):
+    """Input noise drawn from the module's own generator (an attribute, not a buffer)."""
+
+    def __init__(self, seed):
+        super().__init__()
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def forward(self, x):
+        return x + 0.1 * torch.randn(x.shape, generator=self.gen, dtype=x.dtype)
+
+
+@pytest.mark.parametrize("where", ["argument", "module_attribute", "closure"])
+def test_draws_from_a_users_generator_as_eager(where):
+    """fork_rng guards only the default generators: the trace advanced a generator of the user's by
+    one draw, so every replay drew eager's next noise (captured losses were eager's 2nd, 3rd, ...
+    ones). Its state is now kept across the trace, wherever the function holds it."""
+    torch.manual_seed(11)
+    body = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x, y = torch.randn(6, 3, dtype=D64), torch.randint(0, 2, (6,))
+
+    def setup():
+        gen = torch.Generator().manual_seed(4)
+        if where == "argument":
+            def fn(m, x, y, g):
+                return F.cross_entropy(m(x + 0.1 * torch.randn(x.shape, generator=g, dtype=x.dtype)), y)
+            return fn, (body, x, y, gen)
+        if where == "module_attribute":
+            model = nn.Sequential(_NoisyInput(4), body)
+            return (lambda m, x, y: F.cross_entropy(m(x), y)), (model, x, y)
+
+        def fn(m, x, y):
+            return F.cross_entropy(m(x + 0.1 * torch.randn(x.shape, generator=gen, dtype=x.dtype)), y)
+        return fn, (body, x, y)
+
+    fn, args = setup()
+    fast = cf.compile(fn, backend="eager")
+    got = [fast(*args) for _ in range(3)]
+    fn, args = setup()
+    want = [fn(*args) for _ in range(3)]
+    assert fast.captures == 1
+    for a, b in zip(got, want):
+        assert _max_rel(a.detach(), b.detach()) <= TOL
+
+
+def test_refuses_a_generator_it_cannot_keep():
+    """A generator hidden where the capture does not look (an attribute of a plain object) would
+    be advanced by the trace: refused, naming the way out."""
+    class Holder:
+        def __init__(self):
+            self.gen = torch.Generator().manual_seed(0)
+
+    def fn(m, x, y, holder):
+        return F.cross_entropy(m(x + torch.randn(x.shape, generator=holder.gen, dtype=x.dtype)), y)
+
+    model = nn.Linear(3, 2).double()
+    with pytest.raises(cf.CaptureError, match="draws random numbers from a torch.Generator.*Pass the generator"):
+        cf.compile(fn, backend="eager")(model, torch.randn(4, 3, dtype=D64), torch.tensor([0, 1, 0, 1]), Holder())
+
+
 def test_process_settings_the_graph_fixes_are_guarded():
     """A function that makes a tensor without a dtype (``torch.ones(n)``): its graph records no
     dtype, so after torch.set_default_dtype a replay computed in the new one (a float32 loss came
