@@ -711,7 +711,9 @@ class CompiledLoss:
 
         Afterwards every tensor the loss is differentiated with respect to (the parameters of the
         module arguments, tensor arguments that require grad) holds its gradient in ``.grad``, as
-        after ``backward()``; the optimizer's parameters among them are updated and its state
+        after ``backward()`` (every parameter of the optimizer starts without one, as after
+        ``zero_grad()``; a tensor outside the optimizer accumulates, as in eager autograd); the
+        optimizer's parameters among them are updated and its state
         advanced exactly as its own ``step()`` would (to the rounding of the parameter dtype). Its
         learning rates are read at every call (schedulers work; a tensor learning rate is used
         in float64, where PyTorch's step computes with it in its own dtype: for float64
@@ -766,8 +768,13 @@ class CompiledLoss:
             raise CaptureError(f"compile({self.name}).train_step: the optimizer holds none of the tensors the loss is "
                                "differentiated with respect to (the parameters of its module arguments that "
                                "require grad)")
-        for i in wrt:
-            flat[i].grad = None
+        # optimizer.zero_grad(set_to_none=True), as the eager step starts: every parameter the
+        # optimizer holds loses its gradient, also one the loss does not reach (a stale gradient
+        # there was applied by the eager first step below, and kept afterwards); a tensor the loss
+        # reaches that the optimizer does not hold keeps its gradient, and the new one adds to it
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
         pg = optimizer.param_groups
         names = [rule.states(pg[groups[k]]) for k, _ in owned]
         states: List[Tensor] = []
@@ -831,14 +838,12 @@ class CompiledLoss:
             targets = [p for _, p in owned] + states
             torch._foreach_copy_(targets, updated)
         mark_stepped(optimizer)
-        seen: Dict[int, Tensor] = {}
         for j, i in enumerate(wrt):
             if entry.unused and entry.unused[j]:
                 continue
             t = flat[i]
-            prev = seen.get(id(t))
+            prev = t.grad            # None, a tied parameter's earlier use, or one kept above
             t.grad = grads[j] if prev is None else prev + grads[j]
-            seen[id(t)] = t.grad
         return outs[0], tuple(outs[1:n])
 
     # what the custom op of the dynamo path returns: the loss, the aux outputs and the gradients of

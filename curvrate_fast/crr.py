@@ -614,17 +614,14 @@ class CRRLoss(nn.Module):
         """
         backend = _capture_backend(self.compile)
         if backend is None or torch.compiler.is_compiling() or not isinstance(model, nn.Module):
-            return self._eager_step(model, optimizer, lambda: self(model, x, y))
+            return self._eager_step(optimizer, lambda: self(model, x, y))
         if not self._advance():   # a step without the penalty: the plain task loss
-            return self._eager_step(model, optimizer, lambda: self._task_only(model, x, y))
+            return self._eager_step(optimizer, lambda: self._task_only(model, x, y))
         return self._captured(backend, model, x, y, optimizer)
 
     @staticmethod
-    def _eager_step(model, optimizer: torch.optim.Optimizer, loss_of: Callable[[], Tensor]) -> Tensor:
+    def _eager_step(optimizer: torch.optim.Optimizer, loss_of: Callable[[], Tensor]) -> Tensor:
         optimizer.zero_grad(set_to_none=True)
-        if isinstance(model, nn.Module):
-            for p in model.parameters():
-                p.grad = None
         loss = loss_of()
         loss.backward()
         optimizer.step()

@@ -135,19 +135,27 @@ def test_param_groups_tied_unused_and_unheld_parameters():
     runs = []
     for mode in ("torch", "captured"):
         m = copy.deepcopy(model)
+        # and a parameter of no module argument (another model's) with a stale gradient
+        other = nn.Parameter(torch.ones(3, dtype=D64))
+        other.grad = torch.ones_like(other)
         opt = torch.optim.AdamW([{"params": [m.emb.weight, *m.mid.parameters(), *m.unused.parameters()],
                                   "lr": 1e-2},
-                                 {"params": [m.out.weight], "lr": 3e-3, "weight_decay": 0.0}])
-        # m.out.bias requires grad but no group holds it: it gets its gradient, no update
+                                 {"params": [m.out.weight, other], "lr": 3e-3, "weight_decay": 0.0}])
+        # m.out.bias requires grad but no group holds it: its gradients accumulate (zero_grad does
+        # not reach it), no update. Stale gradients from before: m.unused's (held, the loss does
+        # not reach it) is cleared by zero_grad, so never applied (the captured first step, run
+        # eagerly, applied it), m.out.bias's is accumulated onto
+        m.unused.weight.grad = torch.ones_like(m.unused.weight)
+        m.out.bias.grad = torch.ones_like(m.out.bias)
         fast = cf.compile(derivative_loss, backend="eager")
         for _ in range(3):
             if mode == "torch":
                 opt.zero_grad()
-                m.out.bias.grad = None
                 derivative_loss(m, x, y, u).backward()
                 opt.step()
             else:
                 fast.train_step(opt, m, x, y, u)
+        assert torch.equal(other, torch.ones(3, dtype=D64)) and other.grad is None, mode
         runs.append(m)
     m0, m1 = runs
     for (n, a), b in zip(m1.named_parameters(), m0.parameters()):
