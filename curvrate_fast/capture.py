@@ -437,6 +437,8 @@ class CompiledLoss:
         self._clock = 0
         self._lock = _LOCK
         self._warned_evict = False
+        self._last_key: Optional[tuple] = None       # the previous call's key: what changed, for warnings
+        self._value_recaptures = 0
 
     def __repr__(self) -> str:
         return (f"CompiledLoss({self.name}, backend={self.backend!r}, captures={self.captures}, "
@@ -683,11 +685,21 @@ class CompiledLoss:
         evicting hold it."""
         self._clock += 1
         entry = self._cache.get(key)
+        last, self._last_key = self._last_key, key
         if entry is not None:
             entry.used = self._clock
             return entry
+        change, by_value = _describe_change(last, key) if last is not None else ("", False)
         entry = capture()
         entry.used = self._clock
+        self._value_recaptures = self._value_recaptures + 1 if by_value else 0
+        if self._value_recaptures == 3:
+            # a number that changes every step (an annealed weight, a temperature) passed as a
+            # Python value: each value is a capture, with inductor a compile of seconds
+            warnings.warn(f"curvrate_fast.compile({self.name}): three captures in a row, each for a new value of a "
+                          f"non-tensor argument ({change}); every value is a graph of its own. Pass a value that "
+                          "changes during training as a tensor (a graph input), e.g. torch.tensor(v).",
+                          RuntimeWarning, stacklevel=4)
         with self._lock:
             self._cache[key] = entry
             while len(self._cache) > self.cache_size:
@@ -695,9 +707,10 @@ class CompiledLoss:
                 del self._cache[oldest]
                 if not self._warned_evict:
                     self._warned_evict = True
+                    why = f" The latest new one differed from the call before in {change}." if change else ""
                     warnings.warn(f"curvrate_fast.compile({self.name}): more than {self.cache_size} "
                                   "configurations (shapes, modes, arguments) seen; the oldest graph "
-                                  "was dropped and will be captured again when it comes back. "
+                                  f"was dropped and will be captured again when it comes back.{why} "
                                   "Raise cache_size, or keep shapes fixed (e.g. drop_last=True).",
                                   RuntimeWarning, stacklevel=4)
         return entry
@@ -988,6 +1001,41 @@ class _capture_settings:
         if self.dynamo is not None:
             self.dynamo.__exit__(*exc)
         return False
+
+
+_KEY_PARTS = {"kw": "the keyword argument names", "grad": "grad mode", "engine": "the engine's backend setting",
+              "autocast": "autocast's state", "global hooks": "the global module hooks",
+              "global state": "a process setting (default dtype, deterministic algorithms, oneDNN, matmul "
+                              "precision)",
+              "step": "the optimizer (its class, hyperparameters, param groups or state layout)",
+              "mask": "which tensors require grad"}
+_META_FIELDS = ("shape", "strides", "dtype", "device", "requires_grad")
+
+
+def _describe_change(old: tuple, new: tuple) -> Tuple[str, bool]:
+    """What differs between two guard keys, in words (for warnings about captures), and whether it
+    is only the value of a non-tensor argument."""
+    if len(old) != len(new):
+        return "the number of arguments", False
+    arg = 0
+    for a, b in zip(old, new):
+        kind = a[0]
+        if kind in ("M", "T", "C"):
+            arg += 1
+        if a == b:
+            continue
+        if kind == "T" and b[0] == "T":
+            fields = [f for f, x, y in zip(_META_FIELDS, a[1], b[1]) if x != y]
+            return f"argument {arg} (a tensor): its {', '.join(fields)}", False
+        if kind == "M" and b[0] == "M":
+            return (f"argument {arg} (a module): a submodule's class, train/eval mode or attributes, or a "
+                    "parameter's or buffer's shape, dtype, device, layout or requires_grad"), False
+        if kind == "C" and b[0] == "C":
+            def shown(k):
+                return repr(k[1]) if isinstance(k, tuple) and len(k) == 2 and isinstance(k[0], type) else "..."
+            return f"argument {arg}: its value ({shown(a[1])} then {shown(b[1])})", True
+        return _KEY_PARTS.get(kind, "the arguments' kinds"), False
+    return "", False
 
 
 def _generators_of(fn: Callable, layout) -> Dict[int, torch.Generator]:

@@ -782,6 +782,31 @@ def test_refuses_a_generator_it_cannot_keep():
         cf.compile(fn, backend="eager")(model, torch.randn(4, 3, dtype=D64), torch.tensor([0, 1, 0, 1]), Holder())
 
 
+def test_cache_evicts_the_least_recent_and_warnings_say_what_changed():
+    """cache_size graphs are kept (the least recently used one dropped, captured again when it comes
+    back); the eviction warning names what the latest new configuration changed, and a Python
+    number that takes a new value at every call (three captures in a row) is named too, with the
+    way out (a tensor argument)."""
+    model = nn.Linear(3, 2).double()
+    x, y = torch.randn(4, 3, dtype=D64), torch.tensor([0, 1, 0, 1])
+    fast = cf.compile(lambda m, x, y, w: w * F.cross_entropy(m(x), y), backend="eager", cache_size=2)
+    for b in (4, 3, 4):
+        fast(model, x[:b], y[:b], 1.0)
+    with pytest.warns(RuntimeWarning, match=r"dropped .* argument 2 \(a tensor\): its shape"):
+        fast(model, x[:2], y[:2], 1.0)      # the 3-row graph, the least recent, goes
+    fast(model, x, y, 1.0)
+    assert fast.captures == 3 and len(fast.graphs()) == 2
+    fast(model, x[:3], y[:3], 1.0)
+    assert fast.captures == 4
+    fast(model, x, y, 0.1)                  # a new shape and a new value: not a value streak yet
+    with pytest.warns(RuntimeWarning, match=r"three captures in a row.*argument 4: its value \(0\.3 then 0\.4\)"
+                                            r".*as a tensor"):
+        for w in (0.2, 0.3, 0.4):
+            fast(model, x, y, w)
+    for w in (0.1, 0.2, 0.3):               # the value was right every time
+        assert torch.equal(fast(model, x, y, w), w * F.cross_entropy(model(x), y))
+
+
 def test_process_settings_the_graph_fixes_are_guarded():
     """A function that makes a tensor without a dtype (``torch.ones(n)``): its graph records no
     dtype, so after torch.set_default_dtype a replay computed in the new one (a float32 loss came
