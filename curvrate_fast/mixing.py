@@ -1,0 +1,170 @@
+r"""Refuse a model whose per-sample loss depends on other samples' inputs (docs/engine.md).
+
+The derivatives this library computes are per sample: d_n[b] = dⁿ/dtⁿ ℓ_b(x_b + t·u_b), every
+other sample held fixed. The engine moves all samples at once (one batched jet), which gives the
+same numbers exactly when ℓ_b depends on x_b alone. A model that mixes samples across the batch
+(statistics over dim 0, attention or a softmax across samples, a batch-level normalization written
+by hand) has no per-sample derivative to compute, and the batched pass would return a number that
+is neither (nested autograd, the paper's code, returns yet another one). Train-mode BatchNorm is
+refused by its rule; this module finds the rest.
+
+The probe: one first-order jet of the per-sample losses at the batch, along random directions
+given to a random half S of the samples and zero for the others. For every b outside S the
+coefficient ∂ℓ_b/∂x · u is a sum of products with zero, so it is **exactly** 0 when no sample
+reaches another (in any summation order: also with non-deterministic GPU reductions), and
+almost surely not when samples in S reach b. A finite nonzero value is refused with
+:class:`~curvrate_fast.SampleMixingError`. The probe runs without gradients, draws its directions
+from a generator of its own and leaves PyTorch's random state as it found it (dropout draws in the
+probe do not move the training run's random stream), and buffers the forward updates in place
+(a counter, an EMA) as they were. It costs one first-order forward pass and is run once per
+configuration (model, its train/eval mode, input shape, dtype and device, loss function),
+remembered while the model lives; a forward with Python side effects (a hook that collects
+activations, a call counter in Python) sees that one extra call.
+
+Example::
+
+    >>> model = lambda x: net(x - x.mean(0, keepdim=True))     # centers with the batch mean
+    >>> curvrate_fast.crr_penalty(model, x, y)
+    Traceback (most recent call last):
+    SampleMixingError: the per-sample loss of sample 1 moves when other samples' inputs move ...
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import weakref
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["require_per_sample"]
+
+_PROBE_SEED = 0x5A3B1E
+_checked_modules: "weakref.WeakKeyDictionary[Any, set]" = weakref.WeakKeyDictionary()
+_checked_functions: "collections.OrderedDict[tuple, bool]" = collections.OrderedDict()
+_MAX_FUNCTIONS = 256
+_lock = threading.Lock()
+
+
+def _code_key(f: Any) -> Any:
+    """A plain function (a lambda made anew per call included) by its code and the identities
+    of its closure contents; anything else by identity."""
+    code = getattr(f, "__code__", None)
+    if code is None:
+        return ("obj", id(f))
+    cells = []
+    for c in getattr(f, "__closure__", None) or ():
+        try:
+            cells.append(id(c.cell_contents))
+        except ValueError:
+            cells.append(None)
+    return ("fn", code, tuple(cells))
+
+
+def _config(model: Any, x: Tensor, loss_fn: Optional[Callable]) -> tuple:
+    return (tuple(x.shape), x.dtype, x.device, bool(getattr(model, "training", False)),
+            None if loss_fn is None else _code_key(loss_fn))
+
+
+def _seen(model: Any, config: tuple) -> bool:
+    with _lock:
+        if isinstance(model, torch.nn.Module):
+            return config in _checked_modules.get(model, ())
+        return (_code_key(model), config) in _checked_functions
+
+
+def _remember(model: Any, config: tuple) -> None:
+    with _lock:
+        if isinstance(model, torch.nn.Module):
+            _checked_modules.setdefault(model, set()).add(config)
+            return
+        _checked_functions[(_code_key(model), config)] = True
+        while len(_checked_functions) > _MAX_FUNCTIONS:
+            _checked_functions.popitem(last=False)
+
+
+class _buffers_kept:
+    """The buffers of the modules the probe runs (the model, or the modules a model function or
+    the loss function closes over) as they were before it: a forward that updates a buffer in
+    place (a counter, an EMA) must not do so once more for the probe. Only a buffer the probe
+    changed is written back (its version moved), so a buffer an earlier forward saved for its
+    backward is not touched."""
+
+    def __init__(self, *fns: Any) -> None:
+        mods = []
+        for f in fns:
+            if isinstance(f, torch.nn.Module):
+                mods.append(f)
+            for c in getattr(f, "__closure__", None) or ():
+                try:
+                    v = c.cell_contents
+                except ValueError:
+                    continue
+                if isinstance(v, torch.nn.Module):
+                    mods.append(v)
+        seen = set()
+        self.buffers = []
+        for m in mods:
+            for b in m.buffers():
+                if id(b) not in seen:
+                    seen.add(id(b))
+                    self.buffers.append(b)
+
+    def __enter__(self) -> None:
+        self.saved = [(b, b._version, b.clone()) for b in self.buffers]
+
+    def __exit__(self, *exc) -> None:
+        with torch.no_grad():
+            for b, version, value in self.saved:
+                if b._version != version:
+                    b.copy_(value)
+
+
+def require_per_sample(model: Callable[[Tensor], Any], x: Tensor, y: Any,
+                       loss: Callable[[Any, Any], Tensor], loss_fn: Optional[Callable] = None) -> None:
+    """Raise :class:`~curvrate_fast.SampleMixingError` if the per-sample loss ``loss(model(x), y)``
+    of some sample moves with other samples' inputs (see the module docstring). ``loss_fn`` is
+    the user's loss function (for the cache key; ``loss`` is what runs). No-op for a batch of one,
+    inside torch.compile's tracing, and for a configuration already probed.
+
+    Example::
+
+        >>> require_per_sample(net, x, y, per_sample_cross_entropy)     # passes for an MLP
+    """
+    B = x.shape[0] if x.dim() >= 1 else 0
+    if B < 2 or torch.compiler.is_compiling():
+        return
+    config = _config(model, x, loss_fn)
+    if _seen(model, config):
+        return
+    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+
+    from .api import jet
+    from .rules.norm import SampleMixingError
+
+    devices = [x.device.index or 0] if x.is_cuda else []
+    gen = torch.Generator().manual_seed(_PROBE_SEED)
+    # make_fx capturing a loss: the probe runs on the real tensors, not into the graph
+    with disable_proxy_modes_tracing(), torch.no_grad(), torch.random.fork_rng(devices=devices), \
+            _buffers_kept(model, loss_fn):
+        moved = torch.rand(B, generator=gen) < 0.5
+        moved[0], moved[1] = True, False                    # both halves non-empty
+        u = torch.randn(tuple(x.shape), generator=gen, dtype=torch.float64)
+        u[~moved] = 0
+        u = u.to(device=x.device, dtype=x.dtype)
+        c = jet(lambda xj: loss(model(xj), y), x.detach(), u, 1)
+        if isinstance(c, Tensor) and c.dim() == 2 and c.shape[1] == B:
+            still = c[1].detach()[~moved.to(c.device)].double()
+            bad = torch.isfinite(still) & (still != 0)
+            if bool(bad.any()):
+                b = int(torch.nonzero(~moved).flatten()[int(torch.nonzero(bad).flatten()[0])])
+                raise SampleMixingError(
+                    f"the per-sample loss of sample {b} moves when other samples' inputs move (a first-order "
+                    f"probe gave ∂ℓ_{b}/∂x_other · u = {float(still[bad][0]):.3g}, exactly 0 for a model that "
+                    "treats samples independently): the model mixes samples across the batch (statistics, "
+                    "a softmax or attention over dim 0, a normalization by the batch), so per-sample input "
+                    "derivatives are not defined. Compute the batch statistics under torch.no_grad() or "
+                    "from .detach()ed inputs if they are meant as constants, or call model.eval() where a "
+                    "module has a per-sample evaluation mode.")
+    _remember(model, config)

@@ -1,0 +1,123 @@
+"""A model whose per-sample loss depends on other samples is refused (curvrate_fast.mixing): its
+per-sample input derivatives are not defined, and the batched pass used to return a number
+anyway (neither the per-sample derivative nor nested autograd's). Models that treat samples
+independently are untouched, and the probe moves no random stream."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from models import mlp
+
+import curvrate_fast as cf
+from curvrate_fast import mixing
+
+D64 = torch.float64
+
+
+class BatchMixing(nn.Module):
+    """An MLP behind a hand-written operation across the batch dimension."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.net = mlp(nn.Tanh()).to(D64)
+
+    def forward(self, x):
+        if self.kind == "batch_mean":            # centering with batch statistics
+            x = x - x.mean(0, keepdim=True)
+        elif self.kind == "batch_std":
+            x = x / (x.std(0, keepdim=True) + 1.0)
+        elif self.kind == "softmax_over_batch":
+            x = x * torch.softmax(x.sum(1), 0)[:, None]
+        elif self.kind == "attention_across_batch":
+            x = torch.softmax(x @ x.T, -1) @ x
+        return self.net(x)
+
+
+KINDS = ["batch_mean", "batch_std", "softmax_over_batch", "attention_across_batch"]
+ENTRY_POINTS = {
+    "loss_directional_derivatives": lambda m, x, y: cf.loss_directional_derivatives(m, x, y, torch.randn_like(x), 2),
+    "curvature_rate": lambda m, x, y: cf.curvature_rate(m, x, y, max_order=3),
+    "crr_penalty": lambda m, x, y: cf.crr_penalty(m, x, y, orders=(1, 2)),
+    "crr_per_order_subset": lambda m, x, y: cf.crr_penalty(m, x, y, orders=(2, 3), directions="per_order",
+                                                           subset=6),
+    "CRRLoss_captured": lambda m, x, y: cf.CRRLoss(orders=(1, 2), compile="eager")(m, x, y),
+}
+
+
+def _data(seed=0):
+    torch.manual_seed(seed)
+    return torch.randn(8, 5, dtype=D64), torch.randint(0, 3, (8,))
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+@pytest.mark.parametrize("kind", KINDS)
+def test_models_that_mix_samples_are_refused(kind, entry):
+    x, y = _data()
+    with pytest.raises(cf.SampleMixingError, match="mixes samples across the batch"):
+        ENTRY_POINTS[entry](BatchMixing(kind), x, y)
+
+
+def test_a_function_model_and_batch_statistics_as_constants():
+    """A plain function (an inline lambda) is probed too; statistics of the batch taken without
+    gradient (detach) are constants along every sample's path: allowed, and equal to the
+    per-sample derivative of that function computed one sample at a time."""
+    x, y = _data(1)
+    net = mlp(nn.Tanh()).to(D64)
+    with pytest.raises(cf.SampleMixingError):
+        cf.crr_penalty(lambda z: net(z - z.mean(0, keepdim=True)), x, y)
+    mu = x.mean(0, keepdim=True)
+    u = torch.randn_like(x)
+    d = cf.loss_directional_derivatives(lambda z: net(z - z.detach().mean(0, keepdim=True)), x, y, u, 3)
+    for b in range(x.shape[0]):             # one sample at a time, the batch mean a constant
+        db = cf.loss_directional_derivatives(lambda z: net(z - mu), x[b:b + 1], y[b:b + 1], u[b:b + 1], 3)
+        assert torch.allclose(d[:, b], db[:, 0], rtol=1e-12, atol=1e-14)
+
+
+def test_independent_models_pass_once_per_configuration_without_moving_the_random_stream():
+    x, y = _data(2)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 3)).to(D64).train()
+    draws = []
+    for _ in range(2):                      # the first call probes, the second finds it done
+        torch.manual_seed(3)
+        cf.crr_penalty(model, x, y, orders=(1, 2))
+        draws.append(torch.rand(4))
+    assert torch.equal(draws[0], draws[1])
+    assert len(mixing._checked_modules[model]) == 1
+    model.eval()                            # another configuration: probed again
+    cf.crr_penalty(model, x, y, orders=(1, 2))
+    assert len(mixing._checked_modules[model]) == 2
+
+
+def test_a_batch_of_one_and_a_loss_that_is_not_per_sample_are_left_to_the_other_checks():
+    x, y = _data(3)
+    model = BatchMixing("batch_std")
+    cf.loss_directional_derivatives(model, x[:1], y[:1], torch.randn_like(x[:1]), 2)   # nothing to mix
+    with pytest.raises(ValueError, match="one loss per sample"):
+        cf.loss_directional_derivatives(mlp(nn.Tanh()).to(D64), x, y, torch.randn_like(x), 2,
+                                        loss_fn=F.cross_entropy)
+
+
+class _Counter(nn.Module):
+    """Counts its forward calls in a buffer and keeps an EMA of its input (in place, no grad)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=D64))
+        self.register_buffer("ema", torch.zeros(5, dtype=D64))
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.calls.add_(1)
+            self.ema.mul_(0.9).add_(0.1 * x.mean(0))
+        return x
+
+
+def test_the_probe_leaves_buffers_updated_in_place_as_it_found_them():
+    """The probe is a forward of its own: a buffer the forward updates in place is restored after
+    it, so the first call updates it once, like every later call (and like eager PyTorch)."""
+    x, y = _data(4)
+    model = nn.Sequential(_Counter(), mlp(nn.Tanh()).to(D64))
+    cf.crr_penalty(model, x, y, orders=(1, 2))
+    assert model[0].calls.item() == 1
+    assert torch.allclose(model[0].ema, 0.1 * x.mean(0), rtol=1e-15, atol=0)
