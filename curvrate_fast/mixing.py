@@ -47,16 +47,27 @@ _MAX_FUNCTIONS = 256
 _lock = threading.Lock()
 
 
+def _modules_in(v: Any) -> Any:
+    """What identifies a closure's content for the probe cache: a module by identity; another
+    object by its type and the modules among its attributes (a wrapper made per step around the
+    same model, e.g. ``EmbeddingSpace``); a tensor or value by its type (a batch's ids change at
+    every step, the model does not)."""
+    if isinstance(v, torch.nn.Module):
+        return ("module", id(v))
+    mods = tuple(id(a) for a in getattr(v, "__dict__", {}).values() if isinstance(a, torch.nn.Module))
+    return (type(v), mods)
+
+
 def _code_key(f: Any) -> Any:
-    """A plain function (a lambda made anew per call included) by its code and the identities
-    of its closure contents; anything else by identity."""
+    """A plain function (a lambda or a closure made anew per call included) by its code and the
+    modules its closure reaches (:func:`_modules_in`); anything else by identity."""
     code = getattr(f, "__code__", None)
     if code is None:
         return ("obj", id(f))
     cells = []
     for c in getattr(f, "__closure__", None) or ():
         try:
-            cells.append(id(c.cell_contents))
+            cells.append(_modules_in(c.cell_contents))
         except ValueError:
             cells.append(None)
     return ("fn", code, tuple(cells))

@@ -121,3 +121,28 @@ def test_the_probe_leaves_buffers_updated_in_place_as_it_found_them():
     cf.crr_penalty(model, x, y, orders=(1, 2))
     assert model[0].calls.item() == 1
     assert torch.allclose(model[0].ema, 0.1 * x.mean(0), rtol=1e-15, atol=0)
+
+
+def test_a_closure_made_anew_each_step_is_probed_once():
+    """A model function built per step around the same module (what EmbeddingSpace does, with the
+    step's token ids in its closure) is one configuration: one probe, not one per step; another
+    module behind the same code is probed again."""
+    net, other = mlp(nn.Tanh()).to(D64), mlp(nn.Tanh()).to(D64)
+    calls = []
+    real = cf.api.jet
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    def make(module, shift):
+        return lambda z: module(z + shift)       # shift: a fresh tensor every step
+    try:
+        cf.api.jet = counted                     # the probe's jet (looked up at each probe)
+        for step in range(3):
+            x, y = _data(10 + step)
+            cf.crr_penalty(make(net, torch.full((5,), float(step), dtype=D64)), x, y, orders=(1, 2))
+        cf.crr_penalty(make(other, torch.zeros(5, dtype=D64)), x, y, orders=(1, 2))
+    finally:
+        cf.api.jet = real
+    assert len(calls) == 2
