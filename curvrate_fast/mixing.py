@@ -177,5 +177,7 @@ def require_per_sample(model: Callable[[Tensor], Any], x: Tensor, y: Any,
                     "a softmax or attention over dim 0, a normalization by the batch), so per-sample input "
                     "derivatives are not defined. Compute the batch statistics under torch.no_grad() or "
                     "from .detach()ed inputs if they are meant as constants, or call model.eval() where a "
-                    "module has a per-sample evaluation mode.")
+                    "module has a per-sample evaluation mode. Dim 0 of x is the batch: a sequence-first "
+                    "model (nn.MultiheadAttention or nn.Transformer with batch_first=False) mixes along it "
+                    "and needs batch-first inputs.")
     _remember(model, config)

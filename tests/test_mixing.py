@@ -146,3 +146,23 @@ def test_a_closure_made_anew_each_step_is_probed_once():
     finally:
         cf.api.jet = real
     assert len(calls) == 2
+
+
+def test_a_sequence_first_attention_model_is_refused_with_the_layout_hint():
+    """nn.MultiheadAttention defaults to batch_first=False: fed (L, N, E), it attends along dim 0,
+    which the library reads as the batch. Refused, the message naming the layout."""
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = nn.MultiheadAttention(4, 2)
+            self.out = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h, _ = self.att(x, x, x, need_weights=False)
+            return self.out(h).mean(1)
+
+    torch.manual_seed(5)
+    model = SeqFirst().to(D64).eval()
+    x, y = torch.randn(5, 2, 4, dtype=D64), torch.randint(0, 3, (5,))
+    with pytest.raises(cf.SampleMixingError, match="batch_first=False"):
+        cf.crr_penalty(model, x, y, orders=(1, 2))
