@@ -8,18 +8,21 @@ by hand) has no per-sample derivative to compute, and the batched pass would ret
 is neither (nested autograd, the paper's code, returns yet another one). Train-mode BatchNorm is
 refused by its rule; this module finds the rest.
 
-The probe: one first-order jet of the per-sample losses at the batch, along random directions
-given to a random half S of the samples and zero for the others. For every b outside S the
-coefficient ∂ℓ_b/∂x · u is a sum of products with zero, so it is **exactly** 0 when no sample
-reaches another (in any summation order: also with non-deterministic GPU reductions), and
-almost surely not when samples in S reach b. A finite nonzero value is refused with
-:class:`~curvrate_fast.SampleMixingError`. The probe runs without gradients, draws its directions
-from a generator of its own and leaves PyTorch's random state as it found it (dropout draws in the
-probe do not move the training run's random stream), and buffers the forward updates in place
-(a counter, an EMA) as they were. It costs one first-order forward pass and is run once per
-configuration (model, its train/eval mode, input shape, dtype and device, loss function),
-remembered while the model lives; a forward with Python side effects (a hook that collects
-activations, a call counter in Python) sees that one extra call.
+The probe: a first-order jet of the per-sample losses at the batch, along random directions
+given to a random half S of the samples and zero for the others, then the same with the other
+half moved. For every b outside the moved half the coefficient ∂ℓ_b/∂x · u is a sum of products
+with zero, so it is **exactly** 0 when no sample reaches another (in any summation order: also
+with non-deterministic GPU reductions), and almost surely not when a moved sample reaches b; with
+both halves moved in turn, any sample that reaches a sample of the other half is found (a max
+over the batch too: its argmax sample lies in one half, and reaches every sample of the other).
+A finite nonzero value is refused with :class:`~curvrate_fast.SampleMixingError`. The probe runs
+without gradients, draws its directions from a generator of its own and leaves PyTorch's random
+state as it found it (dropout draws in the probe do not move the training run's random stream),
+and buffers the forward updates in place (a counter, an EMA) as they were. It costs two
+first-order forward passes and is run once per configuration (model, its train/eval mode, input
+shape, dtype and device, loss function), remembered while the model lives; a forward with Python
+side effects (a hook that collects activations, a call counter in Python) sees those two extra
+calls.
 
 Example::
 
@@ -159,13 +162,16 @@ def require_per_sample(model: Callable[[Tensor], Any], x: Tensor, y: Any,
     # make_fx capturing a loss: the probe runs on the real tensors, not into the graph
     with disable_proxy_modes_tracing(), torch.no_grad(), torch.random.fork_rng(devices=devices), \
             _buffers_kept(model, loss_fn):
-        moved = torch.rand(B, generator=gen) < 0.5
-        moved[0], moved[1] = True, False                    # both halves non-empty
-        u = torch.randn(tuple(x.shape), generator=gen, dtype=torch.float64)
-        u[~moved] = 0
-        u = u.to(device=x.device, dtype=x.dtype)
-        c = jet(lambda xj: loss(model(xj), y), x.detach(), u, 1)
-        if isinstance(c, Tensor) and c.dim() == 2 and c.shape[1] == B:
+        half = torch.rand(B, generator=gen) < 0.5
+        half[0], half[1] = True, False                      # both halves non-empty
+        u_all = torch.randn(tuple(x.shape), generator=gen, dtype=torch.float64)
+        for moved in (half, ~half):     # each half moved in turn: any sample reaching the other half
+            u = u_all.clone()
+            u[~moved] = 0
+            u = u.to(device=x.device, dtype=x.dtype)
+            c = jet(lambda xj: loss(model(xj), y), x.detach(), u, 1)
+            if not (isinstance(c, Tensor) and c.dim() == 2 and c.shape[1] == B):
+                break                   # not one loss per sample: the caller's own check says so
             still = c[1].detach()[~moved.to(c.device)].double()
             bad = torch.isfinite(still) & (still != 0)
             if bool(bad.any()):

@@ -31,10 +31,12 @@ class BatchMixing(nn.Module):
             x = x * torch.softmax(x.sum(1), 0)[:, None]
         elif self.kind == "attention_across_batch":
             x = torch.softmax(x @ x.T, -1) @ x
+        elif self.kind == "max_over_batch":      # reaches the others from the argmax sample only
+            x = x - x.max(0, keepdim=True).values
         return self.net(x)
 
 
-KINDS = ["batch_mean", "batch_std", "softmax_over_batch", "attention_across_batch"]
+KINDS = ["batch_mean", "batch_std", "softmax_over_batch", "attention_across_batch", "max_over_batch"]
 ENTRY_POINTS = {
     "loss_directional_derivatives": lambda m, x, y: cf.loss_directional_derivatives(m, x, y, torch.randn_like(x), 2),
     "curvature_rate": lambda m, x, y: cf.curvature_rate(m, x, y, max_order=3),
@@ -145,7 +147,7 @@ def test_a_closure_made_anew_each_step_is_probed_once():
         cf.crr_penalty(make(other, torch.zeros(5, dtype=D64)), x, y, orders=(1, 2))
     finally:
         cf.api.jet = real
-    assert len(calls) == 2
+    assert len(calls) == 2 * 2               # two configurations, a probe of two passes each
 
 
 def test_a_sequence_first_attention_model_is_refused_with_the_layout_hint():
@@ -166,3 +168,12 @@ def test_a_sequence_first_attention_model_is_refused_with_the_layout_hint():
     x, y = torch.randn(5, 2, 4, dtype=D64), torch.randint(0, 3, (5,))
     with pytest.raises(cf.SampleMixingError, match="batch_first=False"):
         cf.crr_penalty(model, x, y, orders=(1, 2))
+
+
+def test_a_max_over_the_batch_is_found_whichever_half_holds_the_argmax():
+    """Sample 1 (never in the probe's first moved half) holds every feature's maximum: only the
+    second pass, moving the other half, sees the others follow it."""
+    x, y = _data(6)
+    x[1] = x.abs().max(0).values + 1.0
+    with pytest.raises(cf.SampleMixingError, match="mixes samples across the batch"):
+        cf.crr_penalty(BatchMixing("max_over_batch"), x, y, orders=(1, 2))
