@@ -167,7 +167,7 @@ def loss_directional_derivatives(model: Callable[[Tensor], Tensor], x: Tensor, y
     Y = y
     if D is not None and isinstance(y, Tensor) and y.dim() >= 1:
         Y = y.unsqueeze(0).expand((D,) + tuple(y.shape)).reshape((D * B,) + tuple(y.shape[1:]))
-    require_per_sample(model, x, y, loss_fn or _default_loss, loss_fn)
+    require_per_sample(model, x, y, loss_fn)
     loss_fn = loss_fn or _default_loss
     scale = direction_scale(X)  # float16 autocast: along c·u, coefficient k divided by c^k
     xj = JetTensor(torch.stack([X, U if scale == 1.0 else U * scale]), order)

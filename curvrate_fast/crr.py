@@ -157,7 +157,7 @@ def _loss_coefficients(model, x: Tensor, y, U: Tensor, order: int, loss_fn) -> T
     if isinstance(y, Tensor) and y.dim() >= 1:
         Y = y.unsqueeze(0).expand((D,) + tuple(y.shape)).reshape((D * B,) + tuple(y.shape[1:]))
     fn = loss_fn or _default_loss
-    require_per_sample(model, x, y, fn, loss_fn)
+    require_per_sample(model, x, y, loss_fn)
     c = jet(lambda xj: fn(model(xj), Y), X, UU, order)
     if tuple(c.shape[1:]) != (D * B,):
         raise ValueError(f"loss_fn must return one loss per sample, shape ({D * B},), got "

@@ -36,10 +36,12 @@ from __future__ import annotations
 import collections
 import threading
 import weakref
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 from torch import Tensor
+
+from .baseline import per_sample_cross_entropy
 
 __all__ = ["require_per_sample"]
 
@@ -50,80 +52,77 @@ _MAX_FUNCTIONS = 256
 _lock = threading.Lock()
 
 
-def _modules_in(v: Any) -> Any:
-    """What identifies a closure's content for the probe cache: a module by identity; another
-    object by its type and the modules among its attributes (a wrapper made per step around the
-    same model, e.g. ``EmbeddingSpace``); a tensor or value by its type (a batch's ids change at
-    every step, the model does not)."""
-    if isinstance(v, torch.nn.Module):
-        return ("module", id(v))
-    mods = tuple(id(a) for a in getattr(v, "__dict__", {}).values() if isinstance(a, torch.nn.Module))
-    return (type(v), mods)
+def _closure_values(f: Any) -> List[Any]:
+    """The contents of a function's closure cells (empty cells left out)."""
+    out = []
+    for c in getattr(f, "__closure__", None) or ():
+        try:
+            out.append(c.cell_contents)
+        except ValueError:          # a name the enclosing scope assigns later
+            pass
+    return out
+
+
+def _modules_reached(*fns: Any) -> List[torch.nn.Module]:
+    """The modules the probe runs through these callables: a module itself; for a function, the
+    modules in its closure and the modules among the attributes of other objects there (a wrapper
+    made per step around the same model, e.g. ``EmbeddingSpace``)."""
+    mods: List[torch.nn.Module] = []
+    for f in fns:
+        if isinstance(f, torch.nn.Module):
+            mods.append(f)
+        for v in _closure_values(f):
+            if isinstance(v, torch.nn.Module):
+                mods.append(v)
+            else:
+                mods.extend(a for a in getattr(v, "__dict__", {}).values() if isinstance(a, torch.nn.Module))
+    return mods
 
 
 def _code_key(f: Any) -> Any:
-    """A plain function (a lambda or a closure made anew per call included) by its code and the
-    modules its closure reaches (:func:`_modules_in`); anything else by identity."""
+    """A plain function (a lambda or a closure made anew per call included) by its code, the types
+    of its closure contents and the modules they reach (a batch's tensors change at every step,
+    the model does not); anything else by identity."""
     code = getattr(f, "__code__", None)
     if code is None:
         return ("obj", id(f))
-    cells = []
-    for c in getattr(f, "__closure__", None) or ():
-        try:
-            cells.append(_modules_in(c.cell_contents))
-        except ValueError:
-            cells.append(None)
-    return ("fn", code, tuple(cells))
+    return ("fn", code, tuple(type(v) for v in _closure_values(f)), tuple(id(m) for m in _modules_reached(f)))
 
 
-def _config(model: Any, x: Tensor, loss_fn: Optional[Callable]) -> tuple:
-    return (tuple(x.shape), x.dtype, x.device, bool(getattr(model, "training", False)),
+def _key(model: Any, x: Tensor, loss_fn: Optional[Callable]) -> tuple:
+    """The configuration probed: (the model's own key, or None for a module, which keys the weak
+    table instead; input shape, dtype and device; train flag; the loss function)."""
+    own = None if isinstance(model, torch.nn.Module) else _code_key(model)
+    return (own, tuple(x.shape), x.dtype, x.device, bool(getattr(model, "training", False)),
             None if loss_fn is None else _code_key(loss_fn))
 
 
-def _seen(model: Any, config: tuple) -> bool:
+def _seen(model: Any, key: tuple) -> bool:
     with _lock:
         if isinstance(model, torch.nn.Module):
-            return config in _checked_modules.get(model, ())
-        return (_code_key(model), config) in _checked_functions
+            return key in _checked_modules.get(model, ())
+        return key in _checked_functions
 
 
-def _remember(model: Any, config: tuple) -> None:
+def _remember(model: Any, key: tuple) -> None:
     with _lock:
         if isinstance(model, torch.nn.Module):
-            _checked_modules.setdefault(model, set()).add(config)
+            _checked_modules.setdefault(model, set()).add(key)
             return
-        _checked_functions[(_code_key(model), config)] = True
+        _checked_functions[key] = True
         while len(_checked_functions) > _MAX_FUNCTIONS:
             _checked_functions.popitem(last=False)
 
 
 class _buffers_kept:
-    """The buffers of the modules the probe runs (the model, or the modules a model function or
-    the loss function closes over) as they were before it: a forward that updates a buffer in
-    place (a counter, an EMA) must not do so once more for the probe. Only a buffer the probe
-    changed is written back (its version moved), so a buffer an earlier forward saved for its
-    backward is not touched."""
+    """The buffers of the modules the probe runs (:func:`_modules_reached` of the model and the
+    loss function) as they were before it: a forward that updates a buffer in place (a counter,
+    an EMA) must not do so once more for the probe. Only a buffer the probe changed is written
+    back (its version moved), so a buffer an earlier forward saved for its backward is not
+    touched."""
 
     def __init__(self, *fns: Any) -> None:
-        mods = []
-        for f in fns:
-            if isinstance(f, torch.nn.Module):
-                mods.append(f)
-            for c in getattr(f, "__closure__", None) or ():
-                try:
-                    v = c.cell_contents
-                except ValueError:
-                    continue
-                if isinstance(v, torch.nn.Module):
-                    mods.append(v)
-        seen = set()
-        self.buffers = []
-        for m in mods:
-            for b in m.buffers():
-                if id(b) not in seen:
-                    seen.add(id(b))
-                    self.buffers.append(b)
+        self.buffers = list({id(b): b for m in _modules_reached(*fns) for b in m.buffers()}.values())
 
     def __enter__(self) -> None:
         self.saved = [(b, b._version, b.clone()) for b in self.buffers]
@@ -136,22 +135,23 @@ class _buffers_kept:
 
 
 def require_per_sample(model: Callable[[Tensor], Any], x: Tensor, y: Any,
-                       loss: Callable[[Any, Any], Tensor], loss_fn: Optional[Callable] = None) -> None:
-    """Raise :class:`~curvrate_fast.SampleMixingError` if the per-sample loss ``loss(model(x), y)``
-    of some sample moves with other samples' inputs (see the module docstring). ``loss_fn`` is
-    the user's loss function (for the cache key; ``loss`` is what runs). No-op for a batch of one,
-    inside torch.compile's tracing, and for a configuration already probed.
+                       loss_fn: Optional[Callable[[Any, Any], Tensor]] = None) -> None:
+    """Raise :class:`~curvrate_fast.SampleMixingError` if the per-sample loss
+    ``loss_fn(model(x), y)`` (default: the per-sample cross-entropy) of some sample moves with other
+    samples' inputs (see the module docstring). No-op for a batch of one, inside torch.compile's
+    tracing, and for a configuration already probed.
 
     Example::
 
-        >>> require_per_sample(net, x, y, per_sample_cross_entropy)     # passes for an MLP
+        >>> require_per_sample(net, x, y)          # passes for an MLP
     """
     B = x.shape[0] if x.dim() >= 1 else 0
     if B < 2 or torch.compiler.is_compiling():
         return
-    config = _config(model, x, loss_fn)
-    if _seen(model, config):
+    key = _key(model, x, loss_fn)
+    if _seen(model, key):
         return
+    loss = loss_fn or per_sample_cross_entropy
     from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
     from .api import jet
@@ -186,4 +186,4 @@ def require_per_sample(model: Callable[[Tensor], Any], x: Tensor, y: Any,
                     "module has a per-sample evaluation mode. Dim 0 of x is the batch: a sequence-first "
                     "model (nn.MultiheadAttention or nn.Transformer with batch_first=False) mixes along it "
                     "and needs batch-first inputs.")
-    _remember(model, config)
+    _remember(model, key)

@@ -124,6 +124,15 @@ def test_the_probe_leaves_buffers_updated_in_place_as_it_found_them():
     assert model[0].calls.item() == 1
     assert torch.allclose(model[0].ema, 0.1 * x.mean(0), rtol=1e-15, atol=0)
 
+    class Wrapper:                          # a plain object holding the model (as EmbeddingSpace)
+        def __init__(self, module):
+            self.module = module
+
+    wrapped = nn.Sequential(_Counter(), mlp(nn.Tanh()).to(D64))
+    holder = Wrapper(wrapped)
+    cf.crr_penalty(lambda z: holder.module(z), x, y, orders=(1, 2))
+    assert wrapped[0].calls.item() == 1
+
 
 def test_a_closure_made_anew_each_step_is_probed_once():
     """A model function built per step around the same module (what EmbeddingSpace does, with the
