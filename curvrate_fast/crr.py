@@ -125,6 +125,18 @@ def subset_indices(subset: Optional[Union[int, float]], B: int,
         >>> subset_indices(64, 128, torch.Generator().manual_seed(0)).shape
         torch.Size([64])
     """
+    split = _subset_split(subset, B, generator, device)
+    return None if split is None else split[0]
+
+
+def _subset_split(subset: Optional[Union[int, float]], B: int,
+                  generator: Optional[torch.Generator] = None,
+                  device: Optional[torch.device] = None) -> Optional[Tuple[Tensor, Tensor]]:
+    """(the penalized samples' indices, the other samples' indices) of one draw
+    ``perm = torch.randperm(B)``: ``perm[:k]`` and ``perm[k:]`` (None where the whole batch is
+    penalized). :func:`subset_indices` returns the first; CRRLoss also reads the second: the task
+    loss of the penalized samples comes off the jet pass, and only the others need a forward
+    of their own."""
     if subset is None:
         return None
     if isinstance(subset, bool):
@@ -142,8 +154,10 @@ def subset_indices(subset: Optional[Union[int, float]], B: int,
     if k >= B:
         return None
     gen_device = generator.device if generator is not None else torch.device("cpu")
-    idx = torch.randperm(B, generator=generator, device=gen_device)[:k]
-    return idx.to(device) if device is not None else idx
+    perm = torch.randperm(B, generator=generator, device=gen_device)
+    if device is not None:
+        perm = perm.to(device)
+    return perm[:k], perm[k:]
 
 
 def _loss_coefficients(model, x: Tensor, y, U: Tensor, order: int, loss_fn) -> Tensor:
@@ -193,7 +207,8 @@ def _per_order_directions(directions, xs: Tensor, x_full: Tensor, idx: Optional[
 def _crr_plan(x: Tensor, y, *, loss_fn, orders, n_dirs, directions, order_reduction, subset, scale,
               generator, check_values: bool = True, raw_draws: bool = False):
     """The configuration and the random draws of a CRR call, made eagerly (outside any captured
-    graph): (orders, per_order, scale, subset indices or None, directions U). U is (D, B', ...)
+    graph): (orders, per_order, scale, subset indices or None, the other samples' indices or
+    None, directions U). U is (D, B', ...)
     for fixed directions and (D, N, B', ...) for per-order ones (B' the penalized samples).
     ``check_values=False`` leaves the checks that read tensor values (label range, zero or
     non-finite explicit directions) to the caller (a captured program runs them before its graph);
@@ -221,7 +236,8 @@ def _crr_plan(x: Tensor, y, *, loss_fn, orders, n_dirs, directions, order_reduct
     fixed_u = None
     if isinstance(directions, Tensor):
         fixed_u = check_directions(directions, x, values=check_values)
-    idx = subset_indices(subset, B, generator, x.device)
+    split = _subset_split(subset, B, generator, x.device)
+    idx, rest = (None, None) if split is None else split
     # what the draws read of the penalized samples: shape, dtype, device (not values: the graph,
     # or _crr_compute, gathers them), so a view stands in for the gather x[idx]
     xs = x if idx is None else x.narrow(0, 0, idx.shape[0])
@@ -232,7 +248,7 @@ def _crr_plan(x: Tensor, y, *, loss_fn, orders, n_dirs, directions, order_reduct
             U = (draw_directions if raw_draws else sample_directions)(xs, n_dirs, generator=generator)
     else:
         U = _per_order_directions(directions, xs, x, idx, N, n_dirs, generator, check_values, raw_draws)
-    return ords, per_order, scale, idx, U
+    return ords, per_order, scale, idx, rest, U
 
 
 def _crr_compute(model, x: Tensor, y, idx: Optional[Tensor], U: Tensor, ords: Tuple[int, ...],
@@ -271,12 +287,13 @@ def _crr_compute(model, x: Tensor, y, idx: Optional[Tensor], U: Tensor, ords: Tu
 
 def _crr(model, x: Tensor, y, *, loss_fn, orders, n_dirs, directions, order_reduction, subset,
          scale, generator) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-    """(penalty, per-order terms, per-sample losses at x of the penalized samples, subset idx)."""
-    ords, per_order, scale, idx, U = _crr_plan(
+    """(penalty, per-order terms, per-sample losses at x of the penalized samples, the other
+    samples' indices or None)."""
+    ords, per_order, scale, idx, rest, U = _crr_plan(
         x, y, loss_fn=loss_fn, orders=orders, n_dirs=n_dirs, directions=directions,
         order_reduction=order_reduction, subset=subset, scale=scale, generator=generator)
     R, terms, losses0 = _crr_compute(model, x, y, idx, U, ords, per_order, loss_fn, order_reduction, scale)
-    return R, terms, losses0, idx
+    return R, terms, losses0, rest
 
 
 # -- captured CRR (docs/design.md §6) ------------------------------------------------------------
@@ -293,29 +310,50 @@ def _program_check(model, x, y, idx, U, ords, per_order, loss_fn, order_reductio
         require_finite(x, "x")
 
 
+def _total_check(model, x, y, idx, rest, U, *more) -> None:
+    _program_check(model, x, y, idx, U, *more)
+
+
 def _penalty_program(model, x, y, idx, U, ords, per_order, loss_fn, order_reduction, scale, explicit_u):
     # sampled directions come as raw draws (_crr_plan(raw_draws=True)): normalized in the graph
     return _crr_compute(model, x, y, idx, U, ords, per_order, loss_fn, order_reduction, scale,
                         normalize_u=not explicit_u)[0]
 
 
-def _task_loss(model, x, y, loss_fn) -> Tensor:
+def _per_sample_task_losses(model, x, y, loss_fn) -> Tensor:
     fn = loss_fn or per_sample_cross_entropy
     losses = fn(model(x), y)
     if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.shape[0] != x.shape[0]:
         raise ValueError("loss_fn must return one loss per sample (reduction='none')")
-    return losses.mean()
+    return losses
 
 
-def _total_program(model, x, y, idx, U, ords, per_order, loss_fn, order_reduction, scale, explicit_u):
+def _task_loss(model, x, y, loss_fn) -> Tensor:
+    return _per_sample_task_losses(model, x, y, loss_fn).mean()
+
+
+def _batch_task_loss(model, x, y, losses0: Tensor, rest: Optional[Tensor], loss_fn) -> Tensor:
+    """The task loss, the mean of the per-sample losses over the whole batch, given ``losses0``,
+    the penalized samples' losses (coefficient 0 of the jet pass: the loss at x, with its
+    gradient): only the other samples (``rest``, None where every sample was penalized) need a
+    forward of their own. The same mean as one forward of the whole batch, with the penalized
+    samples' forward not run twice."""
+    if rest is None:
+        return losses0.mean()
+    ys = y[rest.to(y.device)] if isinstance(y, Tensor) and y.dim() >= 1 else y
+    others = _per_sample_task_losses(model, x[rest], ys, loss_fn)
+    return (losses0.sum() + others.sum()) / (losses0.shape[0] + others.shape[0])
+
+
+def _total_program(model, x, y, idx, rest, U, ords, per_order, loss_fn, order_reduction, scale, explicit_u):
     """CRRLoss's whole loss in one program: (task + R, task, R, terms)."""
     R, terms, losses0 = _crr_compute(model, x, y, idx, U, ords, per_order, loss_fn, order_reduction, scale,
                                      normalize_u=not explicit_u)
-    task = losses0.mean() if idx is None else _task_loss(model, x, y, loss_fn)
+    task = _batch_task_loss(model, x, y, losses0, rest, loss_fn)
     return task + R, task, R, terms
 
 
-def _total_aux_like(model, x, y, idx, U, ords, *rest):
+def _total_aux_like(model, x, y, idx, rest, U, ords, *more):
     return [((), x.dtype), ((), x.dtype), ((len(ords),), x.dtype)]
 
 
@@ -326,7 +364,7 @@ def _new_program(kind: str, backend: str, options: tuple = ()) -> CompiledLoss:
     if kind == "penalty":
         return CompiledLoss(_penalty_program, backend=backend, options=dict(options), check=_program_check,
                             name="crr_penalty")
-    return CompiledLoss(_total_program, backend=backend, options=dict(options), check=_program_check,
+    return CompiledLoss(_total_program, backend=backend, options=dict(options), check=_total_check,
                         aux_like=_total_aux_like, name="CRRLoss")
 
 
@@ -449,7 +487,7 @@ def crr_penalty(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor
         return _crr(model, x, y, loss_fn=loss_fn, orders=orders, n_dirs=n_dirs, directions=directions,
                     order_reduction=order_reduction, subset=subset, scale=scale, generator=generator)[0]
     _check_capturable(model)
-    ords, per_order, scale, idx, U = _crr_plan(
+    ords, per_order, scale, idx, _, U = _crr_plan(
         x, y, loss_fn=loss_fn, orders=orders, n_dirs=n_dirs, directions=directions,
         order_reduction=order_reduction, subset=subset, scale=scale, generator=generator,
         check_values=False, raw_draws=True)
@@ -471,8 +509,9 @@ class CRRLoss(nn.Module):
 
     ``every=k`` adds the penalty only on every k-th call (calls 0, k, 2k, …, counted in
     :attr:`step`), a cheap way to trade regularization strength for speed; other calls cost one
-    ordinary forward. When the penalty covers the whole batch, the task loss is read off the jet
-    pass (its coefficient 0 is the loss itself), so no second forward runs. In eval mode
+    ordinary forward. The penalized samples' task losses are read off the jet pass (its
+    coefficient 0 is the loss itself): with a subset, only the other samples run an ordinary
+    forward; without one, no second forward runs at all. In eval mode
     (``crit.eval()``) the penalty is always added and :attr:`step` does not advance.
 
     Cheap settings (the overhead/effect frontier of ``python -m curvrate_fast reproduce mnist``;
@@ -557,13 +596,13 @@ class CRRLoss(nn.Module):
     def _captured(self, backend: str, model, x: Tensor, y, optimizer=None) -> Tensor:
         """The captured program's loss (and, given an optimizer, its captured training step)."""
         _check_capturable(model)
-        ords, per_order, scale, idx, U = _crr_plan(
+        ords, per_order, scale, idx, rest, U = _crr_plan(
             x, y, loss_fn=self.loss_fn, orders=self.orders, n_dirs=self.n_dirs,
             directions=self.directions, order_reduction=self.order_reduction, subset=self.subset,
             scale=self.scale, generator=self.generator, check_values=False, raw_draws=True)
         options = _options_key(self.compile_options, backend_of(self.compile))
         program = _program("total", backend, options)
-        args = (model, x, y, idx, U, ords, per_order, self.loss_fn, self.order_reduction, _scale_input(scale, x),
+        args = (model, x, y, idx, rest, U, ords, per_order, self.loss_fn, self.order_reduction, _scale_input(scale, x),
                 not isinstance(self.directions, str))
         if optimizer is None:
             total, (task, R, terms) = program.call_with_aux(*args)
@@ -585,11 +624,11 @@ class CRRLoss(nn.Module):
         backend = _capture_backend(self.compile)
         if backend is not None:
             return self._captured(backend, model, x, y)
-        R, terms, losses0, idx = _crr(model, x, y, loss_fn=self.loss_fn, orders=self.orders,
-                                      n_dirs=self.n_dirs, directions=self.directions,
-                                      order_reduction=self.order_reduction, subset=self.subset,
-                                      scale=self.scale, generator=self.generator)
-        task = losses0.mean() if idx is None else self._task(model, x, y)
+        R, terms, losses0, rest = _crr(model, x, y, loss_fn=self.loss_fn, orders=self.orders,
+                                       n_dirs=self.n_dirs, directions=self.directions,
+                                       order_reduction=self.order_reduction, subset=self.subset,
+                                       scale=self.scale, generator=self.generator)
+        task = _batch_task_loss(model, x, y, losses0, rest, self.loss_fn)
         self.last_task_loss, self.last_penalty = task.detach(), R.detach()
         self.last_terms = terms.detach()
         return task + R

@@ -226,6 +226,44 @@ def test_crrloss_subset_uses_full_batch_task_loss_and_trains():
     assert "every=1" in repr(crit)
 
 
+@pytest.mark.parametrize("compile", [False, "eager"])
+def test_crrloss_subset_task_loss_reads_penalized_samples_off_the_jet_pass(compile):
+    """With a subset, the penalized samples' task losses come from the jet pass (coefficient 0):
+    only the other samples get a plain forward. Value and gradients equal CE over the whole batch
+    plus the penalty with the same draws (float64), and the plain forward sees B − k rows."""
+    torch.manual_seed(0)
+    m = tiny_mlp(11)
+    x, y = data(11, B=12)
+    seen = []
+    m.register_forward_pre_hook(
+        lambda mod, args: seen.append(args[0].shape[0]) if type(args[0]) is torch.Tensor else None)
+    kw = dict(orders=(2, 3), directions="per_order", subset=5, scale=0.3)
+    if compile:   # a captured program refuses hooks: count the rows without one
+        m._forward_pre_hooks.clear()
+    crit = CRRLoss(**kw, generator=torch.Generator().manual_seed(3), compile=compile)
+    crit(m, x, y)                       # the first call of a configuration (probe, capture)
+    seen.clear()
+    loss = crit(m, x, y)
+    if not compile:
+        assert seen == [12 - 5]
+    R = crr_penalty(m, x, y, **kw, generator=_state_after_draws(3, 2))
+    target = F.cross_entropy(m(x), y) + R
+    assert loss.item() == pytest.approx(target.item(), rel=1e-12)
+    assert _close(_grads(m, loss), _grads(m, target), tol=1e-12)
+
+
+def _state_after_draws(seed: int, calls: int) -> torch.Generator:
+    """A generator seeded like CRRLoss's, advanced past ``calls - 1`` CRR draws (subset + the per-order
+    directions), so its next draws are those of call number ``calls``."""
+    g = torch.Generator().manual_seed(seed)
+    from curvrate_fast.crr import _crr_plan
+    x, y = data(11, B=12)
+    for _ in range(calls - 1):
+        _crr_plan(x, y, loss_fn=None, orders=(2, 3), n_dirs=1, directions="per_order",
+                  order_reduction="mean", subset=5, scale=0.3, generator=g)
+    return g
+
+
 # --- bad input --------------------------------------------------------------------------------------
 def test_bad_inputs():
     m = tiny_mlp(10)
