@@ -8,21 +8,22 @@ by hand) has no per-sample derivative to compute, and the batched pass would ret
 is neither (nested autograd, the paper's code, returns yet another one). Train-mode BatchNorm is
 refused by its rule; this module finds the rest.
 
-The probe: a first-order jet of the per-sample losses at the batch, along random directions
-given to a random half S of the samples and zero for the others, then the same with the other
-half moved. For every b outside the moved half the coefficient ∂ℓ_b/∂x · u is a sum of products
-with zero, so it is **exactly** 0 when no sample reaches another (in any summation order: also
-with non-deterministic GPU reductions), and almost surely not when a moved sample reaches b; with
-both halves moved in turn, any sample that reaches a sample of the other half is found (a max
-over the batch too: its argmax sample lies in one half, and reaches every sample of the other).
-A finite nonzero value is refused with :class:`~curvrate_fast.SampleMixingError`. The probe runs
+The probe: first-order jets of the per-sample losses at the batch, each along random directions
+given to a set S of the samples and zero for the others. For every b outside S the coefficient
+∂ℓ_b/∂x · u is a sum of products with zero, so it is **exactly** 0 when no sample reaches another
+(in any summation order: also with non-deterministic GPU reductions), and almost surely not when
+a moved sample reaches b. The sets are the samples whose index has bit k set, and their
+complements, for k < ⌈log₂ B⌉: two indices i ≠ j differ in some bit, so one of the passes moves i
+and holds j, and a sample reaching any other sample is found, whichever pair it is (two random
+halves, the probe before, missed a coupling of two samples that fell in the same half). A finite
+nonzero value is refused with :class:`~curvrate_fast.SampleMixingError`. The probe runs
 without gradients, draws its directions from a generator of its own and leaves PyTorch's random
 state as it found it (dropout draws in the probe do not move the training run's random stream),
-and buffers the forward updates in place (a counter, an EMA) as they were. It costs two
-first-order forward passes and is run once per configuration (model, its train/eval mode, input
-shape, dtype and device, loss function), remembered while the model lives; a forward with Python
-side effects (a hook that collects activations, a call counter in Python) sees those two extra
-calls.
+and buffers the forward updates in place (a counter, an EMA) as they were. It costs 2·⌈log₂ B⌉
+first-order forward passes without gradients (14 for a batch of 128), once per configuration
+(model, its train/eval mode, input shape, dtype and device, loss function), remembered while the
+model lives; a forward with Python side effects (a hook that collects activations, a call counter
+in Python) sees those extra calls.
 
 Example::
 
@@ -134,6 +135,17 @@ class _buffers_kept:
                     b.copy_(value)
 
 
+def _probe_sets(B: int):
+    """The moved sets of the probe, as boolean masks over the batch: for each bit k of the sample
+    index, the samples with bit k set, then those with it clear. For every ordered pair i ≠ j one
+    set holds i and not j."""
+    index = torch.arange(B)
+    for k in range(max(1, (B - 1).bit_length())):
+        bit = ((index >> k) & 1).bool()
+        yield bit
+        yield ~bit
+
+
 def require_per_sample(model: Callable[[Tensor], Any], x: Tensor, y: Any,
                        loss_fn: Optional[Callable[[Any, Any], Tensor]] = None) -> None:
     """Raise :class:`~curvrate_fast.SampleMixingError` if the per-sample loss
@@ -162,10 +174,8 @@ def require_per_sample(model: Callable[[Tensor], Any], x: Tensor, y: Any,
     # make_fx capturing a loss: the probe runs on the real tensors, not into the graph
     with disable_proxy_modes_tracing(), torch.no_grad(), torch.random.fork_rng(devices=devices), \
             _buffers_kept(model, loss_fn):
-        half = torch.rand(B, generator=gen) < 0.5
-        half[0], half[1] = True, False                      # both halves non-empty
         u_all = torch.randn(tuple(x.shape), generator=gen, dtype=torch.float64)
-        for moved in (half, ~half):     # each half moved in turn: any sample reaching the other half
+        for moved in _probe_sets(B):
             u = u_all.clone()
             u[~moved] = 0
             u = u.to(device=x.device, dtype=x.dtype)

@@ -156,7 +156,7 @@ def test_a_closure_made_anew_each_step_is_probed_once():
         cf.crr_penalty(make(other, torch.zeros(5, dtype=D64)), x, y, orders=(1, 2))
     finally:
         cf.api.jet = real
-    assert len(calls) == 2 * 2               # two configurations, a probe of two passes each
+    assert len(calls) == 2 * 6               # two configurations, a probe of 2·⌈log₂ 8⌉ passes each
 
 
 def test_a_sequence_first_attention_model_is_refused_with_the_layout_hint():
@@ -179,10 +179,41 @@ def test_a_sequence_first_attention_model_is_refused_with_the_layout_hint():
         cf.crr_penalty(model, x, y, orders=(1, 2))
 
 
-def test_a_max_over_the_batch_is_found_whichever_half_holds_the_argmax():
-    """Sample 1 (never in the probe's first moved half) holds every feature's maximum: only the
-    second pass, moving the other half, sees the others follow it."""
+def test_a_max_over_the_batch_is_found_whichever_sample_holds_the_argmax():
+    """Sample 1 holds every feature's maximum: a pass that moves it and holds others sees them
+    follow it."""
     x, y = _data(6)
     x[1] = x.abs().max(0).values + 1.0
     with pytest.raises(cf.SampleMixingError, match="mixes samples across the batch"):
         cf.crr_penalty(BatchMixing("max_over_batch"), x, y, orders=(1, 2))
+
+
+class PairCoupled(nn.Module):
+    """Independent samples except one ordered pair: sample ``target``'s output reads sample
+    ``source``'s input (a bug such as an off-by-one gather, a roll or a misplaced reshape)."""
+
+    def __init__(self, source, target):
+        super().__init__()
+        self.source, self.target = source, target
+        self.net = mlp(nn.Tanh()).to(D64)
+
+    def forward(self, x):
+        out = self.net(x)
+        at_target = torch.zeros(out.shape, dtype=out.dtype)
+        at_target[self.target, 0] = 0.3          # one logit: a shift of all would leave the CE as it is
+        return out + at_target * x[self.source].sum()
+
+
+@pytest.mark.parametrize("B", [2, 5, 8])
+def test_a_coupling_of_any_one_pair_of_samples_is_found(B):
+    """Every ordered pair (source → target) is split by one of the probe's passes, so a model that
+    couples just two samples is refused whichever two they are (the probe of two random halves
+    let the pairs that fell in one half through: 24 of the 56 ordered pairs at B = 8, 8 of 20 at B = 5)."""
+    x, y = _data(7)
+    x, y = x[:B], y[:B]
+    for source in range(B):
+        for target in range(B):
+            if source != target:
+                with pytest.raises(cf.SampleMixingError, match=f"sample {target} moves"):
+                    cf.crr_penalty(PairCoupled(source, target), x, y, orders=(1, 2))
+    assert len(list(mixing._probe_sets(B))) == 2 * max(1, (B - 1).bit_length())
