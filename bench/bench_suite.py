@@ -998,9 +998,8 @@ def crr_steps(name: str, cfg: BenchConfig, device, log=print) -> List[Dict[str, 
     variants = [("plain", "penalty", None, "forward, CE, backward, Adam step"),
                 ("ours", "penalty", ours_pen, f"curvrate_fast.crr_penalty(directions={spec['directions']!r}) + "
                                               "a separate forward for CE, eager engine"),
-                ("ours_crrloss", "crrloss", cf.CRRLoss(**kw), "curvrate_fast.CRRLoss, eager engine (CE read "
-                                                              "off the jet pass when the penalty covers the "
-                                                              "whole batch)")]
+                ("ours_crrloss", "crrloss", cf.CRRLoss(**kw), "curvrate_fast.CRRLoss, eager engine (the "
+                                                              "penalized samples' CE read off the jet pass)")]
     if cfg.crr_captured:
         variants.append(("captured", "crrloss", cf.CRRLoss(**kw, compile=True),
                          "curvrate_fast.CRRLoss(compile=True): CE + penalty + gradients as one captured, "

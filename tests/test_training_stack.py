@@ -412,6 +412,34 @@ def test_embedding_space_equals_inputs_embeds_on_hf_model():
     assert float(g1["transformer.wte.weight"].abs().sum()) > 0   # the embedding table gets the penalty's gradient
 
 
+def test_embedding_space_loss_with_a_subset_runs_the_task_forward_on_the_others_only():
+    """space.loss with a subset: the penalized samples' task losses come off the jet pass and only
+    the others get an ordinary forward; value and gradients equal the whole batch's task loss plus
+    space.penalty with the same draws (float64)."""
+    model = _gpt2(3)
+    ids = torch.randint(0, 30, (6, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    space = EmbeddingSpace(model)
+    crr = dict(orders=(1, 3), directions="per_order", scale=0.7)
+    rows = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, i, o: rows.append(o.shape[0]))
+    model.zero_grad()
+    loss = space.loss(ids, ids, subset=4, generator=torch.Generator().manual_seed(5), crr=crr, attention_mask=mask)
+    handle.remove()
+    loss.backward()
+    g1 = _grads(model)
+    model.zero_grad()
+    target = space.task_loss(ids, ids, attention_mask=mask) + space.penalty(
+        ids, ids, subset=4, generator=torch.Generator().manual_seed(5), crr=crr, attention_mask=mask)
+    target.backward()
+    assert torch.allclose(loss, target, rtol=1e-12, atol=0)
+    assert _max_diff(g1, _grads(model)) <= 1e-10
+    assert rows[-1] == 2          # the ordinary forward: the 6 - 4 samples outside the subset
+    with pytest.raises(TypeError, match="unknown arguments"):
+        space.loss(ids, ids, subset=4, crr=dict(order=3))
+
+
 def test_embedding_space_subset_and_curvature_rate():
     model = _gpt2()
     g = torch.Generator().manual_seed(0)

@@ -16,6 +16,7 @@ included (through x), as in nested autograd on x = embedding(input_ids).
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Dict, Optional, Union
 
 import torch
@@ -23,11 +24,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..crr import CRRLoss, crr_penalty, subset_indices
+from ..crr import CRRLoss, _crr, _subset_split, crr_penalty, subset_indices
 from ..curvature import curvature_rate
 from ..jets.tensor import JetError
 
 __all__ = ["EmbeddingSpace", "causal_lm_loss", "unwrap_model"]
+
+# crr_penalty's settings that EmbeddingSpace.loss passes on (its defaults are read off crr_penalty)
+_CRR_SETTINGS = ("orders", "n_dirs", "directions", "order_reduction", "scale")
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
@@ -150,6 +154,11 @@ class EmbeddingSpace:
         idx = subset_indices(subset, input_ids.shape[0], generator, input_ids.device)
         if idx is None:
             return input_ids, labels, kwargs
+        return self._rows(idx, input_ids, labels, kwargs)
+
+    @staticmethod
+    def _rows(idx: Tensor, input_ids: Tensor, labels: Tensor, kwargs: Dict[str, Any]):
+        """The ids, labels and per-sample keyword arguments of the samples ``idx``."""
         B = input_ids.shape[0]
         kw = {n: (v[idx.to(v.device)] if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == B else v)
               for n, v in kwargs.items()}
@@ -169,14 +178,34 @@ class EmbeddingSpace:
     def loss(self, input_ids: Tensor, labels: Tensor, *, subset: Optional[Union[int, float]] = None,
              generator: Optional[torch.Generator] = None, crr: Optional[Dict[str, Any]] = None,
              **kwargs: Any) -> Tensor:
-        """Task loss + CRR penalty. Penalizing the whole batch takes ONE forward (the task loss is
-        coefficient 0 of the jet pass, as in :class:`curvrate_fast.CRRLoss`); a subset adds an
-        ordinary forward over the whole batch."""
-        if subset is None:
-            crit = CRRLoss(loss_fn=self.loss_fn, generator=generator, **(crr or {}))
+        """Task loss + CRR penalty. The penalized samples' task losses are coefficient 0 of the
+        jet pass, as in :class:`curvrate_fast.CRRLoss`: penalizing the whole batch takes ONE
+        forward, and a subset adds an ordinary forward of the other samples only (with
+        ``crr=dict(compile=...)``, of the whole batch)."""
+        crr = dict(crr or {})
+        split = None if subset is None else _subset_split(subset, input_ids.shape[0], generator, input_ids.device)
+        if split is None:
+            crit = CRRLoss(loss_fn=self.loss_fn, generator=generator, **crr)
             return crit(self.forward_fn(input_ids, **kwargs), self.origin(input_ids), labels)
-        return self.task_loss(input_ids, labels, **kwargs) + self.penalty(
-            input_ids, labels, subset=subset, generator=generator, crr=crr, **kwargs)
+        idx, rest = split
+        ids, lab, kw = self._rows(idx, input_ids, labels, kwargs)
+        if crr.get("compile") or crr.get("compile_options"):   # a captured penalty returns no per-sample losses
+            task = self.task_loss(input_ids, labels, **kwargs)
+            return task + crr_penalty(self.forward_fn(ids, **kw), self.origin(ids), lab, loss_fn=self.loss_fn,
+                                      generator=generator, **crr)
+        crr.pop("compile", None)
+        crr.pop("compile_options", None)
+        kw_crr = {n: p.default for n, p in inspect.signature(crr_penalty).parameters.items() if n in _CRR_SETTINGS}
+        unknown = sorted(set(crr) - set(kw_crr))
+        if unknown:
+            raise TypeError(f"EmbeddingSpace.loss: crr holds unknown arguments {unknown}; it takes "
+                            f"{sorted(kw_crr)}, compile and compile_options")
+        kw_crr.update(crr)
+        R, _, losses0, _ = _crr(self.forward_fn(ids, **kw), self.origin(ids), lab, loss_fn=self.loss_fn,
+                                subset=None, generator=generator, **kw_crr)
+        ids_r, lab_r, kw_r = self._rows(rest, input_ids, labels, kwargs)
+        others = self.loss_fn(self.output(self.model(input_ids=ids_r, **kw_r)), lab_r)
+        return (losses0.sum() + others.sum()) / input_ids.shape[0] + R
 
     def curvature_rate(self, input_ids: Tensor, labels: Tensor, *, max_order: int = 4, n_dirs: int = 2,
                        estimator: str = "slope", generator: Optional[torch.Generator] = None,
