@@ -80,14 +80,25 @@ def _modules_reached(*fns: Any) -> List[torch.nn.Module]:
     return mods
 
 
+# closure contents keyed by value: an index, a shift, a flag or a mode name can decide whether a
+# function mixes samples (``lambda z: net(z.roll(k, 0))``); everything else (the step's tensors,
+# floats such as a temperature) by its type, so a closure made anew per step is probed once
+_BY_VALUE = (bool, int, str, bytes, type(None), torch.dtype, torch.device)
+
+
+def _closure_key(v: Any) -> Any:
+    return (type(v), v) if type(v) in _BY_VALUE else type(v)
+
+
 def _code_key(f: Any) -> Any:
-    """A plain function (a lambda or a closure made anew per call included) by its code, the types
-    of its closure contents and the modules they reach (a batch's tensors change at every step,
-    the model does not); anything else by identity."""
+    """A plain function (a lambda or a closure made anew per call included) by its code, its
+    closure contents (:func:`_closure_key`) and the modules they reach (a batch's tensors change
+    at every step, the model does not); anything else by identity."""
     code = getattr(f, "__code__", None)
     if code is None:
         return ("obj", id(f))
-    return ("fn", code, tuple(type(v) for v in _closure_values(f)), tuple(id(m) for m in _modules_reached(f)))
+    return ("fn", code, tuple(_closure_key(v) for v in _closure_values(f)),
+            tuple(id(m) for m in _modules_reached(f)))
 
 
 def _key(model: Any, x: Tensor, loss_fn: Optional[Callable]) -> tuple:

@@ -217,3 +217,17 @@ def test_a_coupling_of_any_one_pair_of_samples_is_found(B):
                 with pytest.raises(cf.SampleMixingError, match=f"sample {target} moves"):
                     cf.crr_penalty(PairCoupled(source, target), x, y, orders=(1, 2))
     assert len(list(mixing._probe_sets(B))) == 2 * max(1, (B - 1).bit_length())
+
+
+def test_a_closure_over_an_index_is_probed_for_each_value():
+    """The probe's memory keys a function's closure ints, flags and strings by value: the same
+    code rolling the batch by 0 (independent) and then by 1 (sample b reads sample b - 1) is two
+    configurations, and the second is refused (keyed by type, it was skipped as already probed)."""
+    net = mlp(nn.Tanh()).to(D64)
+    x, y = _data(8)
+
+    def make(shift):
+        return lambda z: net(z.roll(shift, 0))
+    cf.crr_penalty(make(0), x, y, orders=(1, 2))
+    with pytest.raises(cf.SampleMixingError, match="mixes samples"):
+        cf.crr_penalty(make(1), x, y, orders=(1, 2))
