@@ -231,3 +231,24 @@ def test_a_closure_over_an_index_is_probed_for_each_value():
     cf.crr_penalty(make(0), x, y, orders=(1, 2))
     with pytest.raises(cf.SampleMixingError, match="mixes samples"):
         cf.crr_penalty(make(1), x, y, orders=(1, 2))
+
+
+class BatchStatsInTraining(nn.Module):
+    """Centers with the batch mean in train mode only (a hand-written batch normalization)."""
+
+    def forward(self, x):
+        return x - x.mean(0, keepdim=True) if self.training else x
+
+
+@pytest.mark.parametrize("wrap", ["module", "function"])
+def test_a_submodule_switched_to_train_mode_is_probed_again(wrap):
+    """The probe's memory keys the train flag of every module the model runs: probed in eval mode
+    (independent), then with one submodule (or, behind a function, the module) in train mode,
+    where it mixes: refused. Keyed by the top module's flag alone it passed unprobed."""
+    x, y = _data(9)
+    model = nn.Sequential(BatchStatsInTraining(), mlp(nn.Tanh()).to(D64)).eval()
+    fn = model if wrap == "module" else (lambda z: model(z))
+    cf.crr_penalty(fn, x, y, orders=(1, 2))
+    model[0].train()
+    with pytest.raises(cf.SampleMixingError, match="mixes samples"):
+        cf.crr_penalty(fn, x, y, orders=(1, 2))
