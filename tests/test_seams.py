@@ -304,3 +304,64 @@ def test_custom_autograd_function_receiving_a_jet_raises():
     with pytest.raises(cf.JetError, match="_Square"):
         with torch.no_grad():
             cf.jet(lambda z: _Square.apply(torch.sin(z)), x, u, 2)
+
+
+_NET_IN_GRADIENT_LOSS = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1)).to(D64)
+
+
+def _input_gradient_terms():
+    """Losses that differentiate the network with respect to its input inside the function (a
+    physics-informed loss): by torch.autograd.grad, torch.autograd.backward and the
+    torch.autograd.functional helpers (which detach an input that does not require grad)."""
+    net = _NET_IN_GRADIENT_LOSS
+
+    def by_grad(z):
+        z = z if z.requires_grad else z.requires_grad_()
+        g = torch.autograd.grad(net(z).sum(), z, create_graph=True)[0]
+        return net(z) + g.pow(2).sum(1, keepdim=True)
+
+    def by_backward(z):
+        out = net(z)
+        torch.autograd.backward(out.sum(), inputs=[z])
+        return out
+
+    def by_jacobian(z):
+        J = torch.autograd.functional.jacobian(lambda r: net(r).sum(), z, create_graph=True)
+        return net(z) + J.pow(2).sum(1, keepdim=True)
+
+    def by_vjp(z):
+        _, g = torch.autograd.functional.vjp(lambda r: net(r).sum(), z, create_graph=True)
+        return net(z) + g.pow(2).sum(1, keepdim=True)
+
+    def by_hessian(z):
+        H = torch.autograd.functional.hessian(lambda r: net(r[:1]).sum(), z, create_graph=True)
+        return net(z) + H.sum()
+    return {f.__name__: f for f in (by_grad, by_backward, by_jacobian, by_vjp, by_hessian)}
+
+
+@pytest.mark.parametrize("how", sorted(_input_gradient_terms()))
+def test_a_gradient_taken_inside_the_function_raises(how):
+    """The engine has no Taylor rule for a gradient computed inside the function. torch.autograd's
+    own helpers detach an input that does not require grad: a jet that moves along the path
+    answers requires_grad=True, so they reach torch.autograd.grad and raise, instead of returning
+    the gradient term as a constant (its Taylor coefficients silently 0: measured before)."""
+    fn = _input_gradient_terms()[how]
+    x, u = rand(4, 3, seed=41), rand(4, 3, seed=42)
+    with pytest.raises(cf.JetError, match="torch.autograd.grad or torch.autograd.backward on a jet"):
+        cf.jet(fn, x, u, 2)
+
+
+def test_requires_grad_of_a_jet():
+    """A jet that moves along the path requires grad; a constant one (no stored coefficient beyond
+    the primal, e.g. a value computed under no_grad in the model) does as its primal does."""
+    x, u = rand(4, 3, seed=43), rand(4, 3, seed=44)
+    seen = {}
+
+    def fn(z):
+        seen["input"] = z.requires_grad
+        with torch.no_grad():
+            c = z * 2
+        seen["no_grad"] = c.requires_grad
+        return z.sum(1)
+    cf.jet(fn, x, u, 2)
+    assert seen == {"input": True, "no_grad": False}

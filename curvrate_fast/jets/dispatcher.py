@@ -74,7 +74,11 @@ _CONSTANT_GETTERS = frozenset({
 # grad_fn, reentrant checkpointing checks requires_grad of its inputs). ``_base`` is None: a jet
 # is never an autograd view (in-place ops on jets are the engine's, docs/engine.md).
 _AUTOGRAD_GETTERS = {
-    "requires_grad": lambda c: c.requires_grad,
+    # a jet that moves along the path (a stored coefficient beyond the primal) depends on the
+    # input as a tensor that requires grad does: code that asks before differentiating (torch.
+    # autograd.functional's jacobian/hessian/vjp, which detach inputs that do not require grad)
+    # then reaches torch.autograd.grad, which refuses, instead of computing a constant silently
+    "requires_grad": lambda c: c.requires_grad or c.shape[0] > 1,
     "grad_fn": lambda c: c.grad_fn,
     "is_leaf": lambda c: c.is_leaf,
     "grad": lambda c: c.grad,
@@ -101,20 +105,43 @@ _WRAPPER_METADATA = frozenset({
 def _register_hook(jet: JetTensor, hook: Callable) -> Any:
     """A hook on a jet is a hook on its stacked coefficient tensor: it runs when the gradient of
     all the jet's coefficients is computed, and receives it, shape (n + 1, *jet.shape) (FSDP2
-    registers its pre-backward hook on a module's outputs this way)."""
+    registers its pre-backward hook on a module's outputs this way). A jet that moves along the
+    path answers requires_grad=True also where its coefficients have no autograd graph (a pass
+    without parameters that require grad, the sample-mixing probe): no gradient ever reaches it,
+    so the hook is held by a handle and never runs, as it would never run on a tensor that no
+    loss reaches."""
     if not jet._coeffs.requires_grad:
-        raise RuntimeError("cannot register a hook on a jet whose coefficients do not require grad")
+        if jet._coeffs.shape[0] > 1:
+            return _UnusedHookHandle()
+        raise RuntimeError("cannot register a hook on a jet that does not require grad")
     return jet._coeffs.register_hook(hook)
 
 
+class _UnusedHookHandle:
+    """The handle of a hook on a jet no gradient reaches (:func:`_register_hook`)."""
+
+    def remove(self) -> None:
+        pass
+
+
 def _retain_grad(jet: JetTensor) -> None:
-    jet._coeffs.retain_grad()
+    if jet._coeffs.requires_grad or jet._coeffs.shape[0] == 1:   # the latter raises as torch does
+        jet._coeffs.retain_grad()
 
 
 def _no_backward(jet: JetTensor, *args, **kwargs) -> None:
     raise JetError("backward() on a jet: a jet is a Taylor expansion, not a loss; take a scalar "
                    "function of its coefficients (jet.coeffs), or of the values curvrate_fast's entry "
                    "points return, and call backward() on that")
+
+
+def _no_autograd_call(*args, **kwargs) -> None:
+    raise JetError("torch.autograd.grad or torch.autograd.backward on a jet, inside the model or the loss "
+                   "(e.g. a physics-informed loss that differentiates the output with respect to the input): "
+                   "a jet is a Taylor expansion, not an autograd graph of the input, and the engine has no "
+                   "Taylor rule for a gradient computed inside the function. Take the derivatives of such a "
+                   "loss with nested autograd (curvrate_fast.baseline.nested_directional_derivatives), or give the "
+                   "gradient in closed form as ordinary ops")
 
 
 def _no_accumulate_hook(jet: JetTensor, hook: Callable) -> None:
@@ -126,6 +153,10 @@ _AUTOGRAD_METHODS: Dict[Any, Callable] = {
     torch.Tensor.retain_grad: _retain_grad,
     torch.Tensor.backward: _no_backward,
     torch.Tensor.register_post_accumulate_grad_hook: _no_accumulate_hook,
+    # plain Python functions that hand a jet to __torch_function__: as a decomposition they would
+    # run autograd's engine on the wrappers and fail with a message about requires_grad
+    torch.autograd.grad: _no_autograd_call,
+    torch.autograd.backward: _no_autograd_call,
 }
 
 
