@@ -365,3 +365,36 @@ def test_requires_grad_of_a_jet():
         return z.sum(1)
     cf.jet(fn, x, u, 2)
     assert seen == {"input": True, "no_grad": False}
+
+
+def _machinery_cases():
+    net = _NET_IN_GRADIENT_LOSS
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(3, 4), nn.Tanh()).to(D64))
+    traced = torch.jit.trace(nn.Sequential(nn.Linear(3, 4), nn.Tanh()).to(D64), torch.zeros(2, 3, dtype=D64))
+
+    def forward_ad(z):
+        import torch.autograd.forward_ad as fwAD
+        with fwAD.dual_level():
+            return fwAD.unpack_dual(net(fwAD.make_dual(z, torch.ones_like(z)))).tangent
+    func = "a torch.func transform"
+    return {
+        "vmap": (lambda z: torch.func.vmap(net)(z), func),
+        "grad": (lambda z: net(z) + torch.func.grad(lambda r: net(r).sum())(z).sum(1, keepdim=True), func),
+        "jacrev": (lambda z: net(z) + torch.func.jacrev(lambda r: net(r).sum())(z).sum(1, keepdim=True), func),
+        "func_jvp": (lambda z: torch.func.jvp(net, (z,), (torch.ones_like(z),))[1], "forward-mode AD"),
+        "forward_ad": (forward_ad, "forward-mode AD"),
+        "jit_script": (lambda z: scripted(z), "TorchScript"),
+        "jit_trace": (lambda z: traced(z), "TorchScript"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_machinery_cases()))
+def test_transforms_and_torchscript_inside_the_function_raise_named_errors(case):
+    """Code that runs below __torch_function__ or outside Python (torch.func transforms,
+    forward-mode AD, TorchScript) cannot carry a jet: each raises an error that names it (before:
+    'an ATen op bypassed __torch_function__, please report it', or a missing rule for
+    'torch._make_dual' or 'Sequential.forward')."""
+    fn, named = _machinery_cases()[case]
+    x, u = rand(4, 3, seed=45), rand(4, 3, seed=46)
+    with pytest.raises(cf.JetError, match=named):
+        cf.jet(fn, x, u, 2)

@@ -621,6 +621,9 @@ def _route(func: Any, args: Tuple, kwargs: Dict) -> Any:
         record("decomposed", func)
         return fn(*args, **kwargs)
 
+    machinery = _foreign_machinery(func)
+    if machinery is not None:
+        raise JetError(machinery)
     if random_op(func):
         raise RuleMissingError(
             f"{op_name(func)} draws random numbers and has no Taylor rule: the draw must be made once, "
@@ -632,6 +635,26 @@ def _route(func: Any, args: Tuple, kwargs: Dict) -> Any:
         "curvrate_fast.register: docs/rules.md shows how, usually in one line from the op's "
         "derivative or as a composition of ops that have rules; or .detach() the value if it "
         "should be a constant.")
+
+
+# forward-mode AD's primitives: a jet already is the forward-mode expansion, and a dual number of
+# a jet would need a rule for each op on the pair
+_FORWARD_AD = frozenset({"_make_dual", "_unpack_dual", "make_dual", "unpack_dual"})
+
+
+def _foreign_machinery(func: Any) -> Optional[str]:
+    """Why a call that runs code the engine cannot see op by op (TorchScript, forward-mode AD)
+    cannot take a jet, or None for an ordinary op without a rule."""
+    if isinstance(func, (torch._C.ScriptMethod, torch._C.ScriptFunction)) \
+            or isinstance(getattr(func, "__self__", None), torch.jit.ScriptModule):
+        return (f"{op_name(func)}: a TorchScript module or function (torch.jit.script / torch.jit.trace) "
+                "received a jet; TorchScript runs its compiled graph on ATen directly, where the jet's Taylor "
+                "coefficients cannot follow. Call the eager module (the one that was scripted or traced) instead.")
+    if _func_name(func) in _FORWARD_AD:
+        return (f"{op_name(func)}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) inside the function "
+                "received a jet; the engine has no rule for a derivative taken inside the function. A jet "
+                "already carries the derivatives along its direction: compute them with the engine instead.")
+    return None
 
 
 def _inplace(func: Any, base: str, args: Tuple, kwargs: Dict) -> Any:

@@ -9,6 +9,7 @@ rule, an exact decomposition into ops that have rules, or a clear error.
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -162,6 +163,12 @@ class JetTensor(torch.Tensor):
     # -- dispatch -----------------------------------------------------------------------------
     @classmethod
     def __torch_dispatch__(cls, func, types_, args=(), kwargs=None):
+        if _inside_functorch():
+            raise JetError(
+                f"a torch.func transform (vmap, grad, jacrev, jacfwd, functional_call under vmap...) inside "
+                f"the function met a jet at {func}: functorch's transforms run below __torch_function__, where "
+                "the jet's Taylor coefficients cannot follow (and a derivative taken inside the function has "
+                "no Taylor rule). Call the function without the transform, e.g. a loop instead of vmap.")
         raise JetError(
             f"the ATen op {func} was reached with a JetTensor; this means a torch function bypassed "
             "__torch_function__. Please report it with the model that triggered it.")
@@ -169,6 +176,19 @@ class JetTensor(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types_, args=(), kwargs=None):
         return _dispatcher[0](func, args, kwargs or {})
+
+
+def _inside_functorch() -> bool:
+    """Whether a torch.func transform is running this call (its Python frames are on the stack:
+    functorch's own interpreter stack is hidden while a subclass's __torch_dispatch__ runs).
+    Read on the error path only."""
+    f = sys._getframe(1)
+    while f is not None:
+        name = f.f_code.co_filename.replace("\\", "/")
+        if "/torch/_functorch/" in name:
+            return True
+        f = f.f_back
+    return False
 
 
 # -- helpers used by rules -----------------------------------------------------------------------
