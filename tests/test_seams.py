@@ -398,3 +398,60 @@ def test_transforms_and_torchscript_inside_the_function_raise_named_errors(case)
     x, u = rand(4, 3, seed=45), rand(4, 3, seed=46)
     with pytest.raises(cf.JetError, match=named):
         cf.jet(fn, x, u, 2)
+
+
+def test_copy_into_a_jet_is_linear_and_into_a_plain_tensor_raises():
+    """dst.copy_(src): a jet takes src's coefficients (broadcast, cast), a plain src makes it a
+    constant; a copy into a plain tensor, into a view of a jet, and the copy constructors
+    (torch.tensor(x), torch.Tensor(x), set_) raise errors that name them (before: 'Tensor.copy_
+    has no Taylor rule' and 'an ATen op bypassed __torch_function__')."""
+    x, u = rand(5, 3, seed=47), rand(5, 3, seed=48)
+
+    def copied(z):
+        w = z * 3.0
+        w.copy_(torch.sin(z))
+        return w
+
+    def broadcast_cast(z):
+        w = (z * 1.0).float()
+        w.copy_(torch.sin(z[0]))
+        return w.double()
+
+    def constant(z):
+        w = z * 1.0
+        w.copy_(torch.ones(5, 3, dtype=z.dtype))
+        return w + torch.sin(z)
+    assert rel_err(cf.jet(copied, x, u, 3), cf.jet(torch.sin, x, u, 3)) < 1e-15
+    ref = cf.jet(lambda z: torch.sin(z[0]).float().double().expand(5, 3), x, u, 3)
+    assert rel_err(cf.jet(broadcast_cast, x, u, 3), ref) < 1e-15
+    assert rel_err(cf.jet(constant, x, u, 3), cf.jet(lambda z: 1.0 + torch.sin(z), x, u, 3)) < 1e-15
+
+    def into_plain(z):
+        return torch.zeros(5, 3, dtype=z.dtype).copy_(z)
+
+    def into_view(z):
+        w = z * 1.0
+        w[0].copy_(z[1])
+        return w
+    with pytest.raises(cf.JetError, match="writes a jet into a plain tensor"):
+        cf.jet(into_plain, x, u, 2)
+    with pytest.raises(cf.JetError, match="on a view of a jet"):
+        cf.jet(into_view, x, u, 2)
+    for construct in (torch.tensor, torch.Tensor, lambda z: torch.empty(0, dtype=z.dtype).set_(z)):
+        with pytest.raises(cf.JetError, match="a constructor that copies a tensor"):
+            cf.jet(construct, x, u, 2)
+
+
+def test_python_numbers_of_a_jet_are_constants_as_in_autograd():
+    """item(), float() and tolist() give the primal value: a value that re-enters the computation
+    through them is a constant, as nested autograd has it (the derivative does not pass)."""
+    x, u = rand(5, 3, seed=49), rand(5, 3, seed=50)
+    y = torch.tensor([0, 1, 2, 1, 0])
+    lin = nn.Linear(3, 3, dtype=D64)
+
+    def model(z):
+        h = torch.tanh(lin(z))
+        scale = h.sum().item() + float(h[0, 0]) + sum(h[1].tolist())
+        return h * scale
+    ours = cf.loss_directional_derivatives(model, x, y, u, 3)
+    assert rel_err(ours, _nested_autograd_loss_derivatives(model, x, y, u, 3)) < 1e-10

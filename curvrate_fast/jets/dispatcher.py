@@ -32,6 +32,7 @@ import types
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
+from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
 from ..finite import all_finite
@@ -612,6 +613,8 @@ def _route(func: Any, args: Tuple, kwargs: Dict) -> Any:
     if name in _CONSTANT_RESULT_NAMES:
         return constant_result(func, args, kwargs)
 
+    if func is torch.Tensor.copy_:
+        return _copy_into(*args, **kwargs)
     base = _is_inplace(func)
     if base is not None:
         return _inplace(func, base, args, kwargs)
@@ -657,19 +660,42 @@ def _foreign_machinery(func: Any) -> Optional[str]:
     return None
 
 
-def _inplace(func: Any, base: str, args: Tuple, kwargs: Dict) -> Any:
-    target = args[0]
-    out_of_place = getattr(torch.Tensor, base, None)
-    if out_of_place is None:
-        out_of_place = getattr(torch, base)
+def _writable_target(func: Any, target: Any) -> JetTensor:
+    """The jet an in-place op writes into, or the error why it cannot."""
     if not isinstance(target, JetTensor):
         raise JetError(
             f"in-place {_func_name(func)} writes a jet into a plain tensor; Taylor coefficients cannot "
-            "be stored there. Use the out-of-place form (e.g. torch.cat / torch.where) instead.")
+            "be stored there. Use the out-of-place form (e.g. torch.cat / torch.where, or the jet itself "
+            "instead of a copy into a buffer; x.detach() where a constant is meant) instead.")
     if target._is_view:
         raise JetError(
             f"in-place {_func_name(func)} on a view of a jet (from view/reshape/indexing) would not "
             "reach the tensor it views; use the out-of-place form, e.g. `x = x + y` or `F.relu(x)`.")
+    return target
+
+
+def _copy_into(dst: Any, src: Any, non_blocking: bool = False) -> JetTensor:
+    """``dst.copy_(src)`` with a jet: dst takes src's value and coefficients, broadcast to dst's
+    shape and cast to its dtype and device (linear in src, as copy_ is in autograd); a plain src
+    makes dst a constant. Into a plain tensor it raises (:func:`_writable_target`)."""
+    target = _writable_target(torch.Tensor.copy_, dst)
+    value = src
+    if isinstance(value, Tensor) and (value.dtype != target.dtype or value.device != target.device):
+        value = dispatch(torch.Tensor.to, (value,), {"dtype": target.dtype, "device": target.device})
+    if isinstance(value, JetTensor):
+        expanded = dispatch(torch.Tensor.expand, (value, target.shape), {})
+        target._coeffs = dispatch(torch.Tensor.clone, (expanded,), {})._coeffs
+    else:
+        target._coeffs = torch.as_tensor(value, dtype=target.dtype, device=target.device).expand(
+            target.shape).unsqueeze(0).clone()
+    return target
+
+
+def _inplace(func: Any, base: str, args: Tuple, kwargs: Dict) -> Any:
+    out_of_place = getattr(torch.Tensor, base, None)
+    if out_of_place is None:
+        out_of_place = getattr(torch, base)
+    target = _writable_target(func, args[0])
     result = dispatch(out_of_place, args, kwargs)
     if isinstance(result, JetTensor):
         if result.shape != target.shape:

@@ -169,6 +169,12 @@ class JetTensor(torch.Tensor):
                 f"the function met a jet at {func}: functorch's transforms run below __torch_function__, where "
                 "the jet's Taylor coefficients cannot follow (and a derivative taken inside the function has "
                 "no Taylor rule). Call the function without the transform, e.g. a loop instead of vmap.")
+        if getattr(func, "__name__", "").split(".")[0] in _COPY_CONSTRUCTION:
+            raise JetError(
+                f"{func} met a jet below torch functions: a constructor that copies a tensor "
+                "(torch.tensor(x), torch.Tensor(x)) or Tensor.set_ received one. A plain tensor cannot hold "
+                "the Taylor coefficients: use the jet itself, x.clone(), or x.detach() where a constant is meant "
+                "(what torch.tensor(x) gives in autograd).")
         raise JetError(
             f"the ATen op {func} was reached with a JetTensor; this means a torch function bypassed "
             "__torch_function__. Please report it with the model that triggered it.")
@@ -176,6 +182,10 @@ class JetTensor(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types_, args=(), kwargs=None):
         return _dispatcher[0](func, args, kwargs or {})
+
+
+# ATen ops that copy constructors and set_ reach directly with their tensor argument
+_COPY_CONSTRUCTION = frozenset({"detach", "alias", "set_", "lift_fresh", "_to_copy", "clone"})
 
 
 def _inside_functorch() -> bool:
