@@ -167,6 +167,33 @@ def llama(attn: str, seed: int = 2, pad: bool = False) -> Case:
                 _lm_loss, x, y)
 
 
+# More decoder LMs, each with what sets it apart from Llama: Qwen2 (biased q/k/v), Mistral (sliding
+# window), Gemma2 (RMSNorm scaled by 1 + w, tanh soft-capping of attention scores and logits, GELU-tanh,
+# sliding and global layers), Phi-3 (fused qkv and gate-up projections), OLMo (non-parametric
+# LayerNorm), Qwen3 (RMSNorm on queries and keys)
+DECODERS = {
+    "qwen2": ("Qwen2Config", {}),
+    "mistral": ("MistralConfig", {"sliding_window": 4}),
+    "gemma2": ("Gemma2Config", {"head_dim": 8, "sliding_window": 4}),
+    "phi3": ("Phi3Config", {"pad_token_id": 0}),
+    "olmo": ("OlmoConfig", {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}),
+    "qwen3": ("Qwen3Config", {"head_dim": 8}),
+}
+
+
+def decoder(family: str, seed: int = 6) -> Case:
+    """A causal LM of the family (2 layers, hidden 16, 2 heads / 1 KV head, eager attention: the
+    nested-autograd oracle cannot run SDPA); loss: per-sample mean token CE."""
+    config_name, extra = DECODERS[family]
+    cfg = getattr(transformers, config_name)(vocab_size=30, hidden_size=16, intermediate_size=24,
+                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                             max_position_embeddings=16, initializer_range=0.3, **extra)
+    cfg._attn_implementation = "eager"
+    model = _build(transformers.AutoModelForCausalLM.from_config, cfg, seed)
+    x, y = _inputs(seed + 200, 2, 6, 16, 30)
+    return Case(f"{family}-eager", model, lambda e: model(inputs_embeds=e).logits, _lm_loss, x, y)
+
+
 def _images(seed: int, B: int, C: int, S: int, n_labels: int):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(B, C, S, S, generator=g, dtype=D64), torch.randint(0, n_labels, (B,), generator=g)

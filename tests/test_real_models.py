@@ -256,6 +256,11 @@ def test_text_output_jet(spec):
     check_jet(build(spec))
 
 
+@pytest.mark.parametrize("family", sorted(H.DECODERS))
+def test_more_decoder_families_loss_derivatives_and_crr_gradient(family):
+    check_loss_derivatives(H.decoder(family))
+
+
 @pytest.mark.parametrize("attn", H.TEXT_ATTN)
 def test_bert_hidden_state_jet(attn):
     """The encoder's last hidden state (LayerNorm output) rather than the classifier's logits."""
