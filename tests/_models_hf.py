@@ -276,3 +276,33 @@ class Float64Casts(TorchFunctionMode):
             if func in (torch.Tensor.float, torch.Tensor.half, torch.Tensor.bfloat16):
                 func, args = torch.Tensor.double, args[:1]
         return func(*args, **kwargs)
+
+
+# More vision families (eager attention), each with what sets it apart: ViT (patch embedding, CLS
+# token, LayerNorm), Swin (shifted windows: roll, window partition, attention masks, relative
+# position bias), BEiT (relative position bias, layer scale), ConvNeXt-V2 (depthwise 7x7 convs,
+# channels-last LayerNorm, global response normalization), ResNet (BatchNorm in eval, max pooling)
+VISION_MORE = {
+    "vit": ("ViTConfig", "ViTForImageClassification", 8,
+            dict(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=24)),
+    "swin": ("SwinConfig", "SwinForImageClassification", 16,
+             dict(image_size=16, patch_size=2, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=4)),
+    "beit": ("BeitConfig", "BeitForImageClassification", 8,
+             dict(image_size=8, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=24, use_relative_position_bias=True)),
+    "convnextv2": ("ConvNextV2Config", "ConvNextV2ForImageClassification", 16,
+                   dict(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, image_size=16, patch_size=2)),
+    "resnet": ("ResNetConfig", "ResNetForImageClassification", 16,
+               dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])),
+}
+
+
+def vision_more(family: str, seed: int = 4) -> Case:
+    """A tiny image classifier of the family (3 labels), weights re-drawn with fan-in scaling."""
+    config_name, model_name, size, kw = VISION_MORE[family]
+    cfg = getattr(transformers, config_name)(num_channels=3, num_labels=3, **kw)
+    cfg._attn_implementation = "eager"
+    model = _build(getattr(transformers, model_name), cfg, seed, gain=1.0)
+    x, y = _images(seed + 200, 2, 3, size, 3)
+    return Case(f"{family}-eager", model, lambda p: model(pixel_values=p).logits, _ce, x, y)

@@ -261,6 +261,11 @@ def test_more_decoder_families_loss_derivatives_and_crr_gradient(family):
     check_loss_derivatives(H.decoder(family))
 
 
+@pytest.mark.parametrize("family", sorted(H.VISION_MORE))
+def test_more_vision_families_loss_derivatives_and_crr_gradient(family):
+    check_loss_derivatives(H.vision_more(family))
+
+
 @pytest.mark.parametrize("attn", H.TEXT_ATTN)
 def test_bert_hidden_state_jet(attn):
     """The encoder's last hidden state (LayerNorm output) rather than the classifier's logits."""
