@@ -40,8 +40,6 @@ def _check_tensor(name: str, t) -> None:
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor (derivatives along x + t·u need real "
                         f"inputs), got dtype {t.dtype}; convert it with .float() or .double()")
-    if settings.check_finite and not tracing():
-        require_finite(t, name)
 
 
 def _check_pair(x: Tensor, u: Tensor) -> None:
@@ -51,6 +49,9 @@ def _check_pair(x: Tensor, u: Tensor) -> None:
         raise TypeError(f"u has dtype {u.dtype} but x has {x.dtype}; they must match")
     if u.device != x.device:
         raise ValueError(f"u is on {u.device} but x is on {x.device}")
+    if settings.check_finite and not tracing():     # after the device check: it reads the values
+        require_finite(x, "x")
+        require_finite(u, "u")
 
 
 @_eager

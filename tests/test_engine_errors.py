@@ -59,6 +59,14 @@ def test_dtype_mismatch(setup):
         cf.jet(model, x, torch.randn_like(x).double(), 2)
 
 
+def test_device_mismatch_is_named_before_any_value_is_read(setup):
+    """u on another device than x: the device check runs before the finite check reads values
+    (a meta u made the finite check fail with 'Tensor.item() cannot be called on meta tensors')."""
+    model, x, y = setup
+    with pytest.raises(ValueError, match="u is on meta but x is on cpu"):
+        cf.jet(model, x, torch.randn_like(x, device="meta"), 2)
+
+
 def test_loss_not_per_sample(setup):
     model, x, y = setup
     with pytest.raises(ValueError, match="one loss per sample.*reduction='none'"):
