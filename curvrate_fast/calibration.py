@@ -49,9 +49,31 @@ def confidence_and_correct(logits: ArrayLike, labels: ArrayLike, *, probs: bool 
     if bool((t < 0).any()) or bool((t >= z.shape[1]).any()):
         raise ValueError(f"labels must lie in [0, {z.shape[1]}), got [{int(t.min())}, {int(t.max())}]")
     require_finite(z, "logits/probabilities")
+    if probs:
+        _require_probabilities(z)
     p = z if probs else torch.softmax(z, dim=1)
     conf, pred = p.max(dim=1)
     return conf, pred.eq(t)
+
+
+# how far a row of given probabilities may be from summing to 1, or an entry outside [0, 1]: the
+# rounding of a softmax in half precision (float16 keeps ~3 decimal digits)
+PROBABILITY_TOLERANCE = 1e-3
+
+
+def _require_probabilities(p: Tensor) -> None:
+    """``probs=True``: every row a probability vector, else a clear error (logits passed as
+    probabilities would give a confidence above 1 or below 0 and a meaningless ECE)."""
+    tol = PROBABILITY_TOLERANCE
+    low, high = float(p.min()), float(p.max())
+    if low < -tol or high > 1 + tol:
+        raise ValueError(f"probs=True expects probabilities in [0, 1], got values in [{low:.4g}, {high:.4g}]; "
+                         "pass logits with probs=False")
+    sums = p.sum(dim=1)
+    worst = int((sums - 1).abs().argmax())
+    if abs(float(sums[worst]) - 1) > tol:
+        raise ValueError(f"probs=True expects each row to sum to 1, row {worst} sums to {float(sums[worst]):.6g}; "
+                         "pass logits with probs=False")
 
 
 def reliability_bins(logits: ArrayLike, labels: ArrayLike, n_bins: int = 10, *,

@@ -57,3 +57,16 @@ def test_bad_inputs():
         expected_calibration_error(torch.tensor([[float("nan"), 0.0]]), torch.tensor([0]))
     with pytest.raises(ValueError, match="n_bins"):
         expected_calibration_error(P, LABELS, n_bins=0, probs=True)
+
+
+def test_probs_true_requires_probabilities():
+    """probs=True with logits, or with rows that do not sum to 1, is an error (before: the max
+    entry was read as a confidence, 0.349 for a (10, 3) batch of |logits|); float16-rounded
+    softmax output passes."""
+    z = torch.tensor([[2.0, -1.0], [0.5, 0.3]])
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        expected_calibration_error(z, torch.tensor([0, 1]), probs=True)
+    with pytest.raises(ValueError, match="row 1 sums to 0.8"):
+        hard_fraction_accuracy(torch.tensor([[0.2, 0.8], [0.5, 0.3]]), torch.tensor([0, 1]), probs=True)
+    p16 = torch.softmax(torch.randn(50, 10, generator=torch.Generator().manual_seed(0)), 1).half()
+    assert 0.0 <= expected_calibration_error(p16, torch.zeros(50, dtype=torch.long), probs=True) <= 1.0
