@@ -49,6 +49,7 @@ from .directions import (
     sample_directions,
 )
 from .finite import require_finite
+from .jets.draws import shared_draws
 from .jets.registry import settings
 from .mixing import require_per_sample
 
@@ -160,9 +161,11 @@ def _subset_split(subset: Optional[Union[int, float]], B: int,
     return perm[:k], perm[k:]
 
 
-def _loss_coefficients(model, x: Tensor, y, U: Tensor, order: int, loss_fn) -> Tensor:
+def _loss_coefficients(model, x: Tensor, y, U: Tensor, order: int, loss_fn, share_draws: bool = False) -> Tensor:
     """Normalized coefficients ℓ_0..ℓ_K of the per-sample loss along every direction, shape
-    (K + 1, D, B), in one jet pass over the D·B rows (coefficient 0 is the loss itself)."""
+    (K + 1, D, B), in one jet pass over the D·B rows (coefficient 0 is the loss itself).
+    ``share_draws``: the D rows of a sample must see one function (polarization rows): random ops
+    in the model draw once per sample (jets/draws.py), not once per row."""
     D, B = U.shape[0], x.shape[0]
     rest = tuple(x.shape[1:])
     X = x.unsqueeze(0).expand((D, B) + rest).reshape((D * B,) + rest)
@@ -172,7 +175,8 @@ def _loss_coefficients(model, x: Tensor, y, U: Tensor, order: int, loss_fn) -> T
         Y = y.unsqueeze(0).expand((D,) + tuple(y.shape)).reshape((D * B,) + tuple(y.shape[1:]))
     fn = loss_fn or _default_loss
     require_per_sample(model, x, y, loss_fn)
-    c = jet(lambda xj: fn(model(xj), Y), X, UU, order)
+    with shared_draws(D if share_draws else 1, B):
+        c = jet(lambda xj: fn(model(xj), Y), X, UU, order)
     if tuple(c.shape[1:]) != (D * B,):
         raise ValueError(f"loss_fn must return one loss per sample, shape ({D * B},), got "
                          f"{tuple(c.shape[1:])}; for torch losses pass reduction='none' (e.g. "
@@ -274,7 +278,8 @@ def _crr_compute(model, x: Tensor, y, idx: Optional[Tensor], U: Tensor, ords: Tu
         # 2^{N−1} polarization rows per direction set serve every order n ≤ N (directions.py)
         rows = [polarization(list(U[k].unbind(0)))[0] for k in range(D)]
         M = rows[0].shape[0]
-        c = _loss_coefficients(model, xs, ys, torch.cat(rows), N, loss_fn)   # (N+1, D·M, B')
+        c = _loss_coefficients(model, xs, ys, torch.cat(rows), N, loss_fn,  # (N+1, D·M, B')
+                               share_draws=True)
         terms_l = []
         for n in ords:
             w = polarization_weights(N, n, dtype=c.dtype, device=c.device)      # (M,), same for all k

@@ -14,7 +14,7 @@ import contextlib
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 __all__ = ["register", "unregister", "lookup", "has_rule", "settings", "engine_settings",
            "configure", "OpReport", "track_ops", "BACKENDS", "LINEAR_IMPLS", "tracing",
@@ -191,6 +191,9 @@ class _Settings(threading.local):
         # the model's own no_grad regions can be seen) and the rules run under no_grad
         self.rules_without_grad: bool = False
         self.rule_depth: int = 0
+        # (row groups G, samples B') of a jet pass whose G groups of rows must share their random
+        # draws (per-order CRR's polarization rows: jets/draws.py); (1, 0) otherwise
+        self.draw_groups: Tuple[int, int] = (1, 0)
 
 
 settings = _Settings()

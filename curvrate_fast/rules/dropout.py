@@ -1,12 +1,15 @@
 """Taylor rules for dropout: one mask for all coefficients (docs/math.md §2: dropout with a fixed mask
 is linear), so train mode works. The mask is drawn by running the same dropout function on a
 tensor of ones shaped like the primal: it consumes the random number generator exactly as the
-plain model would, so a seeded run draws the same mask as nested autograd does."""
+plain model would, so a seeded run draws the same mask as nested autograd does. In a pass with
+per-order directions the mask is drawn for one group of polarization rows and shared by all
+(jets/draws.py)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from ..jets.draws import shared_draw
 from ..jets.registry import register
 from ._common import make_jet
 
@@ -16,7 +19,7 @@ def _dropout_rule(mask_fn):
         if not training or p == 0.0:
             return input
         x0 = input._coeffs[0]
-        mask = mask_fn(torch.ones_like(x0), p, True)
+        mask = shared_draw(torch.ones_like(x0), lambda ones: mask_fn(ones, p, True), mask_fn.__name__)
         return make_jet(input._coeffs * mask, input._order)
     rule.__doc__ = f"{mask_fn.__name__} with one mask for every coefficient."
     return rule
@@ -38,7 +41,7 @@ def _torch_feature_dropout(input, p: float, train: bool):
     if not train or p == 0.0:
         return input
     x0 = input._coeffs[0]
-    mask = torch.feature_dropout(torch.ones_like(x0), p, True)
+    mask = shared_draw(torch.ones_like(x0), lambda ones: torch.feature_dropout(ones, p, True), "feature_dropout")
     return make_jet(input._coeffs * mask, input._order)
 
 

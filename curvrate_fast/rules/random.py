@@ -14,6 +14,9 @@ the call with a standard parameter and restoring the state after the call.
 - ``rrelu`` in training mode: y = x·a with a random slope a per element for x < 0 (1 for x ≥ 0);
 - ``alpha_dropout``/``feature_alpha_dropout`` in training mode: y = a·m·x + b, affine in x with the
   random mask m and the constants a, b of the op.
+
+In a pass with per-order directions every rule draws for one group of polarization rows and
+repeats the draw for the others (``jets/draws.py``): the rows of a sample see one function.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..jets.draws import grouped, shared_draw
 from ..jets.registry import record, register
 from ..jets.tensor import primals
 from ._common import JetError, is_jet, make_jet, order_of, primal
@@ -69,7 +73,8 @@ def _fill_rule(func):
         if input._is_view:
             raise JetError(f"in-place {func.__name__} on a view of a jet would not reach the tensor it "
                            "views; fill a fresh tensor instead")
-        value = func(input._coeffs[0].detach().clone(), *primals(args), **primals(kwargs))
+        value = shared_draw(input._coeffs[0].detach().clone(),
+                            lambda t: func(t, *primals(args), **primals(kwargs)), func.__name__)
         input._coeffs = value.unsqueeze(0)
         return input
     rule.__doc__ = f"{func.__name__}: overwrites the jet with random values, a constant."
@@ -86,9 +91,24 @@ for _name in ("uniform_", "normal_", "bernoulli_", "exponential_", "geometric_",
 def _constant_draw(func):
     def rule(*args, **kwargs):
         record("constants", func)
-        return func(*primals(args), **primals(kwargs))
+        plain = primals(args)
+        if grouped() and plain and isinstance(plain[0], Tensor):   # a draw per row of its first argument
+            n = plain[0].shape[0] if plain[0].dim() else -1
+            return shared_draw(plain[0], lambda t: func(t, *_first_rows(plain[1:], n, t.shape[0]),
+                                                        **primals(kwargs)), _name(func))
+        return func(*plain, **primals(kwargs))
     rule.__doc__ = f"{getattr(func, '__name__', func)}: an integer-valued draw, a constant."
     return rule
+
+
+def _name(func) -> str:
+    return getattr(func, "__name__", str(func))
+
+
+def _first_rows(args, n: int, rows: int):
+    """The tensors among ``args`` that have a row per row of the pass (dim 0 = n), cut to the
+    first group's ``rows``; the rest as they are (broadcast)."""
+    return [a[:rows] if isinstance(a, Tensor) and a.dim() and a.shape[0] == n and n > 0 else a for a in args]
 
 
 for _f in (torch.bernoulli, torch.Tensor.bernoulli, torch.poisson, torch.multinomial,
@@ -108,11 +128,21 @@ def normal(mean, std=1.0, *args, generator=None, **kwargs):
     K = order_of(mean, std)
     m0, s0 = primal(mean), primal(std)
     like = m0 if isinstance(m0, Tensor) else s0
-    with replayed(like.device, generator) as again:
-        y0 = torch.normal(m0, s0, *args, generator=generator, **kwargs)
-        with again():
-            z = torch.normal(torch.zeros_like(y0), torch.ones_like(y0), generator=generator)
+    if grouped():
+        out = torch.broadcast_shapes(*(t.shape for t in (m0, s0) if isinstance(t, Tensor)))
+        if len(out) == 0:
+            raise JetError("torch.normal of a 0-d jet inside a CRR pass with per-order directions: the draw "
+                           "cannot be shared by the polarization rows; use directions='fixed'")
+        n = out[0]
+
+        def draw(_):
+            return _normal_draw(*_first_rows((m0, s0), n, n // settings_groups()), args, kwargs, generator)
+        y0, z = shared_draw(torch.empty(out, device=like.device), draw, "torch.normal")
+    else:
+        y0, z = _normal_draw(m0, s0, args, kwargs, generator)
     check = m0 + s0 * z
+    if check.shape != y0.shape:
+        check = check.expand(y0.shape)
     if not torch.allclose(check.detach(), y0.detach(), rtol=1e-6, atol=1e-6 * float(check.abs().max()) + 1e-30):
         raise JetError("torch.normal: the replayed draw does not reproduce the value (this torch "
                        "build draws differently); its Taylor coefficients cannot be formed exactly")
@@ -128,6 +158,21 @@ def normal(mean, std=1.0, *args, generator=None, **kwargs):
     return make_jet(coeffs, K)
 
 
+def _normal_draw(m0, s0, args, kwargs, generator):
+    """(torch.normal(m0, s0), its standard draw z), z recovered by replaying the generator."""
+    like = m0 if isinstance(m0, Tensor) else s0
+    with replayed(like.device, generator) as again:
+        y0 = torch.normal(m0, s0, *args, generator=generator, **kwargs)
+        with again():
+            z = torch.normal(torch.zeros_like(y0), torch.ones_like(y0), generator=generator)
+    return y0, z
+
+
+def settings_groups() -> int:
+    from ..jets.registry import settings
+    return settings.draw_groups[0]
+
+
 # -- rrelu -----------------------------------------------------------------------------------------
 
 def _rrelu(input, lower: float = 1.0 / 8.0, upper: float = 1.0 / 3.0, training: bool = False,
@@ -137,11 +182,14 @@ def _rrelu(input, lower: float = 1.0 / 8.0, upper: float = 1.0 / 3.0, training: 
     plain call draws it (``rrelu_with_noise`` writes the slopes it used): y_k = a·x_k."""
     if not training:
         return F.leaky_relu(input, (lower + upper) / 2.0)
-    x0 = input._coeffs[0]
-    noise = torch.empty_like(x0)
-    y0 = torch._C._nn.rrelu_with_noise(x0, noise, lower, upper, True, generator)
+    y0, noise = shared_draw(input._coeffs[0], lambda x0: _rrelu_draw(x0, lower, upper, generator), "rrelu")
     c = input._coeffs
     return make_jet(torch.cat([y0.unsqueeze(0), c[1:] * noise]), input._order)
+
+
+def _rrelu_draw(x0, lower, upper, generator):
+    noise = torch.empty_like(x0)
+    return torch._C._nn.rrelu_with_noise(x0, noise, lower, upper, True, generator), noise
 
 
 @register(F.rrelu, torch.rrelu)
@@ -155,8 +203,8 @@ def rrelu_with_noise(input, noise, lower=1.0 / 8.0, upper=1.0 / 3.0, training=Fa
     if not training:
         noise.fill_(1.0)  # as torch does in evaluation mode
         return F.leaky_relu(input, (lower + upper) / 2.0)
-    x0 = input._coeffs[0]
-    y0 = torch._C._nn.rrelu_with_noise(x0, noise, lower, upper, True, generator)
+    y0, drawn = shared_draw(input._coeffs[0], lambda x0: _rrelu_draw(x0, lower, upper, generator), "rrelu")
+    noise.copy_(drawn)          # the slopes it used, as torch writes them
     c = input._coeffs
     return make_jet(torch.cat([y0.unsqueeze(0), c[1:] * noise]), input._order)
 
@@ -174,20 +222,24 @@ def _alpha_dropout_rule(op):
         and a one input (y = a·m + b): m = [y(1) ≠ y(0)]."""
         if not train or p == 0.0:
             return input
-        x0 = input._coeffs[0]
-        with replayed(x0.device) as again:
-            y0 = op(x0, p, True)
-            if p == 1.0:  # everything dropped: a constant
-                return y0
-            with again():
-                y_zero = op(torch.zeros_like(x0), p, True)
-            with again():
-                y_one = op(torch.ones_like(x0), p, True)
-        a = 1.0 / math.sqrt((_SELU_ALPHA_PRIME ** 2 * p + 1.0) * (1.0 - p))
-        scale = (y_one != y_zero).to(x0.dtype) * a
+        if p == 1.0:  # everything dropped: a constant
+            return shared_draw(input._coeffs[0], lambda x0: op(x0, p, True), _name(op))
+        y0, scale = shared_draw(input._coeffs[0], lambda x0: _alpha_draw(op, x0, p), _name(op))
         c = input._coeffs
         return make_jet(torch.cat([y0.unsqueeze(0), c[1:] * scale]), input._order)
     return rule
+
+
+def _alpha_draw(op, x0: Tensor, p: float):
+    """(the op's value at x0, a·m): m recovered by replaying the generator on 0 and 1 inputs."""
+    with replayed(x0.device) as again:
+        y0 = op(x0, p, True)
+        with again():
+            y_zero = op(torch.zeros_like(x0), p, True)
+        with again():
+            y_one = op(torch.ones_like(x0), p, True)
+    a = 1.0 / math.sqrt((_SELU_ALPHA_PRIME ** 2 * p + 1.0) * (1.0 - p))
+    return y0, (y_one != y_zero).to(x0.dtype) * a
 
 
 register(torch.alpha_dropout)(_alpha_dropout_rule(torch.alpha_dropout))

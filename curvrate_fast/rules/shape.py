@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..jets.draws import shared_draw
 from ..jets.registry import register
 from ..jets.tensor import primals
 from ._common import JetError, aliases, is_jet, make_jet, order_of, per_coefficient, primal
@@ -332,11 +333,22 @@ def _make_like(func):
     return rule
 
 
-for _name in ("zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
-              "randint_like", "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor",
-              "new", "new_empty_strided"):
+def _random_like(func):
+    """A random factory shaped like a jet: a constant draw, shared by the polarization rows of a
+    pass with per-order directions (jets/draws.py)."""
+    def rule(input, *args, **kwargs):
+        rest, kw = primals(args), primals(kwargs)
+        return shared_draw(primal(input), lambda t: func(t, *rest, **kw), func.__name__)
+    return rule
+
+
+for _name in ("zeros_like", "ones_like", "empty_like", "full_like", "new_zeros", "new_ones", "new_empty",
+              "new_full", "new_tensor", "new", "new_empty_strided"):
     for _f in aliases(_name):
         register(_f)(_make_like(_f))
+for _name in ("rand_like", "randn_like", "randint_like"):
+    for _f in aliases(_name):
+        register(_f)(_random_like(_f))
 
 
 def _resize_into(input, shape):
