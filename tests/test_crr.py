@@ -385,3 +385,44 @@ def test_per_order_directions_refuse_a_plain_per_row_draw():
         crr_penalty(hand_dropout, x, y, orders=(2, 3), directions="per_order")
     crr_penalty(scalar_noise, x, y, orders=(2, 3), directions="per_order")
     crr_penalty(hand_dropout, x, y, orders=(2, 3), directions="fixed")      # one row per sample: fine
+
+
+@pytest.mark.parametrize("fixed", [False, True], ids=["per_order", "fixed"])
+@pytest.mark.parametrize("kind", ["normal", "bernoulli_of_a_jet", "uniform_fill", "rrelu_with_noise"])
+def test_per_order_directions_share_the_other_random_rules(kind, fixed):
+    """The other random rules in a per-order pass: torch.normal with a jet mean, bernoulli of a jet
+    (a constant draw), an in-place uniform_ fill of a jet (a constant), rrelu_with_noise (its noise
+    buffer written as torch writes it): against nested autograd with the same seed. (PyTorch's
+    autograd gives torch.normal no derivative in its mean; the engine's is the pathwise one,
+    mean + std·z for the draw z, so the oracle runs that form with the same z; the primal's
+    parameter gradient followed autograd's zero before, in fixed and per-order passes alike.)"""
+    torch.manual_seed(2)
+    lin, out = torch.nn.Linear(3, 8).double(), torch.nn.Linear(8, 3).double()
+
+    def model(z, oracle=False):
+        h = torch.tanh(lin(z))
+        if kind == "normal" and oracle:
+            h = h + 0.1 * torch.normal(torch.zeros_like(h), torch.ones_like(h))
+        elif kind == "normal":
+            h = torch.normal(h, 0.1)
+        elif kind == "bernoulli_of_a_jet":
+            h = h * torch.bernoulli(torch.sigmoid(h))
+        elif kind == "uniform_fill":
+            h = h + 0.1 * (h * 1.0).uniform_()
+        else:
+            noise = torch.empty(h.shape, dtype=h.dtype)
+            h = torch._C._nn.rrelu_with_noise(h - 0.3, noise, 0.1, 0.3, True)
+        return out(h)
+    x, y = data(5, B=4)
+    us = [unit((4, 3), 30 + i) for i in range(3)]
+    if fixed:
+        us = [us[0]] * 3
+    params = list(lin.parameters()) + list(out.parameters())
+    torch.manual_seed(12)
+    R = crr_penalty(model, x, y, orders=(2, 3), directions=us[0] if fixed else us, order_reduction="sum")
+    torch.manual_seed(12)
+    d = nested_mixed(lambda z: model(z, oracle=True), x, y, us)
+    R_ref = d[1].abs().mean() + d[2].abs().mean()
+    assert R.item() == pytest.approx(R_ref.item(), rel=1e-10)
+    g, g_ref = torch.autograd.grad(R, params), torch.autograd.grad(R_ref, params)
+    assert _close(g, g_ref, tol=1e-9)

@@ -146,7 +146,10 @@ def normal(mean, std=1.0, *args, generator=None, **kwargs):
     if not torch.allclose(check.detach(), y0.detach(), rtol=1e-6, atol=1e-6 * float(check.abs().max()) + 1e-30):
         raise JetError("torch.normal: the replayed draw does not reproduce the value (this torch "
                        "build draws differently); its Taylor coefficients cannot be formed exactly")
-    coeffs = [y0]
+    # coefficient 0 as mean + std·z too, not torch.normal's own value (equal up to rounding: checked
+    # above): autograd gives torch.normal no derivative in mean and std, and the parameter gradient
+    # of the primal must follow the same pathwise form as the higher coefficients
+    coeffs = [check]
     n = max(mean._coeffs.shape[0] if is_jet(mean) else 1, std._coeffs.shape[0] if is_jet(std) else 1)
     for k in range(1, n):
         term = torch.zeros_like(y0)
