@@ -218,6 +218,11 @@ def _crr_plan(x: Tensor, y, *, loss_fn, orders, n_dirs, directions, order_reduct
     non-finite explicit directions) to the caller (a captured program runs them before its graph);
     ``raw_draws=True`` returns sampled directions as the normal draws, before their normalization
     (a captured program normalizes them inside its graph: ``_crr_compute(normalize_u=True)``)."""
+    if generator is not None and torch.compiler.is_compiling():
+        raise RuntimeError(
+            "CRR with generator=... inside torch.compile: dynamo cannot trace a torch.Generator, so the subset "
+            "and the directions cannot be drawn from it in a compiled step. Draw from the global generator "
+            "there (generator=None; torch.manual_seed seeds it), or call the loss outside torch.compile.")
     ords = parse_orders(orders)
     _check_positive_int("n_dirs", n_dirs)
     if order_reduction not in ("mean", "sum"):

@@ -1025,3 +1025,24 @@ def test_triton_kernels_stay_in_the_graph_as_library_ops():
     ops = {str(n.target) for n in fast.graphs()[0].graph.nodes if n.op == "call_function"}
     assert {"curvrate_fast_triton.activation_jet_fwd.default",
             "curvrate_fast_triton.activation_jet_bwd.default"} <= ops, ops
+
+
+def test_user_torch_compile_with_a_generator_names_it():
+    """A CRRLoss with its own torch.Generator inside torch.compile: dynamo cannot trace the
+    generator. fullgraph=True fails with an error that says so (before: dynamo's 'Failed to convert
+    args/kwargs to proxy'); without fullgraph the step falls back to eager for the draws and gives
+    the eager values."""
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2)).double()
+    x, y = torch.randn(10, 2, dtype=D64), torch.randint(0, 2, (10,))
+
+    def crit():
+        return cf.CRRLoss(orders=(2, 3), directions="per_order", subset=6,
+                          generator=torch.Generator().manual_seed(1))
+    full = crit()
+    with pytest.raises(Exception, match="dynamo cannot trace a torch.Generator"):
+        torch.compile(lambda x, y: full(model, x, y), fullgraph=True, backend="eager")(x, y)
+    a, b = crit(), crit()
+    step = torch.compile(lambda x, y: a(model, x, y), backend="eager")
+    for _ in range(2):
+        assert _max_rel(step(x, y).detach(), b(model, x, y).detach()) <= TOL
