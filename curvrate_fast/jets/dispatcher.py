@@ -32,7 +32,6 @@ import types
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
-from torch import Tensor
 from torch.utils._pytree import tree_flatten
 
 from ..finite import all_finite
@@ -679,14 +678,14 @@ def _copy_into(dst: Any, src: Any, non_blocking: bool = False) -> JetTensor:
     shape and cast to its dtype and device (linear in src, as copy_ is in autograd); a plain src
     makes dst a constant. Into a plain tensor it raises (:func:`_writable_target`)."""
     target = _writable_target(torch.Tensor.copy_, dst)
-    value = src
-    if isinstance(value, Tensor) and (value.dtype != target.dtype or value.device != target.device):
-        value = dispatch(torch.Tensor.to, (value,), {"dtype": target.dtype, "device": target.device})
-    if isinstance(value, JetTensor):
+    if isinstance(src, JetTensor):
+        value = src
+        if value.dtype != target.dtype or value.device != target.device:
+            value = dispatch(torch.Tensor.to, (value,), {"dtype": target.dtype, "device": target.device})
         expanded = dispatch(torch.Tensor.expand, (value, target.shape), {})
         target._coeffs = dispatch(torch.Tensor.clone, (expanded,), {})._coeffs
     else:
-        target._coeffs = torch.as_tensor(value, dtype=target.dtype, device=target.device).expand(
+        target._coeffs = torch.as_tensor(src, dtype=target.dtype, device=target.device).expand(
             target.shape).unsqueeze(0).clone()
     return target
 

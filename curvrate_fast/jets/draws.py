@@ -29,7 +29,7 @@ from torch.overrides import TorchFunctionMode
 from .registry import settings
 from .tensor import JetError, JetTensor
 
-__all__ = ["shared_draws", "shared_draw", "grouped", "first_group"]
+__all__ = ["shared_draws", "shared_draw", "grouped"]
 
 
 def grouped() -> bool:
@@ -48,12 +48,6 @@ def _check_rows(t: Tensor, what: str) -> Tuple[int, int]:
             "leading axis here). Use directions='fixed', or the penalty in eval mode (crit.eval() / "
             "model.eval()) for models that draw random numbers this way.")
     return G, n // G
-
-
-def first_group(t: Tensor) -> Tensor:
-    """The rows of the first group of ``t`` (dim 0 = G·B'·k, group-major)."""
-    _, rows = _check_rows(t, "a random op")
-    return t[:rows]
 
 
 def _tile(out: Any, G: int) -> Any:

@@ -185,7 +185,7 @@ class JetTensor(torch.Tensor):
 
 
 # ATen ops that copy constructors and set_ reach directly with their tensor argument
-_COPY_CONSTRUCTION = frozenset({"detach", "alias", "set_", "lift_fresh", "_to_copy", "clone"})
+_COPY_CONSTRUCTION = frozenset({"detach", "alias", "set_", "lift_fresh"})
 
 
 def _inside_functorch() -> bool:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..jets.draws import grouped, shared_draw
-from ..jets.registry import record, register
+from ..jets.registry import record, register, settings
 from ..jets.tensor import primals
 from ._common import JetError, is_jet, make_jet, order_of, primal
 
@@ -136,7 +136,7 @@ def normal(mean, std=1.0, *args, generator=None, **kwargs):
         n = out[0]
 
         def draw(_):
-            return _normal_draw(*_first_rows((m0, s0), n, n // settings_groups()), args, kwargs, generator)
+            return _normal_draw(*_first_rows((m0, s0), n, n // settings.draw_groups[0]), args, kwargs, generator)
         y0, z = shared_draw(torch.empty(out, device=like.device), draw, "torch.normal")
     else:
         y0, z = _normal_draw(m0, s0, args, kwargs, generator)
@@ -169,11 +169,6 @@ def _normal_draw(m0, s0, args, kwargs, generator):
         with again():
             z = torch.normal(torch.zeros_like(y0), torch.ones_like(y0), generator=generator)
     return y0, z
-
-
-def settings_groups() -> int:
-    from ..jets.registry import settings
-    return settings.draw_groups[0]
 
 
 # -- rrelu -----------------------------------------------------------------------------------------
