@@ -212,8 +212,8 @@ def _crr_plan(x: Tensor, y, *, loss_fn, orders, n_dirs, directions, order_reduct
               generator, check_values: bool = True, raw_draws: bool = False):
     """The configuration and the random draws of a CRR call, made eagerly (outside any captured
     graph): (orders, per_order, scale, subset indices or None, the other samples' indices or
-    None, directions U). U is (D, B', ...)
-    for fixed directions and (D, N, B', ...) for per-order ones (B' the penalized samples).
+    None, directions U). U is (D, B', ...) for fixed directions and (D, N, B', ...) for per-order
+    ones (B' the penalized samples).
     ``check_values=False`` leaves the checks that read tensor values (label range, zero or
     non-finite explicit directions) to the caller (a captured program runs them before its graph);
     ``raw_draws=True`` returns sampled directions as the normal draws, before their normalization

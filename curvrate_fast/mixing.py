@@ -22,9 +22,8 @@ state as it found it (dropout draws in the probe do not move the training run's 
 and buffers the forward updates in place (a counter, an EMA) as they were. It costs 2·⌈log₂ B⌉
 first-order forward passes without gradients (14 for a batch of 128), once per configuration
 (model, the train/eval mode of each of its modules, input shape, dtype and device, loss
-function), remembered while the
-model lives; a forward with Python side effects (a hook that collects activations, a call counter
-in Python) sees those extra calls.
+function), remembered while the model lives; a forward with Python side effects (a hook that
+collects activations, a call counter in Python) sees those extra calls.
 
 Example::
 
