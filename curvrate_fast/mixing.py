@@ -22,8 +22,10 @@ state as it found it (dropout draws in the probe do not move the training run's 
 and buffers the forward updates in place (a counter, an EMA) as they were. It costs 2·⌈log₂ B⌉
 first-order forward passes without gradients (14 for a batch of 128), once per configuration
 (model, the train/eval mode of each of its modules, input shape, dtype and device, loss
-function), remembered while the model lives; a forward with Python side effects (a hook that
-collects activations, a call counter in Python) sees those extra calls.
+function), remembered while the model lives; another instance of the same architecture (the
+same classes, attributes and parameter shapes: a new seed, a fresh model per run) reuses the
+result. A forward with Python side effects (a hook that collects activations, a call counter in
+Python) sees those extra calls.
 
 Example::
 
@@ -49,6 +51,7 @@ __all__ = ["require_per_sample"]
 _PROBE_SEED = 0x5A3B1E
 _checked_modules: "weakref.WeakKeyDictionary[Any, set]" = weakref.WeakKeyDictionary()
 _checked_functions: "collections.OrderedDict[tuple, bool]" = collections.OrderedDict()
+_checked_structures: "collections.OrderedDict[tuple, bool]" = collections.OrderedDict()
 _MAX_FUNCTIONS = 256
 _lock = threading.Lock()
 
@@ -123,6 +126,61 @@ def _key(model: Any, x: Tensor, loss_fn: Optional[Callable]) -> tuple:
             None if loss_fn is None else _code_key(loss_fn))
 
 
+class _NotPlain(Exception):
+    """An attribute that is not a plain value: its module is probed per instance."""
+
+
+_STRUCTURE_VALUES = (bool, int, float, str, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def _plain_value(v: Any) -> Any:
+    if type(v) in _STRUCTURE_VALUES:
+        return (type(v), v)
+    if isinstance(v, (tuple, list)):
+        return (type(v).__name__,) + tuple(_plain_value(x) for x in v)
+    if isinstance(v, (set, frozenset)) and all(type(x) is str for x in v):
+        return ("set",) + tuple(sorted(v))
+    raise _NotPlain
+
+
+def _structure(*fns: Any) -> Optional[tuple]:
+    """What the modules these callables run compute with, apart from their weights: each
+    submodule's class, its attributes (sizes, flags, the train/eval mode, hook tables) and its
+    parameters' and buffers' shapes and dtypes. Instances of one architecture share it, and so
+    share one probe (mixing is decided by the code and these, not by the weights' values: the
+    probe runs once per configuration, before the weights train, anyway). None where a module
+    holds anything but plain values (a config object, a hook, a tensor attribute): such a model
+    is probed per instance."""
+    out: List[tuple] = []
+    stack = list(_modules_reached(*fns))
+    try:
+        while stack:
+            sub = stack.pop()
+            entry: List[Any] = [type(sub)]
+            for k, v in sub.__dict__.items():
+                if k in ("_parameters", "_buffers", "_modules") or (isinstance(v, (dict, set)) and not v):
+                    continue
+                entry.append((k, _plain_value(v)))
+            entry.append(tuple((n, tuple(t.shape), t.dtype) for n, t in sub._parameters.items() if t is not None))
+            entry.append(tuple((n, tuple(t.shape), t.dtype) for n, t in sub._buffers.items() if t is not None))
+            out.append(tuple(entry))
+            stack.extend(c for c in sub._modules.values() if c is not None)
+    except _NotPlain:
+        return None
+    return tuple(out)
+
+
+def _shared_key(model: Any, x: Tensor, loss_fn: Optional[Callable]) -> Optional[tuple]:
+    """The configuration by architecture (:func:`_structure`) rather than by instance, or None."""
+    code = [None if f is None or isinstance(f, torch.nn.Module) else _code_key(f)[:3] for f in (model, loss_fn)]
+    if any(c is not None and c[0] == "obj" for c in code):
+        return None                      # a callable object other than a module or a function
+    structure = _structure(model, loss_fn)
+    if structure is None:
+        return None
+    return (tuple(code), structure, tuple(x.shape), x.dtype, x.device)
+
+
 def _seen(model: Any, key: tuple) -> bool:
     with _lock:
         if isinstance(model, torch.nn.Module):
@@ -130,8 +188,20 @@ def _seen(model: Any, key: tuple) -> bool:
         return key in _checked_functions
 
 
-def _remember(model: Any, key: tuple) -> None:
+def _seen_shared(shared: tuple) -> bool:
     with _lock:
+        if shared in _checked_structures:
+            _checked_structures.move_to_end(shared)
+            return True
+        return False
+
+
+def _remember(model: Any, key: tuple, shared: Optional[tuple] = None) -> None:
+    with _lock:
+        if shared is not None:
+            _checked_structures[shared] = True
+            while len(_checked_structures) > _MAX_FUNCTIONS:
+                _checked_structures.popitem(last=False)
         if isinstance(model, torch.nn.Module):
             _checked_modules.setdefault(model, set()).add(key)
             return
@@ -188,6 +258,10 @@ def require_per_sample(model: Callable[[Tensor], Any], x: Tensor, y: Any,
     key = _key(model, x, loss_fn)
     if _seen(model, key):
         return
+    shared = _shared_key(model, x, loss_fn)
+    if shared is not None and _seen_shared(shared):   # another instance of the architecture passed
+        _remember(model, key)
+        return
     loss = loss_fn or per_sample_cross_entropy
     from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
@@ -221,4 +295,4 @@ def require_per_sample(model: Callable[[Tensor], Any], x: Tensor, y: Any,
                     "module has a per-sample evaluation mode. Dim 0 of x is the batch: a sequence-first "
                     "model (nn.MultiheadAttention or nn.Transformer with batch_first=False) mixes along it "
                     "and needs batch-first inputs.")
-    _remember(model, key)
+    _remember(model, key, shared)

@@ -136,9 +136,10 @@ def test_the_probe_leaves_buffers_updated_in_place_as_it_found_them():
 
 def test_a_closure_made_anew_each_step_is_probed_once():
     """A model function built per step around the same module (what EmbeddingSpace does, with the
-    step's token ids in its closure) is one configuration: one probe, not one per step; another
-    module behind the same code is probed again."""
-    net, other = mlp(nn.Tanh()).to(D64), mlp(nn.Tanh()).to(D64)
+    step's token ids in its closure) is one configuration: one probe, not one per step; a module
+    of another architecture behind the same code is probed again."""
+    mixing._checked_structures.clear()             # no architecture probed by an earlier test
+    net, other = mlp(nn.Tanh()).to(D64), mlp(nn.GELU()).to(D64)
     calls = []
     real = cf.api.jet
 
@@ -252,3 +253,37 @@ def test_a_submodule_switched_to_train_mode_is_probed_again(wrap):
     model[0].train()
     with pytest.raises(cf.SampleMixingError, match="mixes samples"):
         cf.crr_penalty(fn, x, y, orders=(1, 2))
+
+
+
+def test_instances_of_one_architecture_share_a_probe():
+    """A new instance of the same architecture (a new seed, a fresh model per run) reuses the probe:
+    its structure (classes, attributes, train flags, parameter shapes) is the configuration. A
+    module with an attribute that is not a plain value is probed per instance; another train mode
+    or another architecture is probed again."""
+    calls = []
+    real = cf.api.jet
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    mixing._checked_structures.clear()             # no architecture probed by an earlier test
+    x, y = _data(12)
+    passes = 6                                      # 2·⌈log₂ 8⌉
+    try:
+        cf.api.jet = counted                        # the probe's jet (looked up at each probe)
+        for _ in range(3):
+            require = mixing.require_per_sample
+            require(nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(D64), x, y)
+        assert len(calls) == passes
+        require(nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(D64).train(False), x, y)
+        assert len(calls) == 2 * passes             # another train flag
+        require(nn.Sequential(nn.Linear(5, 9), nn.Tanh(), nn.Linear(9, 3)).to(D64), x, y)
+        assert len(calls) == 3 * passes             # another width
+        for _ in range(2):
+            odd = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(D64)
+            odd.note = object()                     # not a plain value: per instance
+            require(odd, x, y)
+        assert len(calls) == 5 * passes
+    finally:
+        cf.api.jet = real
