@@ -669,3 +669,72 @@ def test_mobilenet_v3_block_end_to_end():
         assert_matches_fd(ours, model, [x], [u], 3)
     grads = torch.autograd.grad(ours[1:].abs().sum(), [model.dw, model.se2])
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+# -- recurrent layers ------------------------------------------------------------------------------
+class _Recurrent(torch.nn.Module):
+    """A recurrent layer (batch first), the last step through a head; with ``state`` the initial
+    state is computed from the input (a jet), else the layer's zeros."""
+
+    def __init__(self, kind, state=False, **kw):
+        super().__init__()
+        self.kind, self.state = kind, state
+        self.rnn = getattr(torch.nn, kind)(4, 6, batch_first=True, **kw).to(D64)
+        dirs = 2 if kw.get("bidirectional") else 1
+        out = kw.get("proj_size") or 6
+        self.head = torch.nn.Linear(out * dirs, 3).to(D64)
+        self.init = torch.nn.Linear(4, out).to(D64)
+        self.layers = kw.get("num_layers", 1) * dirs
+        self.cell = 6
+
+    def forward(self, x):
+        hx = None
+        if self.state:
+            h0 = torch.tanh(self.init(x[:, 0])).unsqueeze(0).expand(self.layers, -1, -1).contiguous()
+            hx = (h0, torch.zeros(self.layers, x.shape[0], self.cell, dtype=x.dtype)) if self.kind == "LSTM" else h0
+        return self.head(self.rnn(x, hx)[0][:, -1])
+
+
+RECURRENT = [("RNN", False, {}), ("RNN", False, {"nonlinearity": "relu"}), ("GRU", False, {}), ("LSTM", False, {}),
+             ("LSTM", True, {"num_layers": 2}), ("LSTM", False, {"bidirectional": True}),
+             ("GRU", True, {"bidirectional": True, "num_layers": 2}), ("LSTM", False, {"proj_size": 2}),
+             ("RNN", True, {"bias": False})]
+
+
+@pytest.mark.parametrize("kind,state,kw", RECURRENT, ids=[f"{k}-{s}-{kw}" for k, s, kw in RECURRENT])
+def test_recurrent_layers_match_nested_autograd(kind, state, kw):
+    """nn.RNN/GRU/LSTM (stacked, bidirectional, projected, no bias; zero or computed initial state)
+    against nested autograd through PyTorch's own kernels: loss derivatives d1..d3 and the CRR
+    gradient (before: refused as 'torch.lstm draws random numbers', the kernels being tagged random
+    for their inter-layer dropout)."""
+    torch.manual_seed(3)
+    model = _Recurrent(kind, state, **kw)
+    x, u = randn(3, 5, 4, seed=4), randn(3, 5, 4, seed=5)
+    y = torch.tensor([0, 2, 1])
+    params = [p for p in model.parameters() if p.requires_grad]
+    d = cf.loss_directional_derivatives(model, x, y, u, 3)
+    ref = baseline.loss_directional_derivatives(model, x, y, u, 3)
+    assert float((d - ref).abs().max() / ref.abs().max()) < 1e-12
+    g = torch.autograd.grad(d.abs().sum(), params, allow_unused=True)
+    g_ref = torch.autograd.grad(ref.abs().sum(), params, allow_unused=True)
+    for a, b in zip(g, g_ref):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert float((a - b).abs().max()) <= 1e-11 * max(1.0, float(b.abs().max()))
+
+
+def test_recurrent_layers_refuse_what_they_cannot_do():
+    """Dropout between layers in train mode is refused (the native kernel's masks cannot be drawn
+    again); eval mode and unbatched inputs work; packing a jet is refused by its own op."""
+    x, u = randn(3, 5, 4, seed=6), randn(3, 5, 4, seed=7)
+    lstm = torch.nn.LSTM(4, 6, num_layers=2, dropout=0.3, batch_first=True).to(D64).train()
+    with pytest.raises(JetError, match="dropout between layers in train mode"):
+        cf.jet(lambda z: lstm(z)[0], x, u, 2)
+    lstm.eval()
+    cf.jet(lambda z: lstm(z)[0], x, u, 2)
+    gru = torch.nn.GRU(4, 6).to(D64)                # unbatched: the module adds the batch axis
+    c = cf.jet(lambda z: gru(z[0])[0], x, u, 2)
+    assert torch.allclose(c[0], gru(x[0])[0], rtol=1e-13, atol=0)
+    packed = torch.nn.utils.rnn.pack_padded_sequence
+    with pytest.raises(cf.RuleMissingError, match="_pack_padded_sequence"):
+        cf.jet(lambda z: gru(packed(z, [5, 4, 2], batch_first=True))[0].data, x, u, 2)

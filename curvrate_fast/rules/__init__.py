@@ -14,6 +14,7 @@ from . import (  # noqa: F401
                norm,
                pooling,
                random,
+               recurrent,
                reductions,
                resample,
                scatter,
