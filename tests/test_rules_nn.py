@@ -738,3 +738,26 @@ def test_recurrent_layers_refuse_what_they_cannot_do():
     packed = torch.nn.utils.rnn.pack_padded_sequence
     with pytest.raises(cf.RuleMissingError, match="_pack_padded_sequence"):
         cf.jet(lambda z: gru(packed(z, [5, 4, 2], batch_first=True))[0].data, x, u, 2)
+
+
+
+@pytest.mark.parametrize("cell", ["RNNCell", "GRUCell", "LSTMCell", "RNNCell-relu"])
+def test_recurrent_cells_match_nested_autograd(cell):
+    """nn.RNNCell/GRUCell/LSTMCell (torch.*_cell) unrolled by hand over three steps, against nested
+    autograd through PyTorch's kernels (before: no rule)."""
+    torch.manual_seed(4)
+    kind, _, act = cell.partition("-")
+    mod = (getattr(torch.nn, kind)(4, 5, nonlinearity="relu") if act else getattr(torch.nn, kind)(4, 5)).to(D64)
+    head = torch.nn.Linear(5, 3).to(D64)
+
+    def model(z):
+        h = torch.zeros(z.shape[0], 5, dtype=z.dtype)
+        state = (h, h) if kind == "LSTMCell" else h
+        for t in range(3):
+            state = mod(z * (t + 1) / 3, state)
+        return head(state[0] if kind == "LSTMCell" else state)
+    x, u = randn(4, 4, seed=8), randn(4, 4, seed=9)
+    y = torch.tensor([0, 1, 2, 1])
+    d = cf.loss_directional_derivatives(model, x, y, u, 3)
+    ref = baseline.loss_directional_derivatives(model, x, y, u, 3)
+    assert float((d - ref).abs().max() / ref.abs().max()) < 1e-12

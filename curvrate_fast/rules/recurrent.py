@@ -1,6 +1,7 @@
 """Taylor rules for the recurrent layers (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``: ``torch.rnn_tanh``,
-``torch.rnn_relu``, ``torch.lstm``, ``torch.gru``), written as their cell equations over the time
-steps with ops that have rules (PyTorch's documented formulas, gate order as in the weights):
+``torch.rnn_relu``, ``torch.lstm``, ``torch.gru``) and their cells (``nn.RNNCell``, ``nn.GRUCell``,
+``nn.LSTMCell``: ``torch.*_cell``), written as the cell equations over the time steps with ops
+that have rules (PyTorch's documented formulas, gate order as in the weights):
 
     RNN:   h' = act(x W_ihᵀ + b_ih + h W_hhᵀ + b_hh)                     act = tanh or relu
     LSTM:  i, f, g, o = σ, σ, tanh, σ of the four chunks of x W_ihᵀ + b_ih + h W_hhᵀ + b_hh
@@ -132,3 +133,23 @@ def _single_state(kind: str):
 register(torch.gru)(_single_state("gru"))
 register(torch.rnn_tanh)(_single_state("rnn_tanh"))
 register(torch.rnn_relu)(_single_state("rnn_relu"))
+
+
+# -- single cells (nn.RNNCell, nn.GRUCell, nn.LSTMCell): one step of the equations above ----------
+
+@register(torch.lstm_cell)
+def lstm_cell(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+    """``torch.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)`` -> (h', c')."""
+    return _cell("lstm", F.linear(input, w_ih, b_ih), hx[0], hx[1], w_hh, b_hh, None)
+
+
+def _single_cell(kind: str):
+    def rule(input, hx, w_ih, w_hh, b_ih=None, b_hh=None):
+        return _cell(kind, F.linear(input, w_ih, b_ih), hx, None, w_hh, b_hh, None)[0]
+    rule.__doc__ = f"``torch.{kind}_cell(x, h, w_ih, w_hh, b_ih, b_hh)`` -> h'."
+    return rule
+
+
+register(torch.gru_cell)(_single_cell("gru"))
+register(torch.rnn_tanh_cell)(_single_cell("rnn_tanh"))
+register(torch.rnn_relu_cell)(_single_cell("rnn_relu"))
