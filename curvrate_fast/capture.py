@@ -86,6 +86,7 @@ from .cpu_gemm import GEMM_MODES, rewrite_graph
 from .finite import require_finite
 from .jets.registry import settings
 from .jets.tensor import JetError
+from .mixing import _closure_values
 from .optim_update import group_constants, lr_tensor, mark_stepped, rule_for
 
 __all__ = ["compile", "CompiledLoss", "CaptureError"]
@@ -1067,11 +1068,8 @@ def _generators_of(fn: Callable, layout) -> Dict[int, torch.Generator]:
     if f is not fn:
         add(fn.args)
         add(fn.keywords)
-    for c in getattr(f, "__closure__", None) or ():
-        try:
-            add(c.cell_contents)
-        except ValueError:                 # an empty cell
-            pass
+    for v in _closure_values(f):
+        add(v)
     add(getattr(f, "__defaults__", None))
     add(getattr(f, "__kwdefaults__", None))
     for v in list(getattr(f, "__globals__", {}).values()):

@@ -39,7 +39,7 @@ from __future__ import annotations
 import collections
 import threading
 import weakref
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 import torch
 from torch import Tensor
@@ -93,28 +93,37 @@ def _closure_key(v: Any) -> Any:
     return (type(v), v) if type(v) in _BY_VALUE else type(v)
 
 
-def _code_key(f: Any) -> Any:
-    """A plain function (a lambda or a closure made anew per call included) by its code, its
-    closure contents (:func:`_closure_key`) and the modules they reach (a batch's tensors change
-    at every step, the model does not); anything else by identity."""
+def _code_shape(f: Any) -> Any:
+    """A plain function (a lambda or a closure made anew per call included) by its code and its
+    closure contents (:func:`_closure_key`); anything else by identity ("obj")."""
     code = getattr(f, "__code__", None)
     if code is None:
         return ("obj", id(f))
-    return ("fn", code, tuple(_closure_key(v) for v in _closure_values(f)),
-            tuple(id(m) for m in _modules_reached(f)))
+    return ("fn", code, tuple(_closure_key(v) for v in _closure_values(f)))
+
+
+def _code_key(f: Any) -> Any:
+    """:func:`_code_shape` and, for a function, the modules its closure reaches (a batch's tensors
+    change at every step, the model does not)."""
+    shape = _code_shape(f)
+    return shape if shape[0] == "obj" else shape + (tuple(id(m) for m in _modules_reached(f)),)
+
+
+def _submodules(*fns: Any) -> Iterator[torch.nn.Module]:
+    """Every module these callables run, submodules included (``m.modules()`` without its memo of
+    visited modules: 1.5x faster, and a module held twice is listed twice)."""
+    stack = list(_modules_reached(*fns))
+    while stack:
+        sub = stack.pop()
+        yield sub
+        stack.extend(c for c in sub._modules.values() if c is not None)
 
 
 def _train_flags(*fns: Any) -> tuple:
     """The train/eval flags of every module (submodules included) these callables run: a module
     that uses batch statistics in training only mixes samples in one of the modes, and a model
     function's modules, or one submodule, can switch mode on their own."""
-    flags: List[bool] = []
-    stack = list(_modules_reached(*fns))
-    while stack:                 # m.modules() without its memo and generators: 1.5x faster
-        sub = stack.pop()
-        flags.append(sub.training)
-        stack.extend(c for c in sub._modules.values() if c is not None)
-    return tuple(flags)
+    return tuple(sub.training for sub in _submodules(*fns))
 
 
 def _key(model: Any, x: Tensor, loss_fn: Optional[Callable]) -> tuple:
@@ -152,10 +161,8 @@ def _structure(*fns: Any) -> Optional[tuple]:
     holds anything but plain values (a config object, a hook, a tensor attribute): such a model
     is probed per instance."""
     out: List[tuple] = []
-    stack = list(_modules_reached(*fns))
     try:
-        while stack:
-            sub = stack.pop()
+        for sub in _submodules(*fns):
             entry: List[Any] = [type(sub)]
             for k, v in sub.__dict__.items():
                 if k in ("_parameters", "_buffers", "_modules") or (isinstance(v, (dict, set)) and not v):
@@ -164,7 +171,6 @@ def _structure(*fns: Any) -> Optional[tuple]:
             entry.append(tuple((n, tuple(t.shape), t.dtype) for n, t in sub._parameters.items() if t is not None))
             entry.append(tuple((n, tuple(t.shape), t.dtype) for n, t in sub._buffers.items() if t is not None))
             out.append(tuple(entry))
-            stack.extend(c for c in sub._modules.values() if c is not None)
     except _NotPlain:
         return None
     return tuple(out)
@@ -172,7 +178,7 @@ def _structure(*fns: Any) -> Optional[tuple]:
 
 def _shared_key(model: Any, x: Tensor, loss_fn: Optional[Callable]) -> Optional[tuple]:
     """The configuration by architecture (:func:`_structure`) rather than by instance, or None."""
-    code = [None if f is None or isinstance(f, torch.nn.Module) else _code_key(f)[:3] for f in (model, loss_fn)]
+    code = [None if f is None or isinstance(f, torch.nn.Module) else _code_shape(f) for f in (model, loss_fn)]
     if any(c is not None and c[0] == "obj" for c in code):
         return None                      # a callable object other than a module or a function
     structure = _structure(model, loss_fn)

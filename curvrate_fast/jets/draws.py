@@ -25,8 +25,10 @@ from typing import Any, Callable, Iterator, Tuple, Union
 
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
-from .registry import settings
+from .dispatcher import random_op
+from .registry import op_name, settings
 from .tensor import JetError, JetTensor
 
 __all__ = ["shared_draws", "shared_draw", "grouped"]
@@ -75,9 +77,9 @@ class _PlainDrawGuard(TorchFunctionMode):
         out = func(*args, **kwargs)
         if isinstance(out, Tensor) and not isinstance(out, JetTensor) and out.dim() >= 1:
             G, B = settings.draw_groups
-            if out.shape[0] % (G * B) == 0 and _is_random(func) and not _from_jet(args, kwargs):
+            if out.shape[0] % (G * B) == 0 and random_op(func) and not _from_jet(args, kwargs):
                 raise JetError(
-                    f"{_name(func)} drew a plain tensor of shape {tuple(out.shape)}, one draw per row, inside a CRR "
+                    f"{op_name(func)} drew a plain tensor of shape {tuple(out.shape)}, one draw per row, inside a CRR "
                     f"pass with per-order directions, whose {G} polarization rows of a sample must share their "
                     "random draws; the engine shares the draws of random ops applied to the model's activations "
                     "(dropout, torch.randn_like(h) ...), not of plain tensors. Draw it from an activation, use "
@@ -86,18 +88,7 @@ class _PlainDrawGuard(TorchFunctionMode):
 
 
 def _from_jet(args, kwargs) -> bool:
-    from torch.utils._pytree import tree_flatten
     return any(isinstance(a, JetTensor) for a in tree_flatten((args, kwargs))[0])
-
-
-def _is_random(func) -> bool:
-    from .dispatcher import random_op
-    return random_op(func)
-
-
-def _name(func) -> str:
-    from .registry import op_name
-    return op_name(func)
 
 
 @contextlib.contextmanager

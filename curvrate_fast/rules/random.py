@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..jets.draws import grouped, shared_draw
-from ..jets.registry import record, register, settings
+from ..jets.registry import op_name, record, register, settings
 from ..jets.tensor import primals
 from ._common import JetError, is_jet, make_jet, order_of, primal
 
@@ -95,14 +95,10 @@ def _constant_draw(func):
         if grouped() and plain and isinstance(plain[0], Tensor):   # a draw per row of its first argument
             n = plain[0].shape[0] if plain[0].dim() else -1
             return shared_draw(plain[0], lambda t: func(t, *_first_rows(plain[1:], n, t.shape[0]),
-                                                        **primals(kwargs)), _name(func))
+                                                        **primals(kwargs)), op_name(func))
         return func(*plain, **primals(kwargs))
     rule.__doc__ = f"{getattr(func, '__name__', func)}: an integer-valued draw, a constant."
     return rule
-
-
-def _name(func) -> str:
-    return getattr(func, "__name__", str(func))
 
 
 def _first_rows(args, n: int, rows: int):
@@ -221,8 +217,8 @@ def _alpha_dropout_rule(op):
         if not train or p == 0.0:
             return input
         if p == 1.0:  # everything dropped: a constant
-            return shared_draw(input._coeffs[0], lambda x0: op(x0, p, True), _name(op))
-        y0, scale = shared_draw(input._coeffs[0], lambda x0: _alpha_draw(op, x0, p), _name(op))
+            return shared_draw(input._coeffs[0], lambda x0: op(x0, p, True), op_name(op))
+        y0, scale = shared_draw(input._coeffs[0], lambda x0: _alpha_draw(op, x0, p), op_name(op))
         c = input._coeffs
         return make_jet(torch.cat([y0.unsqueeze(0), c[1:] * scale]), input._order)
     return rule

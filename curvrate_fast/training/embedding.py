@@ -30,8 +30,9 @@ from ..jets.tensor import JetError
 
 __all__ = ["EmbeddingSpace", "causal_lm_loss", "unwrap_model"]
 
-# crr_penalty's settings that EmbeddingSpace.loss passes on (its defaults are read off crr_penalty)
-_CRR_SETTINGS = ("orders", "n_dirs", "directions", "order_reduction", "scale")
+# crr_penalty's settings that EmbeddingSpace.loss passes on, with crr_penalty's own defaults
+_CRR_DEFAULTS = {n: p.default for n, p in inspect.signature(crr_penalty).parameters.items()
+                 if n in ("orders", "n_dirs", "directions", "order_reduction", "scale")}
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
@@ -195,7 +196,7 @@ class EmbeddingSpace:
                                       generator=generator, **crr)
         crr.pop("compile", None)
         crr.pop("compile_options", None)
-        kw_crr = {n: p.default for n, p in inspect.signature(crr_penalty).parameters.items() if n in _CRR_SETTINGS}
+        kw_crr = dict(_CRR_DEFAULTS)
         unknown = sorted(set(crr) - set(kw_crr))
         if unknown:
             raise TypeError(f"EmbeddingSpace.loss: crr holds unknown arguments {unknown}; it takes "
