@@ -34,6 +34,7 @@ from .jets import (
                    RuleRegistrationError,
                    configure,
                    engine_settings,
+                   jet_through,
                    kit,
                    register,
                    track_ops,
@@ -47,7 +48,7 @@ __version__ = "0.1.0"
 __all__ = [
     "jet", "directional_derivatives", "loss_directional_derivatives", "input_jet",
     "JetTensor", "JetError", "RuleMissingError", "RuleRegistrationError", "SampleMixingError",
-    "OpReport", "track_ops", "engine_settings", "configure", "register", "unregister", "kit",
+    "OpReport", "track_ops", "engine_settings", "configure", "register", "unregister", "kit", "jet_through",
     "__version__",
 ]
 __all__ += [

@@ -306,3 +306,85 @@ def vision_more(family: str, seed: int = 4) -> Case:
     model = _build(getattr(transformers, model_name), cfg, seed, gain=1.0)
     x, y = _images(seed + 200, 2, 3, size, 3)
     return Case(f"{family}-eager", model, lambda p: model(pixel_values=p).logits, _ce, x, y)
+
+
+# Further families, each with what sets it apart (built from tiny configs like the ones above; eager
+# attention): BLOOM (ALiBi position biases through ``alibi.baddbmm(batch1=..., batch2=..., beta=...,
+# alpha=...)``, keyword arguments that once failed in the engine; a custom autograd Function for its
+# GELU, declared with ``jet_through``), DeBERTa-v2 (disentangled
+# content-to-position and position-to-content attention, relative position buckets gathered by
+# index), T5's encoder (relative position bias, RMS-style T5LayerNorm, gated-free ReLU MLP),
+# MobileBERT (NoNorm: an elementwise affine map in place of LayerNorm, bottlenecks), Mamba (the
+# selective scan's reference PyTorch path: a causal depthwise conv1d, softplus step sizes, a
+# Python loop over time; ``use_cache=False``, as the cache is written in place), SegFormer
+# (attention over a sequence shortened by a strided convolution, depthwise-conv Mix-FFN).
+def _text_family(config_name: str, model_name: str, cfg_kw: dict, seed: int, call_kw: dict = None,
+                 n_labels: int = 0):
+    """A text model driven through inputs_embeds: an LM (per-sample mean token CE) or, with
+    n_labels, a sequence classifier (CE)."""
+    base = dict(vocab_size=30, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=16, initializer_range=0.3)
+    cfg = getattr(transformers, config_name)(**{**base, **cfg_kw})
+    cfg._attn_implementation = "eager"
+    model = _build(getattr(transformers, model_name), cfg, seed)
+    x, y = _inputs(seed + 200, 2, 6, 16, 30)
+    kw = dict(call_kw or {})
+    if n_labels:
+        y = torch.randint(0, n_labels, (2,), generator=torch.Generator().manual_seed(seed + 300))
+        return model, (lambda e: model(inputs_embeds=e, **kw).logits), _ce, x, y
+    return model, (lambda e: model(inputs_embeds=e, **kw).logits), _lm_loss, x, y
+
+
+def _t5_encoder_logits(seed: int):
+    """T5's encoder with a linear read-out of its last hidden state (3 labels, mean over tokens)."""
+    cfg = transformers.T5Config(vocab_size=30, d_model=16, d_kv=8, d_ff=24, num_layers=2, num_heads=2,
+                                dropout_rate=0.0, relative_attention_num_buckets=8,
+                                relative_attention_max_distance=16, initializer_factor=1.0)
+    cfg._attn_implementation = "eager"
+    model = _build(transformers.T5EncoderModel, cfg, seed)
+    head = torch.randn(16, 3, generator=torch.Generator().manual_seed(seed + 400), dtype=D64)
+    x, _ = _inputs(seed + 200, 2, 6, 16, 30)
+    y = torch.randint(0, 3, (2,), generator=torch.Generator().manual_seed(seed + 300))
+    return model, (lambda e: model(inputs_embeds=e).last_hidden_state.mean(1) @ head), _ce, x, y
+
+
+def _segformer(seed: int):
+    cfg = transformers.SegformerConfig(num_labels=3, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1],
+                                       hidden_sizes=[8, 16], num_attention_heads=[1, 2], decoder_hidden_size=16)
+    model = _build(transformers.SegformerForImageClassification, cfg, seed, gain=1.0)
+    x, y = _images(seed + 200, 2, 3, 32, 3)
+    return model, (lambda p: model(pixel_values=p).logits), _ce, x, y
+
+
+def _bloom(seed: int):
+    """BLOOM; its MLP's GeLUFunction (a custom autograd Function with a hand-written derivative of
+    the tanh-GELU) declared with curvrate_fast.jet_through, as a user would."""
+    from transformers.models.bloom.modeling_bloom import GeLUFunction
+
+    import curvrate_fast
+    curvrate_fast.jet_through(GeLUFunction)
+    return _text_family("BloomConfig", "BloomForCausalLM", dict(n_layer=2, n_head=2), seed)
+
+
+FAMILIES = {
+    "bloom": _bloom,
+    "deberta_v2": lambda s: _text_family(
+        "DebertaV2Config", "DebertaV2ForSequenceClassification",
+        dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3, relative_attention=True,
+             pos_att_type=["p2c", "c2p"], max_relative_positions=8), s, n_labels=3),
+    "t5_encoder": _t5_encoder_logits,
+    "mobilebert": lambda s: _text_family(
+        "MobileBertConfig", "MobileBertForSequenceClassification",
+        dict(embedding_size=16, intra_bottleneck_size=8, true_hidden_size=8, num_feedforward_networks=1,
+             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3), s, n_labels=3),
+    "mamba": lambda s: _text_family("MambaConfig", "MambaForCausalLM",
+                                    dict(state_size=4, expand=2, conv_kernel=3, time_step_rank=4), s,
+                                    call_kw=dict(use_cache=False)),
+    "segformer": _segformer,
+}
+
+
+def family(name: str, seed: int = 7) -> Case:
+    """A tiny model of one of :data:`FAMILIES`."""
+    model, forward, loss_fn, x, y = FAMILIES[name](seed)
+    return Case(name, model, forward, loss_fn, x, y)

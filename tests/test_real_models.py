@@ -1,7 +1,8 @@
 """Real models from Hugging Face ``transformers`` (code nobody on this project wrote) through the jet
-engine: BERT, GPT-2 and Llama with eager and SDPA attention, driven through ``inputs_embeds``, and
-MobileNet/EfficientNet-style vision models (tests/_models_hf.py builds them: tiny configs, random
-float64 weights, eval mode, no download).
+engine: BERT, GPT-2 and Llama with eager and SDPA attention, driven through ``inputs_embeds``,
+further decoder LMs, BLOOM, DeBERTa-v2, T5's encoder, MobileBERT, Mamba, and MobileNet/EfficientNet-
+style, ViT/Swin/BEiT/ConvNeXt/ResNet/SegFormer vision models (tests/_models_hf.py builds them: tiny
+configs, random float64 weights, eval mode, no download).
 
 For every model:
 - the jet of its output (orders 0..4) equals the float64 nested reverse-mode oracle
@@ -264,6 +265,11 @@ def test_more_decoder_families_loss_derivatives_and_crr_gradient(family):
 @pytest.mark.parametrize("family", sorted(H.VISION_MORE))
 def test_more_vision_families_loss_derivatives_and_crr_gradient(family):
     check_loss_derivatives(H.vision_more(family))
+
+
+@pytest.mark.parametrize("name", sorted(H.FAMILIES))
+def test_further_families_loss_derivatives_and_crr_gradient(name):
+    check_loss_derivatives(H.family(name))
 
 
 @pytest.mark.parametrize("attn", H.TEXT_ATTN)

@@ -126,6 +126,103 @@ def test_other_custom_function_raises():
         cf.crr_penalty(_Mid(_Double.apply), x, y, orders=(1, 3), directions=u)
 
 
+class _HandGelu(torch.autograd.Function):
+    """A hand-written derivative of an ordinary forward (as BLOOM's GeLUFunction): x·sigmoid(1.702x)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(1.702 * x)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, = ctx.saved_tensors
+        s = torch.sigmoid(1.702 * x)
+        return g * (s + 1.702 * x * s * (1 - s))
+
+
+class _RoundSTE(torch.autograd.Function):
+    """A straight-through estimator: its backward is not the derivative of its forward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(4 * x) / 4 + 0.1 * x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+@pytest.fixture
+def declared():
+    """jet_through declarations made by a test, taken back after it."""
+    made = []
+
+    def declare(cls):
+        made.append(cls)
+        return cf.jet_through(cls)
+    yield declare
+    for cls in made:
+        cf.jet_through(cls, enabled=False)
+
+
+def test_jet_through_runs_a_declared_functions_forward(declared):
+    """Undeclared, a Function that is not an identity raises; declared, its forward's ops give the
+    Taylor coefficients, the loss derivatives and their parameter gradient of nested autograd (which
+    calls its backward)."""
+    from curvrate_fast import baseline
+    x, y, u = _xy()
+    m = _Mid(_HandGelu.apply)
+    with pytest.raises(JetError, match="_HandGelu"):
+        cf.jet(m, x, u, 3)
+    declared(_HandGelu)
+    ours, ref = cf.jet(m, x, u, 4), baseline.jet(m, x, u, 4)
+    assert torch.allclose(ours, ref, rtol=1e-12, atol=1e-13)
+    params = list(m.parameters())
+    d, d_ref = (f.loss_directional_derivatives(m, x, y, u, 3) for f in (cf, baseline))
+    assert torch.allclose(d, d_ref, rtol=1e-12, atol=1e-13)
+    g = torch.autograd.grad(d.abs().sum(), params)
+    g_ref = torch.autograd.grad(d_ref.abs().sum(), params)
+    for a, b in zip(g, g_ref):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-13)
+    cf.jet_through(_HandGelu, enabled=False)
+    with pytest.raises(JetError, match="_HandGelu"):
+        cf.jet(m, x, u, 3)
+
+
+def test_jet_through_refuses_a_backward_that_is_not_the_derivative(declared):
+    x, y, u = _xy()
+    declared(_RoundSTE)
+    with pytest.raises(JetError, match=r"jet_through\(_RoundSTE\): its backward is not the derivative"):
+        cf.jet(_Mid(_RoundSTE.apply), x, u, 2)
+    with pytest.raises(TypeError, match="autograd.Function subclass"):
+        cf.jet_through(nn.Tanh)
+
+
+def test_jet_through_check_leaves_the_random_state_and_the_captured_graph_alone(declared):
+    """The first-order check draws from its own generator (the global stream is untouched) and, run
+    inside a capture, is not recorded: the graph is the same as when an eager call checked first."""
+    x, y, u = _xy()
+    declared(_HandGelu)
+    m = _Mid(_HandGelu.apply)
+    state = torch.get_rng_state()
+    cf.jet(m, x, u, 2)
+    assert torch.equal(state, torch.get_rng_state())
+
+    def graph_ops():
+        fast = cf.CompiledLoss(lambda m, x, y, u: cf.loss_directional_derivatives(m, x, y, u, 3).abs().mean(),
+                               backend="eager")
+        value = fast(m, x, y, u)
+        gm, = fast.graphs()
+        return value, [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    cf.jet_through(_HandGelu, enabled=False)
+    declared(_HandGelu)               # unchecked again: the capture runs the check
+    v1, ops1 = graph_ops()
+    v2, ops2 = graph_ops()            # checked by now
+    assert ops1 == ops2 and torch.equal(v1, v2)
+    assert torch.allclose(v1, cf.loss_directional_derivatives(m, x, y, u, 3).abs().mean(), rtol=1e-12)
+
+
 # -- checkpointing -----------------------------------------------------------------------------------
 
 class _CheckpointedGPT(TinyGPT):

@@ -26,6 +26,7 @@ constant.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 import threading
 import types
@@ -35,7 +36,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from ..finite import all_finite
-from . import registry
+from . import registry, through
 from .registry import op_name, record, settings, tracing
 from .tensor import JetError, JetTensor, RuleMissingError, install_dispatcher, primals
 
@@ -271,8 +272,11 @@ def _refusal(cls: Any, func: Any, why: str = "") -> JetError:
 
 def _custom_function(frame, func: Any, args: Tuple, kwargs: Dict) -> Any:
     """An op that meets a jet inside a custom Function's forward (or in autograd's wrapping of its
-    outputs). Three cases are exact; everything else raises:
+    outputs). Four cases are exact; everything else raises:
 
+    - a class declared with :func:`curvrate_fast.jet_through` (its backward is the derivative of its
+      forward, checked to first order at its first call): the forward's ops run as jets recording
+      their graph, as in a model without the Function;
     - ``torch.utils.checkpoint``'s reentrant ``CheckpointFunction``: its forward runs the checkpointed
       segment under no_grad, to be recomputed in backward. For the jet pass the segment runs as in
       the unchecked model (rules recording their graph); the outer node never receives a gradient.
@@ -283,6 +287,10 @@ def _custom_function(frame, func: Any, args: Tuple, kwargs: Dict) -> Any:
       and the jet continues over its outputs;
     - anything else raises :class:`JetError`."""
     cls = frame.f_locals.get("cls")
+    if through.is_through(cls):
+        # declared with jet_through: its forward's ops are the function (checked to first order)
+        through.check_through(cls, frame.f_locals.get("args", ()))
+        return _route_with_graph(func, args, kwargs)
     if _is_checkpoint_function(cls):
         if _decorated_no_grad_below(frame):
             return constant_result(func, args, kwargs)
@@ -593,6 +601,38 @@ def _rule_for(func: Any) -> Optional[Callable]:
     return rule
 
 
+def _unbound_call(func: Any, rule: Callable, args: Tuple, kwargs: Dict,
+                  error: TypeError) -> Optional[Tuple[Tuple, Dict]]:
+    """A rule that raised TypeError. When the call's arguments do not fit the rule's signature:
+    the first argument passed by torch's name for it (``input=``, or ``self=`` in the scalar-first
+    overloads: ``torch.det(input=A)``, ``torch.pow(self=2, exponent=x)``) moved to its position,
+    returned as (args, kwargs) to call the rule with, where that binds; otherwise a JetError that
+    names the op and the arguments, not Python's complaint about an internal function. None (the
+    TypeError propagates) where the arguments did bind: the rule's own error, or torch's for bad
+    arguments."""
+    try:
+        sig = inspect.signature(rule)
+    except (TypeError, ValueError):   # a builtin or C rule: nothing to compare
+        return None
+    try:
+        sig.bind(*args, **kwargs)
+        return None
+    except TypeError as bind_error:
+        first = [k for k in ("input", "self") if k in kwargs]
+        if not args and len(first) == 1:
+            rest = dict(kwargs)
+            moved = (rest.pop(first[0]),)
+            try:
+                sig.bind(*moved, **rest)
+                return moved, rest
+            except TypeError:
+                pass
+        given = ", ".join([f"{len(args)} positional"] + [f"{k}=" for k in kwargs])
+        raise JetError(f"{op_name(func)} with a jet: its Taylor rule does not take this form of the call "
+                       f"({given}: {bind_error}); pass the arguments positionally, or compute this op "
+                       "outside the jet") from error
+
+
 def _route(func: Any, args: Tuple, kwargs: Dict) -> Any:
     if kwargs.get("out") is not None:
         raise JetError(
@@ -601,7 +641,13 @@ def _route(func: Any, args: Tuple, kwargs: Dict) -> Any:
     rule = _rule_for(func)
     if rule is not None:
         record("rules", func)
-        return rule(*args, **kwargs)
+        try:
+            return rule(*args, **kwargs)
+        except TypeError as e:
+            fixed = _unbound_call(func, rule, args, kwargs, e)
+            if fixed is None:
+                raise
+            return rule(*fixed[0], **fixed[1])
 
     name = _func_name(func)
     if name in _LEAVES_TORCH:

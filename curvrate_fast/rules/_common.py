@@ -77,6 +77,16 @@ def per_coefficient(func: Callable, args: tuple, kwargs: dict, *, is_view: bool 
 CAUCHY_BATCH_ELEMENTS = 1 << 21
 
 
+def beta_input_plus_alpha_prod(input, prod, beta, alpha):
+    """β·input + α·prod for the add-a-product ops (addmm, baddbmm, addbmm, addmv, addr): input is
+    ignored when β = 0 (as torch: its NaN or Inf do not propagate), broadcast to input's shape either
+    way."""
+    prod = prod if alpha == 1 else alpha * prod
+    if beta == 0:
+        return prod + torch.zeros_like(primal(input))
+    return (input if beta == 1 else beta * input) + prod
+
+
 def cauchy_op(op: Callable[[Tensor, Tensor], Tensor], a: Any, b: Any, K: int) -> Tensor:
     """(a ⋆ b)_k = Σ_j op(a_j, b_{k−j}) for an op bilinear in (a, b) (docs/math.md §2, bilinear),
     stacked: shape (n, ...), n ≤ K + 1 the stored coefficients.

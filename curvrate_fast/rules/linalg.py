@@ -32,7 +32,17 @@ from torch import Tensor
 from .. import series as S
 from ..jets.registry import register
 from ..jets.tensor import primals
-from ._common import JetError, aliases, cauchy_op, is_jet, make_jet, order_of, per_coefficient, primal
+from ._common import (
+    JetError,
+    aliases,
+    beta_input_plus_alpha_prod,
+    cauchy_op,
+    is_jet,
+    make_jet,
+    order_of,
+    per_coefficient,
+    primal,
+)
 
 Series = List[Optional[Tensor]]
 
@@ -523,10 +533,11 @@ def _gram_from_factor(Lf, K: int, upper: bool) -> Series:
 
 
 @_rule(*aliases("cholesky_solve"))
-def cholesky_solve(B, L, upper=False, *, out=None):
+def cholesky_solve(input, input2, upper=False, *, out=None):
     """X = A^{-1} B with A = L Lᴴ (Uᴴ U): the solve recurrence A_0 X_k = B_k − Σ_{j≥1} A_j X_{k−j}
     with A(t) = L(t) L(t)ᴴ (a Cauchy product of the factor's triangle), A_0^{-1} applied by
     cholesky_solve with the primal factor."""
+    B, L = input, input2     # torch's names: cholesky_solve(input, input2)
     K = order_of(B, L)
     X0 = torch.cholesky_solve(primal(B), primal(L), upper=upper)
     As = _gram_from_factor(L, K, upper)
@@ -922,7 +933,7 @@ def _reflectors(A, tau, K: int, nrefl: int):
     return V, _coeffs(tau, K)
 
 
-@_rule(torch.linalg.householder_product, *aliases("orgqr"))
+@_rule(torch.linalg.householder_product)
 def householder_product(A, tau, *, out=None):
     """The first n columns of H_1 ⋯ H_k, H_i = I − τ_i v_i v_iᴴ (v_i: column i of A below the
     diagonal, 1 on it): the reflectors applied to I_{m×n} one by one with Cauchy products (a
@@ -938,11 +949,18 @@ def householder_product(A, tau, *, out=None):
     return _jet(out, K)
 
 
+@_rule(*aliases("orgqr"))
+def orgqr(input, input2):
+    """torch.orgqr(input, input2): householder_product(A, tau) under its older names."""
+    return householder_product(input, input2)
+
+
 @_rule(*aliases("ormqr"))
-def ormqr(input, tau, other, left=True, transpose=False, *, out=None):
+def ormqr(input, input2, input3, left=True, transpose=False, *, out=None):
     """op(Q)·C (left) or C·op(Q) with Q = H_1 ⋯ H_k from geqrf's reflectors (op = ᴴ with
     transpose): the reflectors applied to C one by one with Cauchy products (exact: a polynomial
     in the reflectors, τ and C)."""
+    tau, other = input2, input3     # torch's names: ormqr(input, input2, input3)
     K = order_of(input, tau, other)
     Y0 = torch.ormqr(primal(input), primal(tau), primal(other), left=left, transpose=transpose)
     nrefl = primal(tau).shape[-1]
@@ -1371,11 +1389,12 @@ def _pinv_tolerances(A0: Tensor, atol, rtol):
 
 
 @_rule(torch.linalg.pinv)
-def linalg_pinv(A, rcond=None, hermitian=False, *, atol=None, rtol=None, out=None):
+def linalg_pinv(input, rcond=None, hermitian=False, *, atol=None, rtol=None, out=None):
     """Moore–Penrose pseudo-inverse of a full-rank A(t) (``_pinv_series``); hermitian=True reads
     one triangle (eigh) and is then the inverse of that Hermitian matrix. A rank-deficient A
     (singular values at or below torch's cut-off) raises: the pseudo-inverse is discontinuous
     there."""
+    A = input   # torch's Python binding names the matrix input (the docs call it A)
     if rcond is not None:
         rtol = rcond
     K = A._order
@@ -1701,23 +1720,14 @@ def mv(input, vec, *, out=None):
 def addmv(input, mat, vec, *, beta=1, alpha=1, out=None):
     """β·input + α·(mat @ vec) (input ignored when β = 0, as torch)."""
     torch.addmv(primal(input), primal(mat), primal(vec), beta=beta, alpha=alpha)  # torch's checks
-    return _beta_input_plus_alpha_prod(input, torch.matmul(mat, vec), beta, alpha)
+    return beta_input_plus_alpha_prod(input, torch.matmul(mat, vec), beta, alpha)
 
 
 @register(*aliases("addr"))
 def addr(input, vec1, vec2, *, beta=1, alpha=1, out=None):
     """β·input + α·outer(vec1, vec2) (input ignored when β = 0, as torch)."""
     torch.addr(primal(input), primal(vec1), primal(vec2), beta=beta, alpha=alpha)  # torch's checks
-    return _beta_input_plus_alpha_prod(input, torch.outer(vec1, vec2), beta, alpha)
-
-
-def _beta_input_plus_alpha_prod(input, prod, beta, alpha):
-    """β·input + α·prod, input ignored when β = 0 (torch's rule for addmv/addr: NaN or Inf in
-    input does not propagate), broadcast to input's shape either way."""
-    prod = prod if alpha == 1 else alpha * prod
-    if beta == 0:
-        return prod + torch.zeros_like(primal(input))
-    return (input if beta == 1 else beta * input) + prod
+    return beta_input_plus_alpha_prod(input, torch.outer(vec1, vec2), beta, alpha)
 
 
 # ----------------------------------------------------------------------------------------------

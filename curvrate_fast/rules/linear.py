@@ -13,7 +13,17 @@ from torch import Tensor
 
 from ..cpu_gemm import eager_linear
 from ..jets.registry import register, tracing
-from ._common import JetTensor, aliases, cauchy_op, is_jet, lift, make_jet, order_of, per_coefficient
+from ._common import (
+    JetTensor,
+    aliases,
+    beta_input_plus_alpha_prod,
+    cauchy_op,
+    is_jet,
+    lift,
+    make_jet,
+    order_of,
+    per_coefficient,
+)
 from .activations import use_triton
 
 
@@ -51,8 +61,7 @@ def _matmul_one_jet(op, a, b, K):
     return per_coefficient(op, (a, b), {}, promote_constants=False)
 
 
-@register(*aliases("matmul"), torch.Tensor.__matmul__, *aliases("mm"), *aliases("bmm"),
-          torch.linalg.matmul)
+@register(*aliases("matmul"), torch.Tensor.__matmul__, torch.linalg.matmul)
 def matmul(input, other, *, out=None):
     K = order_of(input, other)
     if is_jet(input) and is_jet(other):
@@ -86,17 +95,71 @@ def einsum(equation, *operands):
     return make_jet(cauchy_op(lambda a, b: torch.einsum(equation, a, b), operands[0], operands[1], K), K)
 
 
-@register(*aliases("baddbmm"), *aliases("addmm"))
-def addmm(input, mat1, mat2, *, beta=1, alpha=1, out=None):
+def _check_matrices(name: str, first: Tensor, second: Tensor, batched: bool) -> None:
+    """torch's operand checks of mm/bmm (and of addmm/baddbmm/addbmm's product), which
+    torch.matmul's broadcasting would otherwise let through: 2-D (3-D with equal batch sizes)
+    operands whose inner sizes agree."""
+    nd = 3 if batched else 2
+    for what, t in (("first", first), ("second", second)):
+        if t.dim() != nd:
+            raise RuntimeError(f"{name}: the {what} operand must be a {nd}-D tensor, got {t.dim()}-D "
+                               f"{tuple(t.shape)}")
+    if batched and first.shape[0] != second.shape[0]:
+        raise RuntimeError(f"{name}: the batch sizes differ ({first.shape[0]} and {second.shape[0]})")
+    if first.shape[-1] != second.shape[-2]:
+        raise RuntimeError(f"{name}: shapes {tuple(first.shape)} and {tuple(second.shape)} cannot be multiplied")
+
+
+def _product(name: str, a, b, batched: bool, out_dtype):
+    """a @ b after torch's checks; with ``out_dtype`` the product of each pair of coefficients is
+    torch's own ``op(a_i, b_j, out_dtype)`` (bilinear: per coefficient, or a Cauchy product)."""
+    _check_matrices(name, a, b, batched)
+    if out_dtype is None:
+        return matmul(a, b)
+    op = torch.bmm if batched else torch.mm
+    if is_jet(a) and is_jet(b):
+        K = order_of(a, b)
+        return make_jet(cauchy_op(lambda x, y: op(x, y, out_dtype), a, b, K), K)
+    return per_coefficient(lambda x, y: op(x, y, out_dtype), (a, b), {}, promote_constants=False)
+
+
+@register(*aliases("mm"))
+def mm(input, mat2, out_dtype=None, *, out=None):
+    """input @ mat2 for matrices: the matmul rule after torch.mm's checks."""
+    return _product("mm", input, mat2, False, out_dtype)
+
+
+@register(*aliases("bmm"))
+def bmm(input, mat2, out_dtype=None, *, out=None):
+    """Batched input @ mat2 (3-D, equal batch sizes): the matmul rule after torch.bmm's checks."""
+    return _product("bmm", input, mat2, True, out_dtype)
+
+
+def _scaled_sum(name: str, input, prod, beta, alpha):
+    """beta·input + alpha·prod as torch's addmm family: input must broadcast to the product's shape
+    (it never enlarges the result) and is ignored when beta = 0 (its NaN or Inf do not propagate)."""
+    if tuple(torch.broadcast_shapes(input.shape, prod.shape)) != tuple(prod.shape):
+        raise RuntimeError(f"{name}: input of shape {tuple(input.shape)} does not broadcast to the product's "
+                           f"shape {tuple(prod.shape)}")
+    return beta_input_plus_alpha_prod(input, prod, beta, alpha)
+
+
+@register(*aliases("addmm"))
+def addmm(input, mat1, mat2, out_dtype=None, *, beta=1, alpha=1, out=None):
     """beta·input + alpha·(mat1 @ mat2): a sum of a linear and a bilinear map."""
-    prod = torch.matmul(mat1, mat2)
-    return alpha * prod if beta == 0 else beta * input + alpha * prod
+    return _scaled_sum("addmm", input, _product("addmm", mat1, mat2, False, out_dtype), beta, alpha)
+
+
+@register(*aliases("baddbmm"))
+def baddbmm(input, batch1, batch2, out_dtype=None, *, beta=1, alpha=1, out=None):
+    """beta·input + alpha·(batch1 @ batch2), batched: a sum of a linear and a bilinear map."""
+    return _scaled_sum("baddbmm", input, _product("baddbmm", batch1, batch2, True, out_dtype), beta, alpha)
 
 
 @register(*aliases("addbmm"))
 def addbmm(input, batch1, batch2, *, beta=1, alpha=1, out=None):
-    prod = torch.matmul(batch1, batch2).sum(0)
-    return alpha * prod if beta == 0 else beta * input + alpha * prod
+    """beta·input + alpha·Σ_b batch1[b] @ batch2[b]."""
+    return _scaled_sum("addbmm", input, _product("addbmm", batch1, batch2, True, None).sum(0), beta, alpha)
 
 
 @register(F.bilinear, torch.bilinear)

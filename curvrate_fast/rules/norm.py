@@ -49,7 +49,7 @@ def _affine(y: List[Tensor], weight, bias, K: int, view=None):
 
 
 @register(torch.nn.functional.layer_norm, torch.layer_norm)
-def layer_norm(input, normalized_shape, weight=None, bias=None, eps: float = 1e-5, *args):
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps: float = 1e-5, cudnn_enable: bool = True):
     K = input._order
     dims = tuple(range(-len(tuple(normalized_shape)), 0))
     y = _normalize_series(input.series(), dims, eps, K)
@@ -71,7 +71,7 @@ def rms_norm(input, normalized_shape, weight=None, eps: Optional[float] = None):
 
 
 @register(torch.nn.functional.group_norm, torch.group_norm)
-def group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5, *args):
+def group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5, cudnn_enabled: bool = True):
     K = input._order
     N, C = input.shape[0], input.shape[1]
     rest = tuple(input.shape[2:])
@@ -84,7 +84,8 @@ def group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5
 
 @register(torch.nn.functional.instance_norm, torch.instance_norm)
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
-                  use_input_stats: bool = True, momentum: float = 0.1, eps: float = 1e-5, *args):
+                  use_input_stats: bool = True, momentum: float = 0.1, eps: float = 1e-5,
+                  cudnn_enabled: bool = True):
     K = input._order
     view = (1, input.shape[1]) + (1,) * (input.dim() - 2)
     if not use_input_stats:
@@ -115,7 +116,7 @@ def _batch_norm_eval(input, running_mean, running_var, weight, bias, eps):
 
 @register(torch.nn.functional.batch_norm, torch.batch_norm)
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training: bool = False,
-               momentum: float = 0.1, eps: float = 1e-5, *args):
+               momentum: float = 0.1, eps: float = 1e-5, cudnn_enabled: bool = True):
     if training or running_mean is None or running_var is None:
         raise SampleMixingError(
             "batch_norm in training mode normalizes with the statistics of the whole batch, so each "

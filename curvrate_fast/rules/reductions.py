@@ -211,9 +211,11 @@ def _gather_at(input, idx: Tensor, dim: int, keepdim: bool):
 def _extreme(kind):
     arg = torch.argmax if kind == "max" else torch.argmin
 
-    def rule(input, dim=None, keepdim=False, *, out=None):
-        if dim is not None and (is_jet(dim) or isinstance(dim, Tensor)):  # torch.max(a, b)
-            return (torch.maximum if kind == "max" else torch.minimum)(input, dim)
+    def rule(input, dim=None, keepdim=False, *, other=None, out=None):
+        if other is None and dim is not None and (is_jet(dim) or isinstance(dim, Tensor)):
+            other, dim = dim, None                                  # torch.max(a, b)
+        if other is not None:                                       # torch.max(a, other=b) too
+            return (torch.maximum if kind == "max" else torch.minimum)(input, other)
         x0 = input._coeffs[0]
         if dim is None:
             flat = input.reshape(-1)
@@ -298,9 +300,9 @@ def cumsum(input, dim, *, dtype=None, out=None):
 
 
 @register(*aliases("dot"))
-def dot(input, other, *, out=None):
+def dot(input, tensor, *, out=None):
     """Σ a_i b_i of two 1-D tensors: bilinear, through the product and sum rules."""
-    return (input * other).sum()
+    return (input * tensor).sum()
 
 
 @register(*aliases("vdot"))

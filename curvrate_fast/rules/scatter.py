@@ -432,10 +432,16 @@ for _name in ("hsplit", "vsplit", "dsplit", "unsafe_split", "unsafe_chunk", "spl
 
 
 @register(*aliases("view_copy"))
-def view_copy(input, *size, out=None):
+def view_copy(input, *size, dtype=None, out=None, **named):
     """view_copy to a shape: the same reshape of every coefficient. To a dtype (a reinterpretation
     of the bits): the same dtype copies; an integer/bool dtype gives a constant (as other integer
     results); another float dtype has no Taylor expansion (JetError)."""
+    if "size" in named:          # torch.view_copy(x, size=(...)): torch's keyword for the shape
+        size = (named.pop("size"),)
+    if named or (dtype is not None and size):
+        raise TypeError(f"view_copy() got unexpected arguments {sorted(named) or ['dtype and a size']}")
+    if dtype is not None:
+        size = (dtype,)
     if len(size) == 1 and isinstance(size[0], torch.dtype):
         dt = size[0]
         if dt == input.dtype:
@@ -624,7 +630,11 @@ def _atleast(fn):
         c = t._coeffs
         return make_jet(c.reshape((c.shape[0],) + tuple(shape)), t._order, is_view=True)
 
-    def rule(*tensors):
+    def rule(*tensors, **named):
+        if "tensors" in named:       # torch._VF.atleast_1d(tensors=[...]): torch's keyword
+            tensors = (named.pop("tensors"),)
+        if named:
+            raise TypeError(f"{fn.__name__}() got unexpected keyword arguments {sorted(named)}")
         if len(tensors) == 1:
             tensors = tensors[0]
         if isinstance(tensors, (list, tuple)):
@@ -649,8 +659,9 @@ def column_stack(tensors, *, out=None):
 # -- sum_to_size, fill, zero_ ---------------------------------------------------------------------
 
 @register(torch.Tensor.sum_to_size)
-def sum_to_size(input, *size):
+def sum_to_size(input, *args, size=None):
     """sum_to_size: sums over the broadcast dims (linear)."""
+    size = args if size is None else (size,)
     if len(size) == 1 and isinstance(size[0], (list, tuple, torch.Size)):
         size = tuple(size[0])
     c = input._coeffs

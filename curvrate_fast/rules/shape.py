@@ -74,7 +74,8 @@ def _dims(d, ndim):
 
 
 @register(*aliases("permute"))
-def permute(input, *dims):
+def permute(input, *args, dims=None):
+    dims = args if dims is None else (dims,)
     if len(dims) == 1 and isinstance(dims[0], (list, tuple, torch.Size)):
         dims = tuple(dims[0])
     nd = input.dim()
@@ -82,11 +83,17 @@ def permute(input, *dims):
                     is_view=True)
 
 
-@register(*aliases("transpose"), *aliases("swapaxes"), *aliases("swapdims"))
+@register(*aliases("transpose"), *aliases("swapdims"))
 def transpose(input, dim0, dim1):
     nd = input.dim()
     return make_jet(input._coeffs.transpose(_dims(dim0, nd) + 1, _dims(dim1, nd) + 1),
                     input._order, is_view=True)
+
+
+@register(*aliases("swapaxes"))
+def swapaxes(input, axis0, axis1):
+    """transpose under numpy's names."""
+    return transpose(input, axis0, axis1)
 
 
 @register(*aliases("t"))
@@ -377,12 +384,13 @@ def _resize_into(input, shape):
 
 
 @register(torch.Tensor.resize_, getattr(torch, "resize_", None))
-def resize_(input, *sizes, memory_format=None):
+def resize_(input, *args, size=None, memory_format=None):
+    sizes = args if size is None else (size,)
     if len(sizes) == 1 and isinstance(sizes[0], (list, tuple, torch.Size)):
         sizes = tuple(sizes[0])
     return _resize_into(input, sizes)
 
 
 @register(torch.Tensor.resize_as_, torch.resize_as_)
-def resize_as_(input, other, memory_format=None):
-    return _resize_into(input, tuple(other.shape))
+def resize_as_(input, the_template, memory_format=None):
+    return _resize_into(input, tuple(the_template.shape))

@@ -961,7 +961,8 @@ def _poly_table(x0: Tensor, K: int, n: Tensor, n_arg: Any, kind: str, shifted: b
 
 def _polynomial(name: str, op: Callable, kind: str, shifted: bool = False) -> None:
     @register(op)
-    def rule(input, n, *, out=None):
+    def rule(x, n, *, out=None):   # torch's names: special.*_polynomial_*(x, n)
+        input = x
         if not is_jet(input):  # only the degree is a jet: piecewise constant in n
             record("constants", op)
             return op(input, primal(n))
