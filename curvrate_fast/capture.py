@@ -393,8 +393,10 @@ class _GradsTimesIncoming(torch.autograd.Function):
             # raised only where grad_out itself required grad, and unclearly)
             raise CaptureError(f"{ctx.name}: a captured loss gives first-order gradients only, and this "
                                "backward was asked for a differentiable graph (create_graph=True: double "
-                               "backward, a gradient penalty, a Hessian-vector product). Compute this loss "
-                               "without compile (the eager engine is differentiable to any order).")
+                               "backward, a gradient penalty, a Hessian-vector product). The eager engine refuses "
+                               "it as well where activation or cross-entropy jets run (their backwards are "
+                               "first-order); second derivatives of the loss: nested autograd "
+                               "(curvrate_fast.baseline).")
         grads = ctx.saved_tensors
         if (type(grad_out) is Tensor and grad_out.device.type == "cpu" and grad_out.numel() == 1
                 and not torch.compiler.is_compiling() and grad_out.item() == 1.0):

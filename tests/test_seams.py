@@ -455,3 +455,25 @@ def test_python_numbers_of_a_jet_are_constants_as_in_autograd():
         return h * scale
     ours = cf.loss_directional_derivatives(model, x, y, u, 3)
     assert rel_err(ours, _nested_autograd_loss_derivatives(model, x, y, u, 3)) < 1e-10
+
+
+def test_inplace_op_with_a_wider_operand_casts_like_torch():
+    """float32 x.add_(float64 y) is legal in PyTorch (computed in float64, stored as float32): the
+    jet does the same to every coefficient (it used to refuse, claiming PyTorch does); a cast that
+    torch's rules forbid (complex into real) raises as PyTorch does."""
+    g = torch.Generator().manual_seed(3)
+    x, u = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    y = torch.randn(3, 4, generator=g, dtype=D64)
+
+    def f(a):
+        return (a * a).mul_(y).add_(y)
+    ours = cf.jet(f, x, u, 3)
+    assert ours.dtype == torch.float32
+    ref = baseline.jet(f, x.double(), u.double(), 3)   # the float64 truth
+    assert rel_err(ours.double(), ref) < 1e-6
+    assert torch.equal(ours[0], f(x.clone()))
+    z = torch.randn(3, 4, generator=g, dtype=torch.complex64)
+    with pytest.raises(RuntimeError):
+        (x * 1).add_(z)
+    with pytest.raises(cf.JetError, match=r"add_: result type torch.complex64 can't be cast"):
+        cf.jet(lambda a: (a * 1).add_(z), x, u, 2)

@@ -746,9 +746,12 @@ def _inplace(func: Any, base: str, args: Tuple, kwargs: Dict) -> Any:
         if result.shape != target.shape:
             raise JetError(f"in-place {_func_name(func)} would change the jet's shape")
         if result.dtype != target.dtype:
-            raise JetError(
-                f"in-place {_func_name(func)} gives dtype {result.dtype}, which cannot be stored in a "
-                f"jet of dtype {target.dtype} (PyTorch refuses this in-place cast too)")
+            # as torch: computed in the promoted dtype, then cast to the target's where torch's
+            # casting rules allow it (float64 into float32: a linear map of every coefficient)
+            if not torch.can_cast(result.dtype, target.dtype):
+                raise JetError(f"in-place {_func_name(func)}: result type {result.dtype} can't be cast to the "
+                               f"jet's dtype {target.dtype} (PyTorch refuses this in-place cast too)")
+            result = dispatch(torch.Tensor.to, (result,), {"dtype": target.dtype})
         target._coeffs = result._coeffs
     else:  # the in-place op turned the jet into a constant (e.g. x.zero_(), x.uniform_())
         target._coeffs = torch.as_tensor(result, dtype=target.dtype, device=target.device).expand(
