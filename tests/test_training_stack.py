@@ -4,6 +4,7 @@ and FSDP2 on two gloo processes, the input-embedding helper, the Hugging Face an
 integrations."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import tempfile
@@ -63,6 +64,31 @@ def test_autograd_metadata_and_hooks_are_the_coefficients():
     out.coeffs.abs().sum().backward()
     assert seen == [tuple(out.coeffs.shape)]
     handle.remove()
+
+
+def test_module_trackers_and_flop_counting_run_over_a_jet_pass():
+    """torch.utils.module_tracker (FlopCounterMode's, the debug modes') registers a multi-grad hook on
+    each module's inputs that require grad; the input jet answers requires_grad=True without an
+    autograd graph, and autograd's lookup of its node (``t.view_as(t).grad_fn``) used to fail with
+    an AttributeError. The CRR step inside FlopCounterMode or ModuleTracker gives the gradients it
+    gives outside, and the FLOPs are counted."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.module_tracker import ModuleTracker
+    model = _mlp()
+    x, y, _ = _xy()
+
+    def grads(ctx):
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        with ctx:
+            cf.CRRLoss(orders=(1, 3))(model, x, y).backward()
+        return [p.grad.clone() for p in model.parameters()]
+    ref = grads(contextlib.nullcontext())
+    counter = FlopCounterMode(display=False)
+    for ctx in (counter, ModuleTracker()):
+        for a, b in zip(grads(ctx), ref):
+            assert torch.equal(a, b)
+    assert counter.get_total_flops() > 0
 
 
 class _Scale(torch.autograd.Function):

@@ -118,6 +118,38 @@ def _register_hook(jet: JetTensor, hook: Callable) -> Any:
     return jet._coeffs.register_hook(hook)
 
 
+def _asks_for_grad_node(args: Tuple) -> bool:
+    """Whether this ``j.view_as(j)`` is ``torch.autograd.graph._get_grad_fn_or_grad_acc`` asking for
+    the autograd node of a jet that moves along the path but has no autograd graph (it answers
+    requires_grad=True with grad_fn None, as a leaf would). ``register_multi_grad_hook`` asks so for
+    module inputs: torch.utils.module_tracker's pre-forward hooks (FlopCounterMode, the memory
+    and communication debug modes) register one on the input jet of a pass."""
+    if len(args) != 2 or args[0] is not args[1] or not isinstance(args[0], JetTensor):
+        return False
+    c = args[0]._coeffs
+    if c.requires_grad or c.shape[0] == 1:
+        return False
+    f = sys._getframe(2)
+    for _ in range(4):
+        if f is None:
+            return False
+        if f.f_code.co_name == "_get_grad_fn_or_grad_acc" and \
+                f.f_code.co_filename.replace("\\", "/").endswith("torch/autograd/graph.py"):
+            return True
+        f = f.f_back
+    return False
+
+
+def _unreached_node_view(jet: JetTensor) -> torch.Tensor:
+    """For :func:`_asks_for_grad_node`: a view of a fresh leaf, whose gradient accumulator is the
+    node asked for. No gradient ever reaches it, so a hook on it never runs, as one registered on
+    the jet itself (:func:`_register_hook`); a multi-grad hook counts it as not part of the
+    backward."""
+    with torch.enable_grad():
+        leaf = torch.zeros((), dtype=jet.dtype, device=jet.device, requires_grad=True)
+        return leaf.view_as(leaf)
+
+
 class _UnusedHookHandle:
     """The handle of a hook on a jet no gradient reaches (:func:`_register_hook`)."""
 
@@ -442,6 +474,8 @@ def dispatch(func: Any, args: Tuple, kwargs: Dict) -> Any:
     method = _AUTOGRAD_METHODS.get(func)
     if method is not None:
         return method(*args, **kwargs)
+    if func is torch.Tensor.view_as and _asks_for_grad_node(args):
+        return _unreached_node_view(args[0])
     s = settings
     if s.rule_depth == 0:
         if not torch.is_grad_enabled() and _in_no_grad_region(args, kwargs):
