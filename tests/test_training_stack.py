@@ -91,6 +91,30 @@ def test_module_trackers_and_flop_counting_run_over_a_jet_pass():
     assert counter.get_total_flops() > 0
 
 
+@pytest.mark.parametrize("where", [0, 2])
+def test_module_full_backward_hooks_run_on_the_coefficients(where):
+    """register_full_backward_hook / _pre_hook wrap a module's inputs and outputs in an identity
+    Function (BackwardHookFunction) and insist that its outputs carry its backward node. For an
+    input jet without an autograd graph (the first module's input; every input in the sample-mixing
+    probe's graphless pass) that failed with PyTorch's 'Error while setting up backward hooks'.
+    Now the hooks run in the penalty's backward, on the coefficients' gradients (shape (n+1, ...)),
+    and the parameters' gradients equal the unhooked model's."""
+    x, y, _ = _xy()
+
+    def grads(model):
+        torch.manual_seed(1)
+        cf.CRRLoss(orders=(1, 3))(model, x, y).backward()
+        return [p.grad for p in model.parameters()]
+    ref = grads(_mlp())
+    model, seen = _mlp(), []
+    model[where].register_full_backward_hook(lambda mod, gi, go: seen.append(("post", gi[0].shape[1:])))
+    model[where].register_full_backward_pre_hook(lambda mod, go: seen.append(("pre", go[0].shape[1:])))
+    for a, b in zip(grads(model), ref):
+        assert torch.equal(a, b)
+    width = model[where].in_features
+    assert seen == [("pre", (5, model[where].out_features)), ("post", (5, width))], seen
+
+
 class _Scale(torch.autograd.Function):
     """Identity forward, backward scaled: a gradient-scaling layer (forward returns its input)."""
 

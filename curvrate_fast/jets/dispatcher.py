@@ -425,18 +425,31 @@ def _reapplied(frame, cls: Any, func: Any) -> Dict[int, list]:
         return hit[1]
     loc = frame.f_locals
     fargs, fkwargs = tuple(loc.get("args", ())), dict(loc.get("kwargs", None) or {})
-    sources = {id(a._coeffs): a._coeffs for a in fargs if isinstance(a, JetTensor)}
+    stand_ins: Dict[int, torch.Tensor] = {}
+
+    def coeff_arg(a: JetTensor) -> torch.Tensor:
+        c = a._coeffs
+        if c.requires_grad or c.shape[0] == 1:
+            return c
+        # a jet that moves along the path without an autograd graph (the input jet, a pass whose
+        # rules record none) answers requires_grad=True, so PyTorch's machinery expects the
+        # Function's outputs to carry its backward node (a module's full backward hook checks for
+        # it): applied to a leaf with the same values, whose gradient nothing reads
+        leaf = c.detach().requires_grad_(True)
+        stand_ins[id(leaf)] = c
+        return leaf
+    coeff_args = tuple(coeff_arg(a) if isinstance(a, JetTensor) else a for a in fargs)
+    sources = {id(c): c for a, c in zip(fargs, coeff_args) if isinstance(a, JetTensor)}
     if not sources:
         raise _refusal(cls, func, " through a container")
     rec = _IdentityRecorder(sources)
-    coeff_args = tuple(a._coeffs if isinstance(a, JetTensor) else a for a in fargs)
-    with torch.set_grad_enabled(not settings.rules_without_grad), rec:
+    with torch.set_grad_enabled(not settings.rules_without_grad or bool(stand_ins)), rec:
         cls.apply(*coeff_args, **fkwargs)
     if rec.other is not None:
         raise _refusal(cls, func, f" and, on plain tensors, {op_name(rec.other)}: it is not an identity")
     outs: Dict[int, list] = {}
     for src, out in rec.pairs:
-        outs.setdefault(id(src), []).append(out)
+        outs.setdefault(id(stand_ins.get(id(src), src)), []).append(out)
     # forget calls that have returned (their frames are no longer on the stack)
     live = set()
     f = frame
