@@ -114,9 +114,11 @@ def _product(name: str, a, b, batched: bool, out_dtype):
     """a @ b after torch's checks; with ``out_dtype`` the product of each pair of coefficients is
     torch's own ``op(a_i, b_j, out_dtype)`` (bilinear: per coefficient, or a Cauchy product)."""
     _check_matrices(name, a, b, batched)
+    op = torch.bmm if batched else torch.mm
+    if not (is_jet(a) or is_jet(b)):   # addmm's jet is its input only: a plain product
+        return op(a, b) if out_dtype is None else op(a, b, out_dtype)
     if out_dtype is None:
         return matmul(a, b)
-    op = torch.bmm if batched else torch.mm
     if is_jet(a) and is_jet(b):
         K = order_of(a, b)
         return make_jet(cauchy_op(lambda x, y: op(x, y, out_dtype), a, b, K), K)
