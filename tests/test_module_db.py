@@ -9,8 +9,14 @@ the sample's constructor arguments, its first floating forward argument becomes 
 oracle's wherever the oracle is conclusive. Random modules (dropout in train mode) draw the same
 masks in the jet pass and in every oracle evaluation (the seed is fixed inside the call), so the
 comparison is of one function. A module may instead raise a clear error (``JetError``, or a
-``ValueError`` about its input, e.g. the -inf of a log-probability sample); a mismatch or any other
+``ValueError`` about its input, e.g. the NaN of KLDivLoss's sample); a mismatch or any other
 exception fails.
+
+The older configuration lists of ``torch.testing._internal.common_nn`` (``module_tests``,
+``get_new_module_tests()``, ``criterion_tests``: 280 configurations, convolutions with every
+padding mode and group count, padding layers, losses with each reduction) run the same way, in
+eval mode: 237 exact, 1 clear error (CrossMapLRN2d, a custom autograd Function), the rest without
+a floating input or a judgeable sample.
 """
 from __future__ import annotations
 
@@ -137,3 +143,92 @@ def test_the_module_sweep_catches_a_wrong_rule(monkeypatch):
     for f in (torch.tanh, torch.Tensor.tanh, torch.nn.functional.tanh):
         monkeypatch.setitem(registry._RULES, f, registry.lookup(torch.sin))
     assert run_module(mi, False)[0] == "mismatch"
+
+
+# -- the older lists of torch.testing._internal.common_nn: module and criterion configurations -----
+
+common_nn = pytest.importorskip("torch.testing._internal.common_nn")
+
+
+def _nn_configs():
+    out = []
+    for d in common_nn.module_tests + common_nn.get_new_module_tests() + common_nn.criterion_tests:
+        name = d.get("fullname") or "_".join(str(v) for v in (d.get("module_name"), d.get("desc")) if v)
+        if d.get("check_complex") or "complex" in name.lower():
+            continue
+        out.append((name, d))
+    return out
+
+
+def run_config(d) -> tuple:
+    """One common_nn configuration (module in eval mode, float64, its input the jet; a criterion's
+    target fixed): (status, detail) as :func:`run_module`."""
+    try:
+        torch.manual_seed(0)
+        module = d["constructor"](*d.get("constructor_args", ())) if "constructor" in d else \
+            getattr(torch.nn, d["module_name"])(*d.get("constructor_args", ()))
+        module = module.to(D64).eval()
+        x = d["input_fn"]() if "input_fn" in d else torch.randn(d["input_size"])
+        target = d["target_fn"]() if "target_fn" in d else \
+            (torch.randn(d["target_size"]) if "target_size" in d else None)
+    except Exception:  # noqa: BLE001 - a configuration that does not build here
+        return "no sample", "does not build"
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or not 0 < x.numel() <= MAX_NUMEL:
+        return "no sample", "no floating input"
+    x = x.to(D64)
+    if isinstance(target, torch.Tensor) and target.is_floating_point():
+        target = target.to(D64)
+
+    def forward(z):
+        torch.manual_seed(1)
+        out = module(z) if target is None else module(z, target)
+        return out[0] if isinstance(out, (tuple, list)) else out
+    try:
+        plain = forward(x)
+    except Exception:  # noqa: BLE001
+        return "no sample", "the plain call fails"
+    if not isinstance(plain, torch.Tensor) or not plain.is_floating_point():
+        return "no sample", "no floating output"
+    u = torch.randn(x.shape, generator=torch.Generator().manual_seed(3), dtype=D64)
+    try:
+        c = cf.jet(forward, x, u, 3)
+    except (cf.JetError, ValueError) as e:
+        return "clear error", str(e)[:120]
+    except Exception as e:  # noqa: BLE001
+        return "unclear error", f"{type(e).__name__}: {str(e)[:200]}"
+    try:
+        best, tol, mask = fd_jet(lambda z: forward(z).detach(), [x], [u], 3)
+    except RuntimeError:
+        return "no sample", "the path leaves the module's domain"
+    if float(mask.float().mean()) < 0.3:
+        return "no sample", "the oracle is inconclusive"
+    diff = (c.detach().reshape(4, -1).double() - best).abs()
+    bad = (diff > tol)[:, mask]
+    if bool(bad.any()):
+        return "mismatch", f"order {int(bad.nonzero()[0][0])}: max |ours − oracle| {float(diff[:, mask].max()):.3g}"
+    return "pass", ""
+
+
+NN_CONFIGS = _nn_configs()
+
+
+@pytest.fixture(scope="module")
+def nn_sweep():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return [(name, run_config(d)) for name, d in NN_CONFIGS]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_common_nn_configurations_are_exact_or_clear_errors(nn_sweep, capsys):
+    """torch's module_tests, new module tests and criterion tests (common_nn): convolutions with
+    every padding mode and group count, pooling, padding layers, losses with each reduction..."""
+    bad = [(name, status, detail) for name, (status, detail) in nn_sweep
+           if status in ("mismatch", "unclear error")]
+    counts = collections.Counter(status for _, (status, _) in nn_sweep)
+    with capsys.disabled():
+        print("\ncommon_nn classification:", dict(sorted(counts.items())))
+    assert not bad, bad
+    assert counts["pass"] >= 0.8 * len(nn_sweep), counts
