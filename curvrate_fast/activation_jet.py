@@ -25,6 +25,7 @@ from torch import Tensor
 from . import series as S
 from .activation_kinds import KINDS  # the one table of activation kinds
 from .first_order import first_order_backward
+from .jets.registry import tracing
 
 __all__ = ["activation_jet_reference", "activation_series_with_derivative", "toeplitz_backward", "KINDS"]
 
@@ -47,7 +48,7 @@ def activation_series_with_derivative(u: List[Tensor], kind: str, K: int,
         sig = S.sigmoid_with_derivative(bu, K)[0]
         y = S.integrate(u, sig, K, torch.nn.functional.softplus(u[0], beta, threshold))
         lin = (beta * u[0]) > threshold
-        if bool(lin.any()):
+        if tracing() or bool(lin.any()):      # a capture cannot read which are linear
             one = torch.ones_like(u[0])
             y = [y[0]] + [torch.where(lin, _pad(u, K + 1)[k], y[k]) for k in range(1, K + 1)]
             sig = [torch.where(lin, one, sig[0])] + [torch.where(lin, torch.zeros_like(s), s)

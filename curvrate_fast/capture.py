@@ -71,13 +71,14 @@ more capture and compile.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import itertools
 import threading
 import types
 import warnings
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -594,7 +595,8 @@ class CompiledLoss:
         traced = [t.clone() if names[i][1] else t for i, t in enumerate(ins)]
         versions = [t._version for t in ins]
         generators = _generators_of(fn, layout)
-        with _capture_settings(flat), torch.random.fork_rng(devices=devices), _states_kept(generators):
+        with _capture_settings(flat), torch.random.fork_rng(devices=devices), _states_kept(generators), \
+                _reseeding_refused(self.name):
             try:
                 gm = make_fx(joint, tracing_mode="real", _allow_non_fake_inputs=True)(*traced)
             except RuntimeError as e:
@@ -1110,6 +1112,40 @@ def _same_generator(a: torch.Generator, b: torch.Generator) -> bool:
     finally:
         a.set_state(sa)
         b.set_state(sb)
+
+
+# the functions that reseed the default generators: inside a captured function they run once,
+# while it is recorded, and never on a replay, whose draws continue the running stream instead.
+# (set_rng_state is left alone: torch.random.fork_rng restores with it, inside the engine too.)
+_RESEEDING = (("torch", "manual_seed"), ("torch", "seed"), ("torch.random", "manual_seed"),
+              ("torch.random", "seed"), ("torch.cuda", "manual_seed"), ("torch.cuda", "manual_seed_all"))
+
+
+@contextlib.contextmanager
+def _reseeding_refused(name: str) -> Iterator[None]:
+    """While a function is recorded: a call that reseeds the global random state (torch.manual_seed,
+    torch.seed, their CUDA forms) raises a CaptureError naming it (measured before: a function that reseeded
+    drew the same numbers at every eager call and the running stream's at every replay)."""
+    import importlib
+    saved = []
+
+    def refuse(qualname: str):
+        def call(*args, **kwargs):
+            raise CaptureError(f"compile({name}): the function calls {qualname}, which sets the global random "
+                               "state; a captured graph runs it once, while it is recorded, and its replays "
+                               "draw from the running stream instead. Seed outside the function (before the "
+                               "call), or pass a torch.Generator argument.")
+        return call
+    for mod_name, attr in _RESEEDING:
+        mod = importlib.import_module(mod_name)
+        if hasattr(mod, attr):
+            saved.append((mod, attr, getattr(mod, attr)))
+            setattr(mod, attr, refuse(f"{mod_name}.{attr}"))
+    try:
+        yield
+    finally:
+        for mod, attr, fn in reversed(saved):
+            setattr(mod, attr, fn)
 
 
 def _refuse_unseen_generators(gm: torch.fx.GraphModule, seen: Dict[int, torch.Generator], name: str) -> None:

@@ -1046,3 +1046,74 @@ def test_user_torch_compile_with_a_generator_names_it():
     step = torch.compile(lambda x, y: a(model, x, y), backend="eager")
     for _ in range(2):
         assert _max_rel(step(x, y).detach(), b(model, x, y).detach()) <= TOL
+
+
+# -- rules that check the values they are given ---------------------------------------------------
+
+_G = torch.Generator().manual_seed(11)
+_T = torch.rand(4, 6, generator=_G, dtype=D64)            # a BCE target in [0, 1]
+_Y = torch.tensor([0, 2, -100, 1])                        # nll labels, one ignored
+_V = torch.rand(4, 6, generator=_G, dtype=D64) + 0.1      # a Gaussian NLL variance > 0
+VALUE_CHECKING = {
+    # softplus's linear regime (β·x > threshold) is chosen per element: taken everywhere in a graph
+    "softplus": lambda z: F.softplus(3 * z, beta=2.0, threshold=1.0),
+    "binary_cross_entropy": lambda z: F.binary_cross_entropy(torch.sigmoid(z), _T, reduction="none"),
+    "nll_loss with ignore_index": lambda z: F.nll_loss(F.log_softmax(z, 1), _Y, reduction="none"),
+    "gaussian_nll_loss": lambda z: F.gaussian_nll_loss(z, _T, _V, reduction="none"),
+    "normalize": lambda z: F.normalize(z, dim=1),
+    "cosine_similarity": lambda z: F.cosine_similarity(z, z.flip(1) + 1, dim=1),
+    "pairwise_distance": lambda z: F.pairwise_distance(z, 2 * z + 1),
+    "dist": lambda z: torch.dist(z, z.square(), p=3),
+}
+
+
+@pytest.mark.parametrize("name", list(VALUE_CHECKING))
+def test_value_checking_rules_capture(name):
+    """Rules that read their values (a domain, a zero, which elements are linear) used to refuse
+    capture ('a tensor value was read'); their checks are graph assertions now and their branches
+    the general form: the captured loss equals the eager one, and its gradients too."""
+    f = VALUE_CHECKING[name]
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1), dtype=D64)
+    u = torch.randn(4, 6, generator=torch.Generator().manual_seed(2), dtype=D64)
+    w = torch.randn(6, 6, generator=torch.Generator().manual_seed(3), dtype=D64, requires_grad=True)
+
+    def loss(w, x, u):
+        return cf.jet(lambda z: f(z @ w), x, u, 3).square().sum()
+    fast = cf.CompiledLoss(loss, backend="eager")
+    got, want = fast(w, x, u), loss(w, x, u)
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    g1, g2 = (torch.autograd.grad(v, w)[0] for v in (got, want))
+    assert torch.allclose(g1, g2, rtol=1e-10, atol=1e-14)
+
+
+def test_a_captured_value_check_raises_on_replay():
+    """The check of binary_cross_entropy's domain is part of the graph (inductor too): a replay with
+    an input outside [0, 1] raises with the rule's message, as the eager call does."""
+    def loss(p, u):
+        return cf.jet(lambda z: F.binary_cross_entropy(z, _T, reduction="none"), p, u, 2).square().sum()
+    u = torch.randn(4, 6, generator=torch.Generator().manual_seed(2), dtype=D64)
+    good = torch.rand(4, 6, generator=torch.Generator().manual_seed(4), dtype=D64) * 0.8 + 0.1
+    bad = good.clone()
+    bad[1, 2] = 1.5
+    fast = cf.CompiledLoss(loss, backend="inductor")
+    assert torch.allclose(fast(good, u), loss(good, u), rtol=1e-10)
+    with pytest.raises(RuntimeError, match="all elements of input should be between 0 and 1"):
+        loss(bad, u)
+    with pytest.raises(RuntimeError, match="all elements of input should be between 0 and 1"):
+        fast(bad, u)
+
+
+def test_reseeding_inside_a_captured_function_is_refused():
+    """torch.manual_seed inside the function runs once, while it is recorded: eager calls drew the
+    same numbers every time, replays the running stream's. Refused with a CaptureError naming it
+    (and the global functions are restored afterwards)."""
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(1), dtype=D64)
+    u = torch.randn(4, 3, generator=torch.Generator().manual_seed(2), dtype=D64)
+
+    def loss(x, u):
+        torch.manual_seed(42)
+        return cf.jet(lambda z: F.dropout(z, 0.5, training=True), x, u, 2).square().sum()
+    with pytest.raises(cf.CaptureError, match=r"calls torch\.manual_seed"):
+        cf.CompiledLoss(loss, backend="eager")(x, u)
+    assert torch.manual_seed.__module__ == "torch.random"
+    torch.manual_seed(0)

@@ -77,6 +77,19 @@ def per_coefficient(func: Callable, args: tuple, kwargs: dict, *, is_view: bool 
 CAUCHY_BATCH_ELEMENTS = 1 << 21
 
 
+def require(ok: Tensor, error: type, message: str) -> None:
+    """Raise ``error(message)`` unless the boolean tensor ``ok`` holds everywhere (a rule's check
+    of the values it is given: a domain, a tie, a zero). Inside a capture the values cannot be
+    read while the graph is recorded, so the check becomes an op of the graph
+    (``torch._assert_async``), which raises at every replay where it fails (a RuntimeError with
+    the message) instead of being skipped."""
+    from ..jets.registry import tracing
+    if tracing():
+        torch._assert_async(ok.all(), f"{error.__name__}: {message}")
+    elif not bool(ok.all()):
+        raise error(message)
+
+
 def beta_input_plus_alpha_prod(input, prod, beta, alpha):
     """β·input + α·prod for the add-a-product ops (addmm, baddbmm, addbmm, addmv, addr): input is
     ignored when β = 0 (as torch: its NaN or Inf do not propagate), broadcast to input's shape either

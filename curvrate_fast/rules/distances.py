@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..jets.registry import register
-from ._common import JetError, is_jet, make_jet, primal
+from ..jets.registry import register, tracing
+from ._common import JetError, is_jet, make_jet, primal, require
 
 
 def _const(x, value: float) -> Tensor:
@@ -51,9 +51,8 @@ def pnorm(v, p: float, dim, keepdim: bool = False):
         return _root(s, p)
     zero = v0 == 0
     if p < 0:
-        if bool(zero.any()):
-            raise JetError(f"a {p}-norm of a jet with a zero component: the norm is 0 there and has "
-                           "no Taylor expansion")
+        require(~zero, JetError, f"a {p}-norm of a jet with a zero component: the norm is 0 there and has no "
+                "Taylor expansion")
         return _root(torch.pow(torch.abs(v), p).sum(dim, keepdim=keepdim), p)
     one = _const(v, 1.0)
     safe = torch.where(zero, one, torch.abs(v))          # |v| = sign(v_0)·v away from 0
@@ -67,7 +66,7 @@ def _root(s, p: float):
         return torch.pow(s, 1.0 / p)
     s0 = primal(s)
     zero = s0 == 0
-    if not bool(zero.any()):
+    if not tracing() and not bool(zero.any()):   # a capture takes the general form below
         return torch.pow(s, 1.0 / p) if p != 2.0 else torch.sqrt(s)
     safe = torch.where(zero, _const(s, 1.0), s)
     r = torch.sqrt(safe) if p == 2.0 else torch.pow(safe, 1.0 / p)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..jets.registry import register
-from ._common import JetError, is_jet, make_jet, primal
+from ._common import JetError, is_jet, make_jet, primal, require
 from .activations import piecewise_quadratic
 from .nn import _legacy, _reduce
 
@@ -38,10 +38,10 @@ def _fixed_labels(target, labels, op: str) -> Tensor:
         hit = torch.zeros_like(y, dtype=torch.bool)
         for v in labels:
             hit |= y == v
-        if bool((hit & (target._coeffs[1:] != 0).any(0)).any()):
-            raise JetError(f"{op}: the target is a jet that moves away from ±1; the loss selects its "
-                           "branch by target == ±1, so it jumps along this path (no Taylor "
-                           "expansion). Pass the target as a constant (e.g. target.detach()).")
+        require(~(hit & (target._coeffs[1:] != 0).any(0)), JetError,
+                f"{op}: the target is a jet that moves away from ±1; the loss selects its branch by "
+                "target == ±1, so it jumps along this path (no Taylor expansion). Pass the target as a "
+                "constant (e.g. target.detach()).")
     return y
 
 
@@ -132,9 +132,10 @@ def _xlogx(t):
         return torch.xlogy(t0, t0)
     zero = t0 == 0
     c = t._coeffs
-    if c.shape[0] > 1 and bool((zero & (c[1:] != 0).any(0)).any()):
-        raise JetError("kl_div: a target jet passes through target = 0 with a non-zero direction; "
-                       "t·log t has no Taylor expansion there (its derivative is −∞)")
+    if c.shape[0] > 1:
+        require(~(zero & (c[1:] != 0).any(0)), JetError,
+                "kl_div: a target jet passes through target = 0 with a non-zero direction; t·log t has no "
+                "Taylor expansion there (its derivative is −∞)")
     one = torch.ones((), dtype=t0.dtype, device=t0.device)
     safe = torch.where(zero, one, t)
     return torch.where(zero, _zero(t), safe * torch.log(safe))
@@ -205,8 +206,8 @@ def gaussian_nll_loss(input, target, var, full: bool = False, eps: float = 1e-6,
         if var < 0:
             raise ValueError("var has negative entry/entries")
         var = var * torch.ones_like(primal(input))
-    elif bool((primal(var) < 0).any()):
-        raise ValueError("var has negative entry/entries")
+    else:
+        require(primal(var) >= 0, ValueError, "var has negative entry/entries")
     if var.size() != input.size():
         if input.size()[:-1] == var.size():
             var = torch.unsqueeze(var, -1)
@@ -448,10 +449,8 @@ def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=N
         raise ValueError(f"Using a target size ({target.size()}) that is different to the input "
                          f"size ({input.size()}) is deprecated. Please ensure they have the same size.")
     x0, t0 = primal(input), primal(target)
-    if bool(((x0 < 0) | (x0 > 1)).any()):
-        raise RuntimeError("all elements of input should be between 0 and 1")
-    if bool(((t0 < 0) | (t0 > 1)).any()):
-        raise RuntimeError("all elements of target should be between 0 and 1")
+    require((x0 >= 0) & (x0 <= 1), RuntimeError, "all elements of input should be between 0 and 1")
+    require((t0 >= 0) & (t0 <= 1), RuntimeError, "all elements of target should be between 0 and 1")
     loss = -(target * _log_clamped(input) + (1 - target) * _log_clamped(1 - input))
     if weight is not None:
         loss = loss * weight

@@ -189,7 +189,7 @@ def nll_loss(input, target, weight=None, size_average=None, ignore_index: int = 
     if weight is not None:
         w_t = weight[target.clamp_min(0)] * valid.to(weight.dtype)
         loss = loss * w_t
-    if not bool(valid.all()):
+    if registry.tracing() or not bool(valid.all()):   # a capture cannot read which are valid
         loss = torch.where(valid, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
     denom = w_t.sum() if w_t is not None else valid.sum().to(loss.dtype)
     return _reduce(loss, reduction, denom)

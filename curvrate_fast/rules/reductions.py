@@ -13,7 +13,7 @@ from .. import series as S
 from ..activation_jet import toeplitz_backward
 from ..first_order import first_order_backward
 from ..jets.registry import register, tracing
-from ._common import JetError, aliases, is_jet, make_jet, primal
+from ._common import JetError, aliases, is_jet, make_jet, primal, require
 
 
 def _dims(input, dim):
@@ -279,9 +279,8 @@ def vector_norm(x, ord=2, dim=None, keepdim=False, *, dtype=None, out=None):
         return torch.abs(x).amin(dim=() if dims is None else dims, keepdim=keepdim)
     if ord == 2:
         ss = _abs2(x).sum(dim=dims, keepdim=keepdim)
-        if bool((primal(ss) == 0).any()):
-            raise JetError("linalg.vector_norm (ord=2) of a zero vector: ‖t·u‖ = |t|·‖u‖ has no Taylor "
-                           "expansion at t = 0 (autograd gives NaN derivatives there)")
+        require(primal(ss) != 0, JetError, "linalg.vector_norm (ord=2) of a zero vector: ‖t·u‖ = |t|·‖u‖ has "
+                "no Taylor expansion at t = 0 (autograd gives NaN derivatives there)")
         return torch.sqrt(ss)
     if ord == 1:
         return torch.abs(x).sum(dim=dims, keepdim=keepdim)

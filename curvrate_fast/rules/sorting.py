@@ -26,7 +26,7 @@ from torch import Tensor
 from .. import series as S
 from ..jets.registry import register
 from ..jets.tensor import pad_coeffs
-from ._common import JetError, aliases, is_jet, make_jet, order_of, primal
+from ._common import JetError, aliases, is_jet, make_jet, order_of, primal, require
 
 Series = List[Tensor]
 
@@ -218,11 +218,10 @@ def mode(input, dim=-1, keepdim=False, *, out=None):
     chosen = torch.gather(c, d + 1, idx.unsqueeze(0).expand((c.shape[0],) + tuple(idx.shape)))
     if c.shape[0] > 1:
         tied = x0 == chosen[0]
-        if bool(((c[1:] != chosen[1:]) & tied).any()):
-            raise JetError(
-                "torch.mode: the mode occurs more than once in the primal and its copies move "
-                "differently along the path, so they separate at t ≠ 0 and the mode jumps: the "
-                "result has no Taylor expansion at this point")
+        require(~((c[1:] != chosen[1:]) & tied), JetError,
+                "torch.mode: the mode occurs more than once in the primal and its copies move differently "
+                "along the path, so they separate at t ≠ 0 and the mode jumps: the result has no Taylor "
+                "expansion at this point")
     vals = make_jet(chosen if keepdim else chosen.squeeze(d + 1), input._order)
     return type(res)((vals, res.indices))
 
