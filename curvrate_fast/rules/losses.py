@@ -207,7 +207,7 @@ def gaussian_nll_loss(input, target, var, full: bool = False, eps: float = 1e-6,
             raise ValueError("var has negative entry/entries")
         var = var * torch.ones_like(primal(input))
     else:
-        require(primal(var) >= 0, ValueError, "var has negative entry/entries")
+        require(~(primal(var) < 0), ValueError, "var has negative entry/entries")   # NaN passes, as in torch
     if var.size() != input.size():
         if input.size()[:-1] == var.size():
             var = torch.unsqueeze(var, -1)
