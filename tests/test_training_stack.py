@@ -587,6 +587,18 @@ def test_embedding_space_loss_with_a_subset_runs_the_task_forward_on_the_others_
         space.loss(ids, ids, subset=4, crr=dict(order=3))
 
 
+@pytest.mark.parametrize("subset", [None, 4])
+def test_embedding_space_refuses_compile_with_its_reason(subset):
+    """EmbeddingSpace's jet enters through a forward hook, which a captured graph refuses: asked for
+    compile, it says so itself (the capture's own error named a function the user never wrote)."""
+    space = EmbeddingSpace(_gpt2(3))
+    ids = torch.randint(0, 30, (6, 7), generator=torch.Generator().manual_seed(1))
+    for call in (lambda: space.loss(ids, ids, subset=subset, crr=dict(orders=(1, 2), compile=True)),
+                 lambda: space.penalty(ids, ids, subset=subset, crr=dict(compile_options={"x": 1}))):
+        with pytest.raises(ValueError, match=r"EmbeddingSpace\.(loss|penalty): compile is not supported"):
+            call()
+
+
 def test_embedding_space_subset_and_curvature_rate():
     model = _gpt2()
     g = torch.Generator().manual_seed(0)

@@ -70,6 +70,19 @@ def _find_embedding(model: nn.Module) -> nn.Module:
     return emb
 
 
+def _refuse_compile(crr: Optional[Dict[str, Any]], method: str) -> None:
+    """EmbeddingSpace runs eagerly: its jet enters the model through a forward hook on the
+    embedding module, and a captured graph refuses hooks (it would run them once, while it is
+    recorded). Said here, where the user asked for it, instead of as the capture's complaint about
+    a function that is not a module (which the user never wrote)."""
+    if crr and (crr.get("compile") or crr.get("compile_options")):
+        raise ValueError(f"EmbeddingSpace.{method}: compile is not supported here (the jet enters the model "
+                         "through a forward hook on the embedding module, which a captured graph cannot "
+                         "replay); leave compile out (the eager engine), or, for a model that takes "
+                         "inputs_embeds, capture curvrate_fast.CRRLoss(compile=True) on a module whose "
+                         "forward calls model(inputs_embeds=...) yourself")
+
+
 class EmbeddingSpace:
     """The input-embedding space of a language model, for λ and CRR.
 
@@ -172,6 +185,7 @@ class EmbeddingSpace:
         and ``generator`` choose the penalized samples; ``crr`` holds crr_penalty's other
         arguments (orders, n_dirs, directions, order_reduction, scale); the remaining keyword
         arguments go to the model (``attention_mask``...)."""
+        _refuse_compile(crr, "penalty")
         ids, lab, kw = self._subset(subset, generator, input_ids, labels, kwargs)
         return crr_penalty(self.forward_fn(ids, **kw), self.origin(ids), lab, loss_fn=self.loss_fn,
                            generator=generator, **(crr or {}))
@@ -181,8 +195,8 @@ class EmbeddingSpace:
              **kwargs: Any) -> Tensor:
         """Task loss + CRR penalty. The penalized samples' task losses are coefficient 0 of the
         jet pass, as in :class:`curvrate_fast.CRRLoss`: penalizing the whole batch takes ONE
-        forward, and a subset adds an ordinary forward of the other samples only (with
-        ``crr=dict(compile=...)``, of the whole batch)."""
+        forward, and a subset adds an ordinary forward of the other samples only."""
+        _refuse_compile(crr, "loss")
         crr = dict(crr or {})
         split = None if subset is None else _subset_split(subset, input_ids.shape[0], generator, input_ids.device)
         if split is None:
@@ -190,17 +204,11 @@ class EmbeddingSpace:
             return crit(self.forward_fn(input_ids, **kwargs), self.origin(input_ids), labels)
         idx, rest = split
         ids, lab, kw = self._rows(idx, input_ids, labels, kwargs)
-        if crr.get("compile") or crr.get("compile_options"):   # a captured penalty returns no per-sample losses
-            task = self.task_loss(input_ids, labels, **kwargs)
-            return task + crr_penalty(self.forward_fn(ids, **kw), self.origin(ids), lab, loss_fn=self.loss_fn,
-                                      generator=generator, **crr)
-        crr.pop("compile", None)
-        crr.pop("compile_options", None)
         kw_crr = dict(_CRR_DEFAULTS)
         unknown = sorted(set(crr) - set(kw_crr))
         if unknown:
             raise TypeError(f"EmbeddingSpace.loss: crr holds unknown arguments {unknown}; it takes "
-                            f"{sorted(kw_crr)}, compile and compile_options")
+                            f"{sorted(kw_crr)}")
         kw_crr.update(crr)
         R, _, losses0, _ = _crr(self.forward_fn(ids, **kw), self.origin(ids), lab, loss_fn=self.loss_fn,
                                 subset=None, generator=generator, **kw_crr)
