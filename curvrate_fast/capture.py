@@ -1128,9 +1128,12 @@ def _reseeding_refused(name: str) -> Iterator[None]:
     drew the same numbers at every eager call and the running stream's at every replay)."""
     import importlib
     saved = []
+    recording = threading.get_ident()   # another thread seeding meanwhile is not the function's doing
 
-    def refuse(qualname: str):
+    def refuse(qualname: str, original: Callable):
         def call(*args, **kwargs):
+            if threading.get_ident() != recording:
+                return original(*args, **kwargs)
             raise CaptureError(f"compile({name}): the function calls {qualname}, which sets the global random "
                                "state; a captured graph runs it once, while it is recorded, and its replays "
                                "draw from the running stream instead. Seed outside the function (before the "
@@ -1139,8 +1142,9 @@ def _reseeding_refused(name: str) -> Iterator[None]:
     for mod_name, attr in _RESEEDING:
         mod = importlib.import_module(mod_name)
         if hasattr(mod, attr):
-            saved.append((mod, attr, getattr(mod, attr)))
-            setattr(mod, attr, refuse(f"{mod_name}.{attr}"))
+            original = getattr(mod, attr)
+            saved.append((mod, attr, original))
+            setattr(mod, attr, refuse(f"{mod_name}.{attr}", original))
     try:
         yield
     finally:

@@ -77,6 +77,18 @@ def per_coefficient(func: Callable, args: tuple, kwargs: dict, *, is_view: bool 
 CAUCHY_BATCH_ELEMENTS = 1 << 21
 
 
+def sizes_arg(args: tuple, keyword: Any = None) -> tuple:
+    """A size or dims argument in any of torch's spellings: varargs (``x.permute(1, 0)``), one
+    sequence (``x.permute((1, 0))``) or by keyword (``torch.permute(x, dims=(1, 0))``)."""
+    if keyword is not None:
+        if args:
+            raise TypeError("the sizes were given both positionally and by keyword")
+        args = (keyword,)
+    if len(args) == 1 and isinstance(args[0], (list, tuple, torch.Size)):
+        return tuple(args[0])
+    return tuple(args)
+
+
 def require(ok: Tensor, error: type, message: str) -> None:
     """Raise ``error(message)`` unless the boolean tensor ``ok`` holds everywhere (a rule's check
     of the values it is given: a domain, a tie, a zero). Inside a capture the values cannot be

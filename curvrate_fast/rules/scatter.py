@@ -32,7 +32,7 @@ from .. import series as S
 from ..jets.kit import def_linear
 from ..jets.registry import register
 from ..jets.tensor import primals
-from ._common import JetError, aliases, is_jet, lift, make_jet, order_of, primal
+from ._common import JetError, aliases, is_jet, lift, make_jet, order_of, primal, sizes_arg
 from .sorting import out_shape, segment_prod, series_list, stack_of, stack_series
 
 
@@ -661,9 +661,7 @@ def column_stack(tensors, *, out=None):
 @register(torch.Tensor.sum_to_size)
 def sum_to_size(input, *args, size=None):
     """sum_to_size: sums over the broadcast dims (linear)."""
-    size = args if size is None else (size,)
-    if len(size) == 1 and isinstance(size[0], (list, tuple, torch.Size)):
-        size = tuple(size[0])
+    size = sizes_arg(args, size)
     c = input._coeffs
     full = (1,) * (input.dim() - len(size)) + tuple(size)
     out = c.sum_to_size((c.shape[0],) + full)

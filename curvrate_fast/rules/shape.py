@@ -14,7 +14,7 @@ from torch import Tensor
 from ..jets.draws import shared_draw
 from ..jets.registry import register
 from ..jets.tensor import primals
-from ._common import JetError, aliases, is_jet, make_jet, order_of, per_coefficient, primal
+from ._common import JetError, aliases, is_jet, make_jet, order_of, per_coefficient, primal, sizes_arg
 
 
 def _meta(x) -> Tensor:
@@ -75,9 +75,7 @@ def _dims(d, ndim):
 
 @register(*aliases("permute"))
 def permute(input, *args, dims=None):
-    dims = args if dims is None else (dims,)
-    if len(dims) == 1 and isinstance(dims[0], (list, tuple, torch.Size)):
-        dims = tuple(dims[0])
+    dims = sizes_arg(args, dims)
     nd = input.dim()
     return make_jet(input._coeffs.permute(0, *[_dims(d, nd) + 1 for d in dims]), input._order,
                     is_view=True)
@@ -385,10 +383,7 @@ def _resize_into(input, shape):
 
 @register(torch.Tensor.resize_, getattr(torch, "resize_", None))
 def resize_(input, *args, size=None, memory_format=None):
-    sizes = args if size is None else (size,)
-    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple, torch.Size)):
-        sizes = tuple(sizes[0])
-    return _resize_into(input, sizes)
+    return _resize_into(input, sizes_arg(args, size))
 
 
 @register(torch.Tensor.resize_as_, torch.resize_as_)
