@@ -37,6 +37,11 @@ def _check_order(order) -> int:
 def _check_tensor(name: str, t) -> None:
     if not isinstance(t, Tensor) or is_jet(t):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if type(t) is not Tensor and not isinstance(t, torch.nn.Parameter) and not tracing():
+        # a subclass's own __torch_function__ would see the stacked coefficients (MaskedTensor
+        # failed deep inside torch.masked; DTensor would shard the coefficient axis)
+        raise TypeError(f"{name} must be a plain torch.Tensor, got a {type(t).__name__} (a tensor subclass); "
+                        f"pass its values as a plain tensor")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor (derivatives along x + t·u need real "
                         f"inputs), got dtype {t.dtype}; convert it with .float() or .double()")

@@ -59,6 +59,22 @@ def test_dtype_mismatch(setup):
         cf.jet(model, x, torch.randn_like(x).double(), 2)
 
 
+def test_tensor_subclass_inputs_are_named(setup):
+    """x or u of a tensor subclass (here torch.masked's MaskedTensor, which failed with a TypeError
+    deep inside torch.masked) is refused by name; a Parameter is a plain tensor for this."""
+    from torch.masked import masked_tensor
+    model, x, y = setup
+    u = torch.randn_like(x)
+    with pytest.warns(UserWarning):      # MaskedTensor is a prototype and says so
+        mt = masked_tensor(x, torch.ones_like(x, dtype=torch.bool))
+    with pytest.raises(TypeError, match="x must be a plain torch.Tensor, got a MaskedTensor"):
+        cf.loss_directional_derivatives(model, mt, y, u, 2)
+    with pytest.raises(TypeError, match="u must be a plain torch.Tensor, got a MaskedTensor"):
+        cf.jet(model, x, masked_tensor(u, torch.ones_like(u, dtype=torch.bool)), 2)
+    d = cf.loss_directional_derivatives(model, nn.Parameter(x.clone()), y, u, 2)
+    assert torch.equal(d, cf.loss_directional_derivatives(model, x, y, u, 2))
+
+
 def test_device_mismatch_is_named_before_any_value_is_read(setup):
     """u on another device than x: the device check runs before the finite check reads values
     (a meta u made the finite check fail with 'Tensor.item() cannot be called on meta tensors')."""
