@@ -208,3 +208,32 @@ def test_products_keep_torchs_operand_checks(call, message):
         call(A)            # torch refuses the plain call
     with pytest.raises(RuntimeError, match=message):
         cf.jet(call, A, U, 2)
+
+
+def test_python_functions_keywords_reach_their_rules():
+    """torch's Python-level functions with rules (F.layer_norm, F.softmax, F.dropout...) hand their
+    arguments to the rule as they received them: every keyword of the function's own signature is
+    a parameter of its rule."""
+    import types
+    missing, seen = {}, 0
+    for func, rule in registry._RULES.items():
+        if not isinstance(func, types.FunctionType):
+            continue
+        try:
+            fparams = inspect.signature(func).parameters
+            rparams = inspect.signature(rule).parameters
+        except (TypeError, ValueError):
+            continue
+        seen += 1
+        if any(p.kind is p.VAR_KEYWORD for p in rparams.values()):
+            continue
+        taken = {n for n, p in rparams.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        first = next(iter(rparams.values()), None)
+        if first is not None and first.kind in (first.POSITIONAL_ONLY, first.POSITIONAL_OR_KEYWORD,
+                                                first.VAR_POSITIONAL):
+            taken |= {"input", "self"}
+        names = {n for n, p in fparams.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"out"}
+        if names - taken:
+            missing[f"{func.__module__}.{func.__qualname__}"] = sorted(names - taken)
+    assert seen > 100
+    assert not missing, missing
