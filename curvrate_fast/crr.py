@@ -292,6 +292,11 @@ def _crr_compute(model, x: Tensor, y, idx: Optional[Tensor], U: Tensor, ords: Tu
             terms_l.append(mixed.abs().mean())
         terms = torch.stack(terms_l)
     red = terms.mean() if order_reduction == "mean" else terms.sum()
+    if isinstance(scale, Tensor) and scale.dtype != red.dtype:
+        # a captured program's 0-d scale is in x's dtype; a model that computes its loss in another
+        # (float64 inputs through float32 internals) would have its penalty promoted, where eager's
+        # Python-float scale keeps the loss's dtype (and rounds the scale to it, as here)
+        scale = scale.to(red.dtype)
     return scale * red, terms, c[0, 0]
 
 

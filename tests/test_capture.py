@@ -1117,3 +1117,26 @@ def test_reseeding_inside_a_captured_function_is_refused():
         cf.CompiledLoss(loss, backend="eager")(x, u)
     assert torch.manual_seed.__module__ == "torch.random"
     torch.manual_seed(0)
+
+
+def test_captured_crr_keeps_the_loss_dtype_of_a_model_with_lower_precision_inside():
+    """float64 inputs through a model that computes in float32 (Mamba's and Llama's casts): the
+    captured program's scale input (in x's dtype) promoted the penalty to float64, where eager's
+    Python-float scale keeps float32. Now both return float32, bit-equal."""
+    class Float32Inside(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3))
+
+        def forward(self, x):
+            return self.net(x.float())
+    model = Float32Inside()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 3, generator=g, dtype=D64), torch.randint(0, 3, (6,), generator=g)
+    out = []
+    for compile_arg in (False, "eager"):
+        torch.manual_seed(2)
+        out.append(cf.CRRLoss(orders=(1, 3), scale=3e-3, compile=compile_arg)(model, x, y))
+    assert out[0].dtype == out[1].dtype == torch.float32
+    assert torch.equal(out[0], out[1])
