@@ -425,3 +425,36 @@ def test_against_finite_differences(spec, scale):
           f"{int(ok.sum())}/{ok.numel()} conclusive")
     assert bool((sharp <= 1e-3).all()), f"{case.name}: the finite-difference oracle is too coarse: {sharp}"
     assert not bool((diff > tol[:, ok]).any()), f"{case.name}: jet differs from finite differences"
+
+
+@pytest.mark.parametrize("name", sorted(H.FAMILIES))
+def test_further_families_captured_crr_matches_eager(name):
+    """CRRLoss(compile='eager') on the further families (BLOOM with its declared GeLUFunction,
+    Mamba's loop over time, DeBERTa's disentangled attention...): the captured loss equals the eager
+    one (Mamba computes in float32 inside: equal to its rounding, and of its dtype) and so do the
+    parameter gradients."""
+    case = H.family(name)
+
+    class Model(torch.nn.Module):          # the case's forward as a module whose parameters are inputs
+        def __init__(self):
+            super().__init__()
+            self.inner = case.module
+
+        def forward(self, x):
+            return case.forward(x)
+    model = Model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for compile_arg in (False, "eager"):
+        torch.manual_seed(0)
+        loss = cf.CRRLoss(orders=(1, 3), loss_fn=case.loss_fn, compile=compile_arg)(model, case.x, case.y)
+        out.append((loss, torch.autograd.grad(loss, params, allow_unused=True)))
+    (a, ga), (b, gb) = out
+    assert a.dtype == b.dtype
+    tol = 1e-12 if a.dtype == D64 else 1e-6
+    assert float((a - b).abs() / b.abs()) <= tol
+    scale = max(float(q.abs().max()) for q in gb if q is not None)
+    for p, q in zip(ga, gb):
+        assert (p is None) == (q is None)
+        if q is not None:
+            assert float((p - q).abs().max()) <= 1e-10 * scale
