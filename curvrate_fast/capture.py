@@ -73,6 +73,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import importlib
 import itertools
 import threading
 import types
@@ -1126,7 +1127,6 @@ def _reseeding_refused(name: str) -> Iterator[None]:
     """While a function is recorded: a call that reseeds the global random state (torch.manual_seed,
     torch.seed, their CUDA forms) raises a CaptureError naming it (measured before: a function that reseeded
     drew the same numbers at every eager call and the running stream's at every replay)."""
-    import importlib
     saved = []
     recording = threading.get_ident()   # another thread seeding meanwhile is not the function's doing
 

@@ -103,6 +103,14 @@ _WRAPPER_METADATA = frozenset({
 })
 
 
+def _moves_without_graph(coeffs: torch.Tensor) -> bool:
+    """A jet's stacked coefficients that move along the path (a stored coefficient beyond the
+    primal) but carry no autograd graph (the input jet; a pass whose rules record none): such a jet
+    answers requires_grad=True (above), so autograd's machinery asks it for what only a tensor
+    with a graph has (hooks, a node, a backward node of an identity Function)."""
+    return coeffs.shape[0] > 1 and not coeffs.requires_grad
+
+
 def _register_hook(jet: JetTensor, hook: Callable) -> Any:
     """A hook on a jet is a hook on its stacked coefficient tensor: it runs when the gradient of
     all the jet's coefficients is computed, and receives it, shape (n + 1, *jet.shape) (FSDP2
@@ -111,9 +119,9 @@ def _register_hook(jet: JetTensor, hook: Callable) -> Any:
     without parameters that require grad, the sample-mixing probe): no gradient ever reaches it,
     so the hook is held by a handle and never runs, as it would never run on a tensor that no
     loss reaches."""
+    if _moves_without_graph(jet._coeffs):
+        return _UnusedHookHandle()
     if not jet._coeffs.requires_grad:
-        if jet._coeffs.shape[0] > 1:
-            return _UnusedHookHandle()
         raise RuntimeError("cannot register a hook on a jet that does not require grad")
     return jet._coeffs.register_hook(hook)
 
@@ -126,18 +134,9 @@ def _asks_for_grad_node(args: Tuple) -> bool:
     and communication debug modes) register one on the input jet of a pass."""
     if len(args) != 2 or args[0] is not args[1] or not isinstance(args[0], JetTensor):
         return False
-    c = args[0]._coeffs
-    if c.requires_grad or c.shape[0] == 1:
+    if not _moves_without_graph(args[0]._coeffs):
         return False
-    f = sys._getframe(2)
-    for _ in range(4):
-        if f is None:
-            return False
-        if f.f_code.co_name == "_get_grad_fn_or_grad_acc" and \
-                f.f_code.co_filename.replace("\\", "/").endswith("torch/autograd/graph.py"):
-            return True
-        f = f.f_back
-    return False
+    return _running_frame("_get_grad_fn_or_grad_acc", "torch/autograd/graph.py", 3, 4) is not None
 
 
 def _unreached_node_view(jet: JetTensor) -> torch.Tensor:
@@ -158,7 +157,7 @@ class _UnusedHookHandle:
 
 
 def _retain_grad(jet: JetTensor) -> None:
-    if jet._coeffs.requires_grad or jet._coeffs.shape[0] == 1:   # the latter raises as torch does
+    if not _moves_without_graph(jet._coeffs):   # a constant jet without a graph raises as torch does
         jet._coeffs.retain_grad()
 
 
@@ -279,12 +278,18 @@ def _custom_function_frame(depth: int = 3):
     Function class ``cls`` and its arguments ``args``): autograd runs a custom Function's forward
     with grad mode off, which must not be mistaken for a no_grad region of the model (its
     derivative is its backward, which is not a Taylor rule)."""
+    return _running_frame("apply", "torch/autograd/function.py", depth + 1, 64)
+
+
+def _running_frame(name: str, path_end: str, depth: int, limit: int):
+    """The nearest of the ``limit`` frames from ``depth`` up that runs the function ``name`` of the
+    file ending in ``path_end`` (a torch source file), or None."""
     f = sys._getframe(depth)
-    for _ in range(64):
+    for _ in range(limit):
         if f is None:
             return None
         code = f.f_code
-        if code.co_name == "apply" and code.co_filename.replace("\\", "/").endswith("torch/autograd/function.py"):
+        if code.co_name == name and code.co_filename.replace("\\", "/").endswith(path_end):
             return f
         f = f.f_back
     return None
@@ -429,7 +434,7 @@ def _reapplied(frame, cls: Any, func: Any) -> Dict[int, list]:
 
     def coeff_arg(a: JetTensor) -> torch.Tensor:
         c = a._coeffs
-        if c.requires_grad or c.shape[0] == 1:
+        if not _moves_without_graph(c):
             return c
         # a jet that moves along the path without an autograd graph (the input jet, a pass whose
         # rules record none) answers requires_grad=True, so PyTorch's machinery expects the

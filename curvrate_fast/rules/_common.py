@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..jets.registry import tracing
 from ..jets.tensor import JetError, JetTensor, is_jet, lift, make_jet, order_of, pad_coeffs, primal, series_of, stored
 
 __all__ = ["JetError", "JetTensor", "is_jet", "lift", "make_jet", "order_of", "pad_coeffs", "primal",
@@ -95,7 +96,6 @@ def require(ok: Tensor, error: type, message: str) -> None:
     read while the graph is recorded, so the check becomes an op of the graph
     (``torch._assert_async``), which raises at every replay where it fails (a RuntimeError with
     the message) instead of being skipped."""
-    from ..jets.registry import tracing
     if tracing():
         torch._assert_async(ok.all(), f"{error.__name__}: {message}")
     elif not bool(ok.all()):
