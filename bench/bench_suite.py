@@ -377,17 +377,19 @@ def make_step(method: str, model: nn.Module, x, y, u, order: int,
 
 
 def _captured_step(model: nn.Module, x, y, u, order: int, backend: str = "inductor",
-                   cpu_gemm: str = "auto"):
+                   cpu_gemm: str = "auto", options: Optional[Dict[str, Any]] = None):
     """The library's fast path for a derivative step: :func:`curvrate_fast.compile` of
     mean|d| (d returned beside it, detached, for the in-run check); the first call captures the
-    step and compiles it."""
+    step and compiles it. ``options``: the compiler's (inductor config patches). The step's
+    ``program`` attribute is its :class:`curvrate_fast.CompiledLoss` (bench/step_split.py reads
+    its graph)."""
     import curvrate_fast as cf
 
     def loss(m, x, y, u):
         d = cf.loss_directional_derivatives(m, x, y, u, order)
         return d.abs().mean(), d
 
-    fast = cf.CompiledLoss(loss, backend=backend, name="bench step", cpu_gemm=cpu_gemm)
+    fast = cf.CompiledLoss(loss, backend=backend, name="bench step", cpu_gemm=cpu_gemm, options=options)
 
     def step():
         for p in model.parameters():
@@ -395,6 +397,7 @@ def _captured_step(model: nn.Module, x, y, u, order: int, backend: str = "induct
         value, (d,) = fast.call_with_aux(model, x, y, u)
         value.backward()
         return d
+    step.program = fast
     return step
 
 

@@ -129,17 +129,13 @@ def two_moons_crr(reps: int, warmup: int = 3, backend: str = "inductor") -> Dict
     ``backend="eager"`` (the smoke test) replays the recorded graph uncompiled, with no kernel split."""
     model, x, y = bs.build_workload("two_moons", train=True)   # as bench_suite's two_moons_crr
 
-    def train_step(compile_options=None):
-        crit = cf.CRRLoss(**CRR, compile=backend, compile_options=compile_options)
+    def train_step(options):
+        crit = cf.CRRLoss(**CRR, compile=backend, compile_options=options)
         m = copy.deepcopy(model)
         opt = torch.optim.Adam(m.parameters(), lr=1e-3)
-        return (lambda: crit.train_step(m, x, y, opt)), crit
+        program = _crr._program("total", backend, _crr._options_key(options, backend))
+        return (lambda: crit.train_step(m, x, y, opt)), program
 
-    step, crit = train_step()
-    for _ in range(warmup):
-        step()
-    program = _crr._program("total", backend, ())
-    graph, inputs, outputs = _graph_call(program, step)
     mb = copy.deepcopy(model)
     ob = torch.optim.Adam(mb.parameters(), lr=1e-3)
 
@@ -150,49 +146,40 @@ def two_moons_crr(reps: int, warmup: int = 3, backend: str = "inductor") -> Dict
         loss.backward()
         ob.step()
 
-    profiled = None
-    if backend == "inductor":
-        profiled, _ = train_step({"cpp.enable_kernel_profile": True})
-        for _ in range(warmup):
-            profiled()
-    out = _measure("Two Moons CRR training step (CRRLoss(compile=True).train_step, Adam)",
-                   step, lambda: graph(*inputs), nested, profiled, reps)
-    out["replay"] = (graph, inputs, outputs)
-    return out
+    return _split("Two Moons CRR training step (CRRLoss(compile=True).train_step, Adam)",
+                  train_step, nested, backend, reps, warmup)
 
 
 def tiny_mlp_derivatives(reps: int, warmup: int = 3, backend: str = "inductor") -> Dict[str, object]:
     """The tiny MLP's derivative step: d_1..d_4 per sample and the backward of mean|d|, captured
-    (bench_suite's ``captured`` method)."""
+    (bench_suite's ``captured`` method, on a copy of the model)."""
     model, x, y = bs.build_workload("two_moons")
     u = bs.make_directions(x, 1)
 
-    def derivative_step(options=None):
-        def loss(m, x, y, u):
-            d = cf.loss_directional_derivatives(m, x, y, u, 4)
-            return d.abs().mean(), d
-        fast = cf.CompiledLoss(loss, backend=backend, name="derivative step", options=options)
-        m = copy.deepcopy(model)
+    def derivative_step(options):
+        step = bs._captured_step(copy.deepcopy(model), x, y, u, 4, backend=backend, options=options)
+        return step, step.program
 
-        def step():
-            for p in m.parameters():
-                p.grad = None
-            value, _ = fast.call_with_aux(m, x, y, u)
-            value.backward()
-        return step, fast
+    nested = bs.make_step("baseline", copy.deepcopy(model), x, y, u, 4)
+    return _split("tiny MLP 2→64→64→2, d_1..d_4 + backward of mean|d| (CompiledLoss)",
+                  derivative_step, nested, backend, reps, warmup)
 
-    step, fast = derivative_step()
+
+def _split(name: str, make_step: Callable, nested: Callable[[], object], backend: str, reps: int,
+           warmup: int) -> Dict[str, object]:
+    """One workload's split. ``make_step(options)`` → (the step, its CompiledLoss) with those
+    compile options: once plainly (timed; its graph recorded), once with inductor's kernel
+    profiling (the kernel split; inductor only)."""
+    step, program = make_step(None)
     for _ in range(warmup):
         step()
-    graph, inputs, outputs = _graph_call(fast, step)
-    nested = bs.make_step("baseline", copy.deepcopy(model), x, y, u, 4)
+    graph, inputs, outputs = _graph_call(program, step)
     profiled = None
     if backend == "inductor":
-        profiled, _ = derivative_step({"cpp.enable_kernel_profile": True})
+        profiled, _ = make_step({"cpp.enable_kernel_profile": True})
         for _ in range(warmup):
             profiled()
-    out = _measure("tiny MLP 2→64→64→2, d_1..d_4 + backward of mean|d| (CompiledLoss)",
-                   step, lambda: graph(*inputs), nested, profiled, reps)
+    out = _measure(name, step, lambda: graph(*inputs), nested, profiled, reps)
     out["replay"] = (graph, inputs, outputs)
     return out
 
