@@ -100,11 +100,25 @@ def jet(fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor, order: int, *,
         >>> x, u = torch.randn(5, 3), torch.randn(5, 3)
         >>> c = curvrate_fast.jet(f, x, u, order=4)    # (5, 5, 1): f_0..f_4
     """
+    return _jet_pass(fn, x, u, order, strict=strict, backend=backend)
+
+
+def _jet_pass(fn: Callable[[Tensor], Tensor], x: Tensor, u: Tensor, order: int, *,
+              strict: Optional[bool] = None, backend: Optional[str] = None, primal_blocks: int = 1) -> Tensor:
+    """The jet pass of :func:`jet`; as ``jet_of_rows`` also the library's own passes over D
+    direction rows per sample, where x is ``primal_blocks`` copies of the batch along dim 0 (the
+    rows of direction d are d·B … d·B + B − 1): the rules may then compute what depends on x alone
+    once (JetTensor.share_primal)."""
     scale = direction_scale(x)  # float16 autocast: along c·u, coefficient k divided by c^k
     xj = input_jet(x, u if scale == 1.0 else u * scale, order)
+    if primal_blocks > 1:
+        xj.share_primal(primal_blocks)
     with engine_settings(strict=strict, backend=backend), model_call():
         out = fn(xj)
     return unscale_coefficients(_coefficients(out, order, "fn"), scale)
+
+
+jet_of_rows = _eager(_jet_pass)
 
 
 @_eager
@@ -177,6 +191,8 @@ def loss_directional_derivatives(model: Callable[[Tensor], Tensor], x: Tensor, y
     loss_fn = loss_fn or _default_loss
     scale = direction_scale(X)  # float16 autocast: along c·u, coefficient k divided by c^k
     xj = JetTensor(torch.stack([X, U if scale == 1.0 else U * scale]), order)
+    if D is not None and D > 1:
+        xj.share_primal(D)       # X is D copies of x: the primal is computed once (JetTensor.share_primal)
     with engine_settings(strict=strict, backend=backend), model_call():
         losses = loss_fn(model(xj), Y)
     rows = X.shape[0]

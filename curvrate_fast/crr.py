@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .api import jet
+from .api import jet_of_rows
 from .baseline import per_sample_cross_entropy
 from .capture import CompiledLoss, backend_of
 from .curvature import check_labels
@@ -176,7 +176,7 @@ def _loss_coefficients(model, x: Tensor, y, U: Tensor, order: int, loss_fn, shar
     fn = loss_fn or _default_loss
     require_per_sample(model, x, y, loss_fn)
     with shared_draws(D if share_draws else 1, B):
-        c = jet(lambda xj: fn(model(xj), Y), X, UU, order)
+        c = jet_of_rows(lambda xj: fn(model(xj), Y), X, UU, order, primal_blocks=D)
     if tuple(c.shape[1:]) != (D * B,):
         raise ValueError(f"loss_fn must return one loss per sample, shape ({D * B},), got "
                          f"{tuple(c.shape[1:])}; for torch losses pass reduction='none' (e.g. "

@@ -49,6 +49,7 @@ class JetTensor(torch.Tensor):
     _order: int
     _is_view: bool
     _pending: Optional[tuple]
+    _blocks: Optional[tuple]
 
     @staticmethod
     def __new__(cls, coeffs: Tensor, order: int, is_view: bool = False,
@@ -70,6 +71,7 @@ class JetTensor(torch.Tensor):
         #       (a linear rule on the Triton path: the activation may run it as ONE Triton GEMM
         #       with the activation jet in its epilogue).
         r._pending = None if pending_bias is None else ("bias", pending_bias[0], pending_bias[1], False)
+        r._blocks = None
         return r
 
     @classmethod
@@ -84,6 +86,7 @@ class JetTensor(torch.Tensor):
         r._order = int(order)
         r._is_view = False
         r._pending = ("linear", x_coeffs, weight, bias, torch.is_grad_enabled())
+        r._blocks = None
         return r
 
     @property
@@ -113,6 +116,35 @@ class JetTensor(torch.Tensor):
     def _coeffs(self, value: Tensor) -> None:
         self._data = value
         self._pending = None
+        self._blocks = None
+
+    # -- a primal shared by blocks of rows ----------------------------------------------------
+    def share_primal(self, blocks: int) -> "JetTensor":
+        """Declare that coefficient 0 is ``blocks`` identical copies of its first ``len/blocks``
+        rows along the primal's dim 0, as the D direction rows of one sample are (x repeated
+        per direction; docs/design.md §6, "Shared primal"). A rule may then compute what depends
+        on the primal alone once per block and repeat it (the linear rule does). Only a rule that
+        knows its output keeps that structure for every value of its inputs may call this; the
+        claim lapses by itself when the coefficients are written afterwards (any in-place write,
+        a view's included, moves the tensor's version counter)."""
+        if blocks > 1 and self._pending is None and self.dim() >= 1 and self.shape[0] % blocks == 0:
+            try:
+                version = self._data._version
+            except RuntimeError:     # an inference tensor keeps no version counter
+                return self
+            self._blocks = (int(blocks), self._data, version)
+        return self
+
+    def primal_blocks(self) -> int:
+        """How many identical blocks coefficient 0 is made of along dim 0 (1: no claim);
+        see :meth:`share_primal`."""
+        b = self._blocks
+        if b is None or self._pending is not None:
+            return 1
+        blocks, data, version = b
+        if self._data is not data or data._version != version:
+            return 1
+        return blocks
 
     def take_pending_bias(self) -> Optional[Tuple[Tensor, Tensor, int]]:
         """(raw coefficients, bias, channel_dim) for a fused bias+activation kernel, or None.

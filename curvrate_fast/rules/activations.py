@@ -64,7 +64,15 @@ def _piecewise_linear(x, kind: str, **params):
 
 
 def activation(x, kind: str, **params):
-    """The jet of an elementwise activation of the jet ``x`` through the best backend."""
+    """The jet of an elementwise activation of the jet ``x`` through the best backend. An
+    elementwise map of equal rows gives equal rows: a primal shared by blocks of rows stays
+    shared (JetTensor.share_primal)."""
+    blocks = x.primal_blocks()
+    y = _activation(x, kind, **params)
+    return y.share_primal(blocks) if blocks > 1 else y
+
+
+def _activation(x, kind: str, **params):
     K = x._order
     if kind in ("relu", "leaky_relu") and x._pending is None:
         return _piecewise_linear(x, kind, **params)
