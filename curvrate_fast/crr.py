@@ -18,7 +18,12 @@ Directions (docs/math.md §4 table):
   d_n = Dⁿℓ[u_1, …, u_n] (Two Moons, MNIST sweep). It is computed exactly by polarization
   (:func:`curvrate_fast.directions.polarization`) from 2^{N−1} pure-direction jets along
   u_1 ± u_2 ± … ± u_N (N the highest order), which give every lower order too; all are rows of the
-  same batched pass (orders 2–3: 4 rows per sample and direction set; 1–4: 8).
+  same batched pass (orders 2–3: 4 rows per sample and direction set; 1–4: 8). Where every op of
+  the model and loss has a multilinear rule (MLPs and CNNs of linear maps, convolutions, smooth
+  or ReLU activations, cross-entropy: probed once per configuration), the pass is instead one
+  multilinear jet x + Σ ε_i·u_i with ε_i² = 0 (:mod:`curvrate_fast.jets.multilinear`), whose
+  component {1..n} is d_n exactly: 2^N coefficient rows per sample instead of 2^{N−1}·(N + 1)
+  (orders 2–3: 8 instead of 16).
 
 Example::
 
@@ -49,8 +54,11 @@ from .directions import (
     sample_directions,
 )
 from .finite import require_finite
+from .jets import multilinear
+from .jets.dispatcher import model_call
 from .jets.draws import shared_draws
-from .jets.registry import settings
+from .jets.registry import settings, tracing
+from .jets.tensor import is_jet, pad_coeffs
 from .mixing import require_per_sample
 
 __all__ = ["crr_penalty", "CRRLoss", "parse_orders", "subset_indices"]
@@ -184,6 +192,37 @@ def _loss_coefficients(model, x: Tensor, y, U: Tensor, order: int, loss_fn, shar
     return c.reshape(order + 1, D, B)
 
 
+def _multilinear_wanted(model, x: Tensor, y, U: Tensor, N: int, loss_fn) -> bool:
+    """Whether the per-order pass is a multilinear one (jets/multilinear.py): where every op has a
+    multilinear rule, always in a captured graph, eagerly where it is the faster (Probe.eager_faster)."""
+    p = multilinear.probe(model, x, y, loss_fn, N)
+    return p.ok and (tracing() or p.eager_faster(N, U.shape[0] * x.shape[0], x.device))
+
+
+def _loss_components(model, x: Tensor, y, U: Tensor, N: int, loss_fn) -> Tensor:
+    """The components of the per-sample loss as a multilinear jet (jets/multilinear.py) along the
+    D direction sets U (D, N, B, ...): shape (2^N, D, B); component {1..n} is Dⁿℓ[u_1, …, u_n]."""
+    D, B = U.shape[0], x.shape[0]
+    rest = tuple(x.shape[1:])
+    X = x.unsqueeze(0).expand((D, B) + rest).reshape((D * B,) + rest)
+    us = [U[:, i].reshape((D * B,) + rest) for i in range(N)]
+    Y = y
+    if isinstance(y, Tensor) and y.dim() >= 1:
+        Y = y.unsqueeze(0).expand((D,) + tuple(y.shape)).reshape((D * B,) + tuple(y.shape[1:]))
+    fn = loss_fn or _default_loss
+    require_per_sample(model, x, y, loss_fn)
+    xj = multilinear.input_jet(X, us)
+    if D > 1:
+        xj.share_primal(D)
+    with multilinear.multilinear_pass(N), model_call():
+        out = fn(model(xj), Y)
+    if not is_jet(out) or tuple(out.shape) != (D * B,):
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"loss_fn must return one loss per sample, shape ({D * B},), got {shape}; for torch "
+                         "losses pass reduction='none' (e.g. lambda z, y: F.cross_entropy(z, y, reduction='none'))")
+    return pad_coeffs(out.coeffs, 1 << N).reshape((1 << N, D, B))
+
+
 def _per_order_directions(directions, xs: Tensor, x_full: Tensor, idx: Optional[Tensor],
                           N: int, n_dirs: int, generator, check_values: bool = True,
                           raw_draws: bool = False) -> Tensor:
@@ -278,6 +317,9 @@ def _crr_compute(model, x: Tensor, y, idx: Optional[Tensor], U: Tensor, ords: Tu
     if not per_order:
         c = _loss_coefficients(model, xs, ys, U, N, loss_fn)             # (N+1, D, B')
         terms = torch.stack([c[n].abs().mean() * math.factorial(n) for n in ords])
+    elif _multilinear_wanted(model, xs, ys, U, N, loss_fn):
+        c = _loss_components(model, xs, ys, U, N, loss_fn)                # (2^N, D, B')
+        terms = torch.stack([c[multilinear.component(N, n)].abs().mean() for n in ords])
     else:
         D = U.shape[0]
         # 2^{N−1} polarization rows per direction set serve every order n ≤ N (directions.py)

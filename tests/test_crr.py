@@ -368,9 +368,12 @@ def test_per_order_directions_share_the_random_draws_of_a_sample():
     assert _close(g, _grads(model, R_ref), tol=1e-9)
 
 
-def test_per_order_directions_refuse_a_plain_per_row_draw():
+def test_per_order_directions_refuse_a_plain_per_row_draw(monkeypatch):
     """A random plain tensor with one row per jet row (a hand-written dropout mask) is not seen by
-    any rule, so it cannot be shared: refused with its name. A draw not tied to the rows passes."""
+    any rule, so it cannot be shared: refused with its name. A draw not tied to the rows passes.
+    (The polarization pass; a multilinear one has one row per sample: tests/test_multilinear.py.)"""
+    from curvrate_fast.jets import multilinear
+    monkeypatch.setattr(multilinear, "probe", lambda *a, **k: multilinear.Probe(False))
     torch.manual_seed(1)
     lin = torch.nn.Linear(3, 3).double()
     x, y = data(4, B=4)

@@ -253,9 +253,7 @@ def test_budget_and_what_was_scaled_down():
 
 def test_reproduce_mnist_quick(tmp_path, capsys):
     out = tmp_path / "res"
-    t0 = time.perf_counter()
     rc = cli.main(["reproduce", "mnist", "--quick", "--out", str(out), "--no-progress"])
-    wall = time.perf_counter() - t0
     assert rc == 0
     text = capsys.readouterr().out
     for needle in ("### 1. Label noise", "### 2. CRR sweep", "### 3. Table 1", "### 4. Table 2",
@@ -292,7 +290,6 @@ def test_reproduce_mnist_quick(tmp_path, capsys):
         p = out / f"mnist_quick_{png}.png"
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "mnist_quick.md").read_text().startswith("# MNIST reproduction")
-    assert wall < 240
     # re-report from the JSON without running
     rc = cli.main(["reproduce", "mnist", "--from-json", str(out / "mnist_quick.json"),
                    "--no-plot"])

@@ -84,18 +84,25 @@ def test_shared_equals_plain_and_nested_autograd(name, spy):
     assert rel_err(d1, ref) <= 1e-10
 
 
-def test_crr_per_order_shared_equals_plain(spy):
-    """The polarization rows of a per-order CRR penalty (2^{N−1} per direction set) share x."""
+@pytest.mark.parametrize("multilinear", [False, True], ids=["polarization", "multilinear"])
+def test_crr_per_order_shared_equals_plain(spy, multilinear, monkeypatch):
+    """The rows of a per-order CRR penalty share x: the 2^{N−1} polarization rows of a direction
+    set, or the n_dirs direction sets of a multilinear pass."""
+    from curvrate_fast.jets import multilinear as ML
+    if not multilinear:
+        monkeypatch.setattr(ML, "probe", lambda *a, **k: ML.Probe(False))
+    else:                       # eagerly too (a model this small keeps polarization there otherwise)
+        monkeypatch.setattr(ML, "EAGER_FLOP_PER_OP", 0.0)
     torch.manual_seed(1)
     model = mlp(nn.Tanh()).double()
     x, y = torch.randn(8, 5, dtype=D64), torch.randint(0, 3, (8,))
     out = []
     for on in (False, True):
         spy.share(on)
-        R = cf.crr_penalty(model, x, y, orders=(2, 3), directions="per_order",
+        R = cf.crr_penalty(model, x, y, orders=(2, 3), directions="per_order", n_dirs=1 if not multilinear else 3,
                            generator=torch.Generator().manual_seed(3))
         out.append((R, torch.autograd.grad(R, list(model.parameters()))))
-    assert spy.calls and set(spy.calls) == {4}
+    assert spy.calls and set(spy.calls) == {3 if multilinear else 4}
     (r0, g0), (r1, g1) = out
     assert rel_err(r1, r0) <= TOL
     for a, b in zip(g1, g0):

@@ -36,7 +36,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from ..finite import all_finite
-from . import registry, through
+from . import multilinear, registry, through
 from .registry import op_name, record, settings, tracing
 from .tensor import JetError, JetTensor, RuleMissingError, install_dispatcher, primals
 
@@ -499,9 +499,13 @@ def dispatch(func: Any, args: Tuple, kwargs: Dict) -> Any:
         if not torch.is_grad_enabled() and _in_no_grad_region(args, kwargs):
             frame = _custom_function_frame()
             if frame is not None:
+                if multilinear.active():
+                    raise multilinear.refuse(f"{op_name(func)} in a custom autograd Function")
                 return _custom_function(frame, func, args, kwargs)
             return constant_result(func, args, kwargs)
     if torch._C._is_any_autocast_enabled():
+        if multilinear.active():
+            raise multilinear.refuse(f"{op_name(func)} under autocast")
         return _autocast(func, args, kwargs)
     if s.rule_depth == 0 and s.rules_without_grad:
         return _route_without_grad(func, args, kwargs)
@@ -691,6 +695,9 @@ def _route(func: Any, args: Tuple, kwargs: Dict) -> Any:
             f"{op_name(func)}(..., out=...) with a jet: the Taylor coefficients cannot be written into "
             "a plain output tensor; use the returned value instead of out=")
     rule = _rule_for(func)
+    if rule is not None and multilinear.active():
+        record("rules", func)
+        return multilinear.route(func, rule, args, kwargs)
     if rule is not None:
         record("rules", func)
         try:

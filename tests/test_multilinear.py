@@ -1,0 +1,254 @@
+"""Multilinear jets (curvrate_fast/jets/multilinear.py): one pass along x + Σ ε_i·u_i (ε_i² = 0)
+gives the mixed derivatives Dⁿℓ[u_1, …, u_n] that a per-order CRR penalty needs. Checked against
+nested autograd (the notebooks' loop, float64) for every op family with a multilinear rule and
+N = 1..4; the per-order penalty through it against the polarization pass (the same values and
+gradients, ≤ 1e-12); ops without a rule are refused inside a pass and send the penalty to
+polarization, with the probe leaving random state, buffers and the model's forward count as they
+were; and the probe is made once per configuration."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from _curv_oracle import nested_mixed
+from _oracle import rel_err
+
+import curvrate_fast as cf
+from curvrate_fast import crr as crr_mod
+from curvrate_fast.jets import multilinear as ML
+
+D64 = torch.float64
+
+
+def _components(model, x, y, us, loss_fn=None):
+    loss = loss_fn or (lambda z, t: F.cross_entropy(z, t, reduction="none"))
+    with ML.multilinear_pass(len(us)):
+        out = loss(model(ML.input_jet(x, us)), y)
+    return out.coeffs
+
+
+class _Products(nn.Module):
+    """Products of two jets, exp and log, division by a constant."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(4, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x) * torch.tanh(self.b(x)) + torch.exp(0.3 * self.a(x)) / 2.0
+        return self.out(torch.log(1.0 + h * h))
+
+
+class _SmallCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.fc = nn.Linear(3 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.silu(self.conv(x)), 1))
+
+
+MODELS = {
+    "tanh": lambda: (nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)), (5, 4)),
+    "gelu": lambda: (nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 3)), (5, 4)),
+    "gelu_tanh": lambda: (nn.Sequential(nn.Linear(4, 8), nn.GELU("tanh"), nn.Linear(8, 3)), (5, 4)),
+    "sigmoid_softplus": lambda: (nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 8), nn.Softplus(2.0),
+                                               nn.Linear(8, 3)), (5, 4)),
+    "relu_leaky": lambda: (nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.LeakyReLU(0.1),
+                                         nn.Linear(8, 3)), (5, 4)),
+    "products_exp_log": lambda: (_Products(), (5, 4)),
+    "cnn": lambda: (_SmallCNN(), (3, 1, 6, 6)),
+}
+
+
+@pytest.mark.parametrize("N", [1, 2, 3, 4])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_components_are_nested_autograd_mixed_derivatives(name, N):
+    torch.manual_seed(N)
+    model, shape = MODELS[name]()
+    model = model.double()
+    x, y = torch.randn(shape, dtype=D64), torch.randint(0, 3, (shape[0],))
+    us = [torch.randn(shape, dtype=D64) for _ in range(N)]
+    c = _components(model, x, y, us)
+    ref = nested_mixed(model, x, y, us)
+    assert rel_err(c[0], F.cross_entropy(model(x), y, reduction="none")) <= 1e-13
+    for n in range(1, N + 1):
+        assert rel_err(c[ML.component(N, n)], ref[n - 1]) <= 1e-10, n
+        # every other component is a mixed derivative too: the one of u_n alone
+        only_n = ML.position(N)[1 << (n - 1)]
+        assert rel_err(c[only_n], nested_mixed(model, x, y, [us[n - 1]])[0]) <= 1e-10
+
+
+def test_log_softmax_loss_and_its_gradients():
+    """A hand-written NLL of log_softmax, and the parameter gradients of the components."""
+    torch.manual_seed(3)
+    model = MODELS["tanh"]()[0].double()
+    x, y = torch.randn(6, 4, dtype=D64), torch.randint(0, 3, (6,))
+    us = [torch.randn(6, 4, dtype=D64) for _ in range(3)]
+
+    def nll(z, t):
+        return -torch.log_softmax(z, dim=1).gather(1, t.unsqueeze(1)).squeeze(1)
+    with ML.multilinear_pass(3):
+        c = nll(model(ML.input_jet(x, us)), y).coeffs
+    ref = nested_mixed(model, x, y, us)
+    value = c[ML.component(3, 3)].abs().mean()
+    g = torch.autograd.grad(value, list(model.parameters()))
+    g_ref = torch.autograd.grad(ref[2].abs().mean(), list(model.parameters()))
+    assert rel_err(c[ML.component(3, 2)], ref[1]) <= 1e-10
+    for a, b in zip(g, g_ref):
+        assert rel_err(a, b) <= 1e-9
+
+
+def test_an_op_without_a_rule_is_refused_by_name():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double()
+    x = torch.randn(3, 4, dtype=D64)
+    with pytest.raises(ML.MultilinearUnsupported, match="layer_norm"):
+        with ML.multilinear_pass(2):
+            model(ML.input_jet(x, [x, x]))
+    with pytest.raises(ML.MultilinearUnsupported, match="sin"):
+        with ML.multilinear_pass(2):
+            torch.sin(ML.input_jet(x, [x, x]))
+    assert ML.active() == 0
+
+
+# -- the per-order penalty ------------------------------------------------------------------------
+
+@pytest.fixture
+def paths(monkeypatch):
+    """Which pass each per-order penalty ran; eagerly the multilinear one wherever every op has a
+    rule (not only where it is the faster); ``paths.polarize()`` forces polarization."""
+    monkeypatch.setattr(ML, "EAGER_FLOP_PER_OP", 0.0)
+    seen = []
+    comp, coef = crr_mod._loss_components, crr_mod._loss_coefficients
+    monkeypatch.setattr(crr_mod, "_loss_components", lambda *a, **k: (seen.append("multilinear"), comp(*a, **k))[1])
+    monkeypatch.setattr(crr_mod, "_loss_coefficients", lambda *a, **k: (seen.append("polarization"), coef(*a, **k))[1])
+
+    class Paths(list):
+        def polarize(self):
+            monkeypatch.setattr(ML, "probe", lambda *a, **k: ML.Probe(False))
+    p = Paths()
+    p.seen = seen
+    return p
+
+
+@pytest.mark.parametrize("orders,n_dirs,subset", [((2, 3), 1, None), ((1, 4), 2, 6), ((2, 2), 1, 5)])
+def test_per_order_penalty_equals_polarization(paths, orders, n_dirs, subset):
+    torch.manual_seed(4)
+    model = MODELS["tanh"]()[0].double()
+    x, y = torch.randn(10, 4, dtype=D64), torch.randint(0, 3, (10,))
+    out = []
+    for polar in (False, True):
+        if polar:
+            paths.polarize()
+        R = cf.crr_penalty(model, x, y, orders=orders, directions="per_order", n_dirs=n_dirs, subset=subset,
+                           generator=torch.Generator().manual_seed(7))
+        out.append((R, torch.autograd.grad(R, list(model.parameters()))))
+    assert paths.seen == ["multilinear", "polarization"]
+    (a, ga), (b, gb) = out
+    assert rel_err(a, b) <= 1e-12
+    for p, q in zip(ga, gb):
+        assert rel_err(p, q) <= 1e-12
+
+
+def test_per_order_penalty_against_nested_autograd(paths):
+    torch.manual_seed(5)
+    model = MODELS["cnn"]()[0].double()
+    x, y = torch.randn(4, 1, 6, 6, dtype=D64), torch.randint(0, 3, (4,))
+    us = [torch.nn.functional.normalize(torch.randn(1, 4, 36, dtype=D64), dim=-1).reshape(1, 4, 1, 6, 6)
+          for _ in range(3)]
+    R = cf.crr_penalty(model, x, y, orders=(2, 3), directions=us, order_reduction="sum")
+    d = nested_mixed(model, x, y, [u[0] for u in us])
+    assert paths.seen == ["multilinear"]
+    assert rel_err(R, d[1].abs().mean() + d[2].abs().mean()) <= 1e-10
+
+
+class _Counted(nn.Module):
+    """Counts its forward calls and bumps a buffer in each; LayerNorm has no multilinear rule."""
+
+    def __init__(self, norm: bool):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.norm = nn.LayerNorm(8) if norm else nn.Identity()
+        self.register_buffer("calls", torch.zeros(()))
+        self.forwards = 0
+
+    def forward(self, x):
+        self.forwards += 1
+        with torch.no_grad():
+            self.calls += 1
+        return self.fc2(self.norm(torch.tanh(self.fc1(x))))
+
+
+@pytest.mark.parametrize("norm", [False, True], ids=["supported", "falls_back"])
+def test_probe_once_per_configuration_and_without_side_effects(paths, norm):
+    torch.manual_seed(6)
+    model = _Counted(norm).double()
+    x, y = torch.randn(6, 4, dtype=D64), torch.randint(0, 3, (6,))
+    R0 = None
+    for step in range(3):
+        state = torch.get_rng_state()
+        before = model.forwards
+        R = cf.crr_penalty(model, x, y, orders=(2, 3), directions="per_order",
+                           generator=torch.Generator().manual_seed(1))
+        assert torch.equal(torch.get_rng_state(), state)         # the probes fork the random state
+        if step > 0:
+            assert model.forwards == before + 1                   # probed once: one forward per call now
+        R0 = R if R0 is None else R0
+        assert rel_err(R, R0) == 0.0
+    assert model.calls.item() == 3.0                              # buffers the probes touched restored
+    assert paths.seen == ["polarization" if norm else "multilinear"] * 3
+
+
+def test_autocast_is_never_multilinear():
+    model = MODELS["tanh"]()[0]
+    x, y = torch.randn(4, 4), torch.randint(0, 3, (4,))
+    assert ML.supported(model, x, y, None, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not ML.supported(model, x, y, None, 3)
+
+
+def test_a_plain_per_row_draw_is_one_draw_per_sample(paths):
+    """A hand-written dropout mask (one plain draw per row) is refused by polarization, whose rows
+    of a sample must see one function; a multilinear pass has one row per sample, so the penalty is
+    the nested-autograd one with the same draw."""
+    torch.manual_seed(7)
+    lin = nn.Linear(3, 3).double()
+    x, y = torch.randn(4, 3, dtype=D64), torch.randint(0, 3, (4,))
+    us = [torch.nn.functional.normalize(torch.randn(1, 4, 3, dtype=D64), dim=-1) for _ in range(3)]
+
+    def hand_dropout(z):
+        h = torch.tanh(lin(z))
+        return h * (torch.rand(h.shape, dtype=h.dtype) > 0.2)
+    torch.manual_seed(8)
+    R = cf.crr_penalty(hand_dropout, x, y, orders=(2, 3), directions=us, order_reduction="sum")
+    torch.manual_seed(8)
+    d = nested_mixed(hand_dropout, x, y, [u[0] for u in us])
+    assert paths.seen == ["multilinear"]
+    assert rel_err(R, d[1].abs().mean() + d[2].abs().mean()) <= 1e-10
+    paths.polarize()
+    with pytest.raises(cf.JetError, match="torch.rand drew a plain tensor"):
+        cf.crr_penalty(hand_dropout, x, y, orders=(2, 3), directions="per_order")
+
+
+def test_eager_takes_the_multilinear_pass_where_it_is_faster(monkeypatch):
+    """Eagerly a small MLP keeps polarization (its subset arithmetic costs more ops than its
+    products save), a wide one takes the multilinear pass; a captured graph always does."""
+    seen = []
+    comp = crr_mod._loss_components
+    monkeypatch.setattr(crr_mod, "_loss_components", lambda *a, **k: (seen.append(1), comp(*a, **k))[1])
+    torch.manual_seed(9)
+    small = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 2))
+    wide = nn.Sequential(nn.Linear(256, 512), nn.Tanh(), nn.Linear(512, 10))
+    for model, d, expect in ((small, 2, False), (wide, 256, True)):
+        x, y = torch.randn(128, d), torch.randint(0, 2, (128,))
+        p = ML.probe(model, x, y, None, 3)
+        assert p.ok and p.macs == sum(m.weight.numel() for m in model if isinstance(m, nn.Linear))
+        assert p.eager_faster(3, 128, x.device) is expect
+        assert not p.eager_faster(3, 128, torch.device("cuda"))   # the univariate Triton kernels there
+        seen.clear()
+        cf.crr_penalty(model, x, y, orders=(2, 3), directions="per_order")
+        assert bool(seen) is expect
+        seen.clear()
+        cf.crr_penalty(model, x, y, orders=(2, 3), directions="per_order", compile="eager")
+        assert seen                                                 # captured: always
