@@ -935,13 +935,17 @@ def _stored_rows(model, x, order: int) -> int:
     return int(out.coeffs.shape[0]) if isinstance(out, cf.JetTensor) else 1
 
 
-def crr_floor(spec: Dict[str, Any], rows: int, batch: int, subset: Optional[int], every: int = 1) -> float:
-    """The floor of a CRR step in plain steps: 1 + s·R/k (s the penalized fraction, R the stored
-    rows times the direction rows: 2^{N−1} per direction set for per-order directions)."""
+def crr_floor(spec: Dict[str, Any], rows: int, batch: int, subset: Optional[int], every: int = 1,
+              multilinear: bool = False) -> float:
+    """The floor of a CRR step in plain steps: 1 + s·R/k (s the penalized fraction, R the rows
+    per sample: the stored rows, for per-order directions 2^N components of a multilinear jet
+    where the model has multilinear rules (``multilinear``), else the stored rows times 2^{N−1}
+    polarization rows)."""
     lo, hi = spec["orders"]
     s = 1.0 if subset is None else min(1.0, subset / batch)
-    dir_rows = 2 ** (hi - 1) if spec["directions"] == "per_order" else 1
-    return 1.0 + s * rows * dir_rows / every
+    if spec["directions"] == "per_order":
+        rows = 2 ** hi if multilinear else rows * 2 ** (hi - 1)
+    return 1.0 + s * rows / every
 
 
 def crr_steps(name: str, cfg: BenchConfig, device, log=print) -> List[Dict[str, Any]]:
@@ -1053,7 +1057,9 @@ def crr_steps(name: str, cfg: BenchConfig, device, log=print) -> List[Dict[str, 
     base_ms = rows["baseline"].get("median_ms")
     try:
         R = _stored_rows(model, x, hi)
-        floor = crr_floor(spec, R, x.shape[0], subset)
+        from curvrate_fast.jets import multilinear
+        ml = spec["directions"] == "per_order" and multilinear.supported(model, x, y, None, hi)
+        floor = crr_floor(spec, R, x.shape[0], subset, multilinear=ml)
     except Exception:  # noqa: BLE001 - a model the jets cannot run: no floor
         R, floor = None, None
     for r in out:
@@ -1487,8 +1493,10 @@ def format_markdown(rows: List[Dict[str, Any]], env: Dict[str, Any],
         L.append("## CRR training step overhead")
         L.append("")
         L.append("overhead = step time / plain step time; speedup = baseline CRR step / this step; "
-                 "floor = 1 + s·R/k plain steps (s the penalized fraction, R the stored coefficient rows "
-                 "× the direction rows, k the period; docs/design.md §6); vs floor = overhead / floor")
+                 "floor = 1 + s·R/k plain steps (s the penalized fraction, R the coefficient rows per sample: "
+                 "the stored rows, for per-order directions the 2^N components of a multilinear jet where "
+                 "the model has their rules, else × 2^{N−1} polarization rows; k the period; "
+                 "docs/design.md §6); vs floor = overhead / floor")
         L.append("")
         L.append("| setting | step | orders | directions | subset | median ms | IQR ms | n | "
                  "overhead vs plain | speedup vs baseline CRR | floor | vs floor | peak MiB | note |")

@@ -203,6 +203,8 @@ def format_markdown(results: List[Dict[str, object]], env: Dict[str, object], co
              f"- command: `{command}`",
              f"- device: {env['device']}; torch {env['torch']}, python {env['python']}",
              f"- commit {env['commit']}, date {env['date']}; torch threads: {torch.get_num_threads()}",
+             *([f"- load average at start: {', '.join(f'{v:.2f}' for v in env['loadavg_at_start'])}"]
+               if env.get("loadavg_at_start") is not None else []),
              "- medians (IQR) in µs; *warm*: back-to-back calls; *after nested*: each call right after "
              "one step of nested autograd (as the interleaved benchmark times it); *graph*: the "
              "compiled graph alone with the inputs the step passed it; *around the graph* = step − graph",
@@ -243,8 +245,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
         if args.threads == 1:
             bs.pin_to_one_cpu()
+    env = bs.environment(torch.device("cpu"))          # before the runs: the load they start under
     results = [two_moons_crr(args.reps), tiny_mlp_derivatives(args.reps)]
-    env = bs.environment(torch.device("cpu"))
     command = "python bench/step_split.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = format_markdown(results, env, command.strip())
     print(text)

@@ -169,26 +169,36 @@ def _subset_split(subset: Optional[Union[int, float]], B: int,
     return perm[:k], perm[k:]
 
 
+def _tiled(x: Tensor, y, D: int) -> Tuple[Tensor, Any]:
+    """x and y repeated for D direction rows per sample: rows d·B … d·B + B − 1 are direction d's."""
+    B, rest = x.shape[0], tuple(x.shape[1:])
+    X = x.unsqueeze(0).expand((D, B) + rest).reshape((D * B,) + rest)
+    Y = y
+    if isinstance(y, Tensor) and y.dim() >= 1:
+        Y = y.unsqueeze(0).expand((D,) + tuple(y.shape)).reshape((D * B,) + tuple(y.shape[1:]))
+    return X, Y
+
+
+def _one_loss_per_row(shape: tuple, rows: int) -> None:
+    if tuple(shape) != (rows,):
+        raise ValueError(f"loss_fn must return one loss per sample, shape ({rows},), got {tuple(shape)}; for "
+                         "torch losses pass reduction='none' (e.g. lambda z, y: F.cross_entropy(z, y, "
+                         "reduction='none'))")
+
+
 def _loss_coefficients(model, x: Tensor, y, U: Tensor, order: int, loss_fn, share_draws: bool = False) -> Tensor:
     """Normalized coefficients ℓ_0..ℓ_K of the per-sample loss along every direction, shape
     (K + 1, D, B), in one jet pass over the D·B rows (coefficient 0 is the loss itself).
     ``share_draws``: the D rows of a sample must see one function (polarization rows): random ops
     in the model draw once per sample (jets/draws.py), not once per row."""
     D, B = U.shape[0], x.shape[0]
-    rest = tuple(x.shape[1:])
-    X = x.unsqueeze(0).expand((D, B) + rest).reshape((D * B,) + rest)
-    UU = U.reshape((D * B,) + rest)
-    Y = y
-    if isinstance(y, Tensor) and y.dim() >= 1:
-        Y = y.unsqueeze(0).expand((D,) + tuple(y.shape)).reshape((D * B,) + tuple(y.shape[1:]))
+    X, Y = _tiled(x, y, D)
+    UU = U.reshape((D * B,) + tuple(x.shape[1:]))
     fn = loss_fn or _default_loss
     require_per_sample(model, x, y, loss_fn)
     with shared_draws(D if share_draws else 1, B):
         c = jet_of_rows(lambda xj: fn(model(xj), Y), X, UU, order, primal_blocks=D)
-    if tuple(c.shape[1:]) != (D * B,):
-        raise ValueError(f"loss_fn must return one loss per sample, shape ({D * B},), got "
-                         f"{tuple(c.shape[1:])}; for torch losses pass reduction='none' (e.g. "
-                         "lambda z, y: F.cross_entropy(z, y, reduction='none'))")
+    _one_loss_per_row(c.shape[1:], D * B)
     return c.reshape(order + 1, D, B)
 
 
@@ -203,12 +213,8 @@ def _loss_components(model, x: Tensor, y, U: Tensor, N: int, loss_fn) -> Tensor:
     """The components of the per-sample loss as a multilinear jet (jets/multilinear.py) along the
     D direction sets U (D, N, B, ...): shape (2^N, D, B); component {1..n} is Dⁿℓ[u_1, …, u_n]."""
     D, B = U.shape[0], x.shape[0]
-    rest = tuple(x.shape[1:])
-    X = x.unsqueeze(0).expand((D, B) + rest).reshape((D * B,) + rest)
-    us = [U[:, i].reshape((D * B,) + rest) for i in range(N)]
-    Y = y
-    if isinstance(y, Tensor) and y.dim() >= 1:
-        Y = y.unsqueeze(0).expand((D,) + tuple(y.shape)).reshape((D * B,) + tuple(y.shape[1:]))
+    X, Y = _tiled(x, y, D)
+    us = [U[:, i].reshape((D * B,) + tuple(x.shape[1:])) for i in range(N)]
     fn = loss_fn or _default_loss
     require_per_sample(model, x, y, loss_fn)
     xj = multilinear.input_jet(X, us)
@@ -216,11 +222,11 @@ def _loss_components(model, x: Tensor, y, U: Tensor, N: int, loss_fn) -> Tensor:
         xj.share_primal(D)
     with multilinear.multilinear_pass(N), model_call():
         out = fn(model(xj), Y)
-    if not is_jet(out) or tuple(out.shape) != (D * B,):
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(f"loss_fn must return one loss per sample, shape ({D * B},), got {shape}; for torch "
-                         "losses pass reduction='none' (e.g. lambda z, y: F.cross_entropy(z, y, reduction='none'))")
-    return pad_coeffs(out.coeffs, 1 << N).reshape((1 << N, D, B))
+    if not isinstance(out, Tensor):
+        raise TypeError(f"loss_fn must return one tensor, got {type(out).__name__}")
+    _one_loss_per_row(out.shape, D * B)
+    c = out.coeffs if is_jet(out) else out.unsqueeze(0)     # a loss constant along the path: no more
+    return pad_coeffs(c, 1 << N).reshape((1 << N, D, B))
 
 
 def _per_order_directions(directions, xs: Tensor, x_full: Tensor, idx: Optional[Tensor],

@@ -200,12 +200,13 @@ def test_probe_once_per_configuration_and_without_side_effects(paths, norm):
     assert paths.seen == ["polarization" if norm else "multilinear"] * 3
 
 
-def test_autocast_is_never_multilinear():
+def test_autocast_and_half_precision_are_never_multilinear():
     model = MODELS["tanh"]()[0]
     x, y = torch.randn(4, 4), torch.randint(0, 3, (4,))
     assert ML.supported(model, x, y, None, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not ML.supported(model, x, y, None, 3)
+    assert not ML.supported(model.half(), x.half(), y, None, 3)          # half precision: polarization
 
 
 def test_a_plain_per_row_draw_is_one_draw_per_sample(paths):

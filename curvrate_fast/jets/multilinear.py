@@ -255,9 +255,12 @@ def _div(rule, input, other, *, rounding_mode=None, out=None):
 
 
 def _elementwise(x: JetTensor, derivatives: Callable[[Tensor, int], List[Optional[Tensor]]]) -> JetTensor:
+    """f(x) by :func:`compose`; equal rows of a_∅ stay equal (JetTensor.share_primal)."""
     N = _directions(x._order)
     c = x._coeffs
-    return _jet(compose(c, derivatives(c[0], N), N), x._order)
+    blocks = x.primal_blocks()
+    y = _jet(compose(c, derivatives(c[0], N), N), x._order)
+    return y.share_primal(blocks) if blocks > 1 else y
 
 
 def _series_derivatives(kind: str, params: dict) -> Callable[[Tensor, int], List[Optional[Tensor]]]:
@@ -453,8 +456,17 @@ def probe(model: Callable, x: Tensor, y: Any, loss_fn: Optional[Callable], N: in
     curvrate_fast.mixing: the model, the modes of its modules, x's shape, dtype and device, the
     loss function) on x, without gradients, PyTorch's random state and the modules' buffers left
     as they were (a failed try stops at its first op without a rule, before that op runs). Never
-    under autocast (its casts are the univariate engine's)."""
-    if torch._C._is_any_autocast_enabled() or not 1 <= N <= MAX_DIRECTIONS:
+    under autocast (its casts are the univariate engine's) nor for half-precision inputs.
+
+    Example::
+
+        >>> curvrate_fast.jets.multilinear.probe(mlp, x, y, None, 3).ok
+        True
+    """
+    if (torch._C._is_any_autocast_enabled() or not 1 <= N <= MAX_DIRECTIONS
+            or x.dtype not in (torch.float32, torch.float64)):
+        # half precision keeps the univariate engine's path: components are the derivatives
+        # themselves, n! times the normalized Taylor coefficients, nearer float16's overflow
         return Probe(False)
     from .. import mixing
     key = (mixing._key(model, x, loss_fn), N)
