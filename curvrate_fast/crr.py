@@ -220,7 +220,8 @@ def _loss_components(model, x: Tensor, y, U: Tensor, N: int, loss_fn) -> Tensor:
     xj = multilinear.input_jet(X, us)
     if D > 1:
         xj.share_primal(D)
-    with multilinear.multilinear_pass(N), model_call():
+    # the D direction sets of a sample share its random draws, as polarization rows do (jets/draws.py)
+    with shared_draws(D, B), multilinear.multilinear_pass(N), model_call():
         out = fn(model(xj), Y)
     if not isinstance(out, Tensor):
         raise TypeError(f"loss_fn must return one tensor, got {type(out).__name__}")

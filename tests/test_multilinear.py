@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from _curv_oracle import nested_mixed
 from _oracle import rel_err
+from models import MnistCNN
 
 import curvrate_fast as cf
 from curvrate_fast import crr as crr_mod
@@ -59,6 +60,7 @@ MODELS = {
                                          nn.Linear(8, 3)), (5, 4)),
     "products_exp_log": lambda: (_Products(), (5, 4)),
     "cnn": lambda: (_SmallCNN(), (3, 1, 6, 6)),
+    "mnist_cnn_eval": lambda: (MnistCNN().eval(), (2, 1, 28, 28)),     # conv, ReLU, max pooling, dropout
 }
 
 
@@ -200,6 +202,35 @@ def test_probe_once_per_configuration_and_without_side_effects(paths, norm):
     assert paths.seen == ["polarization" if norm else "multilinear"] * 3
 
 
+@pytest.mark.parametrize("n_dirs", [1, 2])
+def test_train_mode_dropout_draws_as_polarization_and_nested_autograd(paths, n_dirs):
+    """Dropout in train mode: one mask per sample for every component and direction set, the mask
+    a plain forward draws: the same penalty as polarization (whose rows share it too) and, with
+    one direction set, as nested autograd with the same seed."""
+    torch.manual_seed(10)
+    model = MnistCNN().double().train()
+    x, y = torch.randn(3, 1, 28, 28, dtype=D64), torch.randint(0, 10, (3,))
+    out = []
+    for polar in (False, True):
+        if polar:
+            paths.polarize()
+        torch.manual_seed(11)
+        R = cf.crr_penalty(model, x, y, orders=(2, 3), directions="per_order", n_dirs=n_dirs,
+                           generator=torch.Generator().manual_seed(12))
+        out.append((R, torch.autograd.grad(R, list(model.parameters())), torch.rand(())))
+    assert paths.seen == ["multilinear", "polarization"]
+    (a, ga, ra), (b, gb, rb) = out
+    assert ra == rb                                  # the same random stream afterwards
+    assert rel_err(a, b) <= 1e-12
+    for p, q in zip(ga, gb):
+        assert rel_err(p, q) <= 1e-10
+    if n_dirs == 1:
+        U = crr_mod._per_order_directions("per_order", x, x, None, 3, 1, torch.Generator().manual_seed(12))
+        torch.manual_seed(11)
+        d = nested_mixed(model, x, y, list(U[0]))
+        assert rel_err(a, 0.5 * (d[1].abs().mean() + d[2].abs().mean())) <= 1e-10
+
+
 def test_autocast_and_half_precision_are_never_multilinear():
     model = MODELS["tanh"]()[0]
     x, y = torch.randn(4, 4), torch.randint(0, 3, (4,))
@@ -253,3 +284,13 @@ def test_eager_takes_the_multilinear_pass_where_it_is_faster(monkeypatch):
         seen.clear()
         cf.crr_penalty(model, x, y, orders=(2, 3), directions="per_order", compile="eager")
         assert seen                                                 # captured: always
+
+
+def test_the_probe_keys_the_labels():
+    """Class indices and probability targets of one model and input shape are two configurations:
+    cross-entropy's multilinear rule takes class indices only."""
+    model = MODELS["tanh"]()[0]
+    x = torch.randn(6, 4)
+    assert ML.supported(model, x, torch.randint(0, 3, (6,)), None, 2)
+    assert not ML.supported(model, x, torch.softmax(torch.randn(6, 3), 1), None, 2)
+    assert ML.supported(model, x, torch.randint(0, 3, (6,)), None, 2)

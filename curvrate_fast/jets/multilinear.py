@@ -381,7 +381,12 @@ _SAME = (torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd_
          torch.Tensor.mean, torch.reshape, torch.Tensor.reshape, torch.Tensor.view, torch.flatten,
          torch.Tensor.flatten, torch.unsqueeze, torch.Tensor.unsqueeze, torch.squeeze, torch.Tensor.squeeze,
          torch.where, torch.gather, torch.Tensor.gather, torch.Tensor.__getitem__, torch.Tensor.permute,
-         torch.transpose, torch.Tensor.transpose, torch.Tensor.contiguous, torch.cat, torch.stack)
+         torch.transpose, torch.Tensor.transpose, torch.Tensor.contiguous, torch.cat, torch.stack,
+         # pooling: linear, or every coefficient at the primal's argmax; dropout: one mask for all
+         F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+         F.adaptive_avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
+         F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+         torch.dropout)
 _ONE_JET = (F.linear, F.conv1d, F.conv2d, F.conv3d)
 _MUL = (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__)
 _DIV = (torch.div, torch.Tensor.div, torch.Tensor.__truediv__)
@@ -454,9 +459,10 @@ def probe(model: Callable, x: Tensor, y: Any, loss_fn: Optional[Callable], N: in
     """Whether ``loss_fn(model(·), y)`` runs as a multilinear pass with N directions, and what it
     costs: tried once per configuration (the keys of the sample-mixing probe,
     curvrate_fast.mixing: the model, the modes of its modules, x's shape, dtype and device, the
-    loss function) on x, without gradients, PyTorch's random state and the modules' buffers left
-    as they were (a failed try stops at its first op without a rule, before that op runs). Never
-    under autocast (its casts are the univariate engine's) nor for half-precision inputs.
+    loss function; and the labels' shape and dtype) on x, without gradients, PyTorch's random
+    state and the modules' buffers left as they were (a failed try stops at its first op without
+    a rule, before that op runs). Never under autocast (its casts are the univariate engine's)
+    nor for half-precision inputs.
 
     Example::
 
@@ -469,7 +475,8 @@ def probe(model: Callable, x: Tensor, y: Any, loss_fn: Optional[Callable], N: in
         # themselves, n! times the normalized Taylor coefficients, nearer float16's overflow
         return Probe(False)
     from .. import mixing
-    key = (mixing._key(model, x, loss_fn), N)
+    labels = (tuple(y.shape), y.dtype) if isinstance(y, Tensor) else type(y)   # class ids or probabilities
+    key = (mixing._key(model, x, loss_fn), N, labels)
     with _lock:
         known = (_probed_modules.get(model, {}) if isinstance(model, torch.nn.Module) else _probed_other).get(key)
     if known is not None:
