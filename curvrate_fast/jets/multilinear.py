@@ -42,10 +42,10 @@ from torch import Tensor
 from .registry import lookup, op_name
 from .tensor import JetError, JetTensor, is_jet, make_jet
 
-__all__ = ["MultilinearUnsupported", "multilinear_pass", "route", "supported", "input_jet", "component",
-           "MAX_DIRECTIONS"]
+__all__ = ["MultilinearUnsupported", "multilinear_pass", "route", "probe", "Probe", "supported", "input_jet",
+           "component", "MAX_DIRECTIONS"]
 
-# 2^N rows per sample: beyond a few directions the pass outgrows what anyone penalizes (orders ≤ 5)
+# 2^N rows per sample (64 at N = 6, against polarization's 224); higher orders take polarization
 MAX_DIRECTIONS = 6
 
 

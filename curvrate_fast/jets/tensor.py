@@ -122,7 +122,7 @@ class JetTensor(torch.Tensor):
     def share_primal(self, blocks: int) -> "JetTensor":
         """Declare that coefficient 0 is ``blocks`` identical copies of its first ``len/blocks``
         rows along the primal's dim 0, as the D direction rows of one sample are (x repeated
-        per direction; docs/design.md §6, "Shared primal"). A rule may then compute what depends
+        per direction; docs/design.md §2, "Shared primal"). A rule may then compute what depends
         on the primal alone once per block and repeat it (the linear rule does). Only a rule that
         knows its output keeps that structure for every value of its inputs may call this; the
         claim lapses by itself when the coefficients are written afterwards (any in-place write,
