@@ -515,7 +515,8 @@ def crr_penalty(model: Callable[[Tensor], Tensor], x: Tensor, y: Optional[Tensor
         n_dirs: directions per sample, averaged.
         directions: ``"fixed"`` (the same u at every order: d_n = Dⁿℓ[uⁿ]); ``"per_order"`` (a fresh
             u_n at every order, the notebooks' mixed derivative Dⁿℓ[u_1,…,u_n], computed exactly
-            by polarization); a tensor of shape ``x.shape`` or ``(D, *x.shape)`` (explicit fixed
+            by a multilinear jet where the model's ops have its rules, else by polarization:
+            module docstring); a tensor of shape ``x.shape`` or ``(D, *x.shape)`` (explicit fixed
             directions, used as given); or a list of N = max(orders) tensors u_1..u_N of those
             shapes (explicit per-order directions). Explicit directions are given for the whole
             batch and indexed with the subset; a zero direction is an error.
