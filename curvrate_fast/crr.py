@@ -19,8 +19,8 @@ Directions (docs/math.md §4 table):
   (:func:`curvrate_fast.directions.polarization`) from 2^{N−1} pure-direction jets along
   u_1 ± u_2 ± … ± u_N (N the highest order), which give every lower order too; all are rows of the
   same batched pass (orders 2–3: 4 rows per sample and direction set; 1–4: 8). Where every op of
-  the model and loss has a multilinear rule (MLPs and CNNs of linear maps, convolutions, smooth
-  or ReLU activations, cross-entropy: probed once per configuration), the pass is instead one
+  the model and loss has a multilinear rule (MLPs and CNNs of linear maps, convolutions, pooling,
+  dropout, smooth or ReLU activations, cross-entropy: probed once per configuration), the pass is instead one
   multilinear jet x + Σ ε_i·u_i with ε_i² = 0 (:mod:`curvrate_fast.jets.multilinear`), whose
   component {1..n} is d_n exactly: 2^N coefficient rows per sample instead of 2^{N−1}·(N + 1)
   (orders 2–3: 8 instead of 16).

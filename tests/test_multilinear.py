@@ -40,6 +40,19 @@ class _Products(nn.Module):
         return self.out(torch.log(1.0 + h * h))
 
 
+class _CastsAndViews(nn.Module):
+    """Casts, views and expands on the way (each treats every component alike)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x.double().to(torch.float64)))
+        h = h.view_as(h).unflatten(1, (2, 3)).reshape_as(h) + h.mean(1, keepdim=True).expand_as(h)
+        return self.b(torch.clone(h).type_as(x))
+
+
 class _SmallCNN(nn.Module):
     def __init__(self):
         super().__init__()
@@ -59,6 +72,7 @@ MODELS = {
     "relu_leaky": lambda: (nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.LeakyReLU(0.1),
                                          nn.Linear(8, 3)), (5, 4)),
     "products_exp_log": lambda: (_Products(), (5, 4)),
+    "casts_and_views": lambda: (_CastsAndViews(), (5, 4)),
     "cnn": lambda: (_SmallCNN(), (3, 1, 6, 6)),
     "mnist_cnn_eval": lambda: (MnistCNN().eval(), (2, 1, 28, 28)),     # conv, ReLU, max pooling, dropout
 }

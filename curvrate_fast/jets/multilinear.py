@@ -382,6 +382,9 @@ _SAME = (torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd_
          torch.Tensor.flatten, torch.unsqueeze, torch.Tensor.unsqueeze, torch.squeeze, torch.Tensor.squeeze,
          torch.where, torch.gather, torch.Tensor.gather, torch.Tensor.__getitem__, torch.Tensor.permute,
          torch.transpose, torch.Tensor.transpose, torch.Tensor.contiguous, torch.cat, torch.stack,
+         torch.Tensor.expand, torch.Tensor.view_as, torch.Tensor.reshape_as, torch.Tensor.unflatten,
+         # casts: every coefficient cast (linear), or a constant for an integer dtype
+         torch.Tensor.to, torch.Tensor.float, torch.Tensor.double, torch.Tensor.type_as,
          # pooling: linear, or every coefficient at the primal's argmax; dropout: one mask for all
          F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
          F.adaptive_avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
