@@ -1410,6 +1410,12 @@ def _f(v, fmt="{:.2f}", na="–"):
     return fmt.format(v)
 
 
+def load_lines(env: Dict[str, Any]) -> List[str]:
+    """The report line of the load average the run started under (none where it was not read)."""
+    load = env.get("loadavg_at_start")
+    return [] if load is None else [f"- load average at start: {', '.join(f'{v:.2f}' for v in load)}"]
+
+
 def format_markdown(rows: List[Dict[str, Any]], env: Dict[str, Any],
                     cfg: Optional[BenchConfig] = None) -> str:
     L: List[str] = []
@@ -1418,8 +1424,7 @@ def format_markdown(rows: List[Dict[str, Any]], env: Dict[str, Any],
     L.append(f"- device: {env['device']}")
     L.append(f"- torch {env['torch']}, triton {env['triton']}, python {env['python']}")
     L.append(f"- commit {env['commit']}, date {env['date']}")
-    if env.get("loadavg_at_start") is not None:
-        L.append(f"- load average at start: {', '.join(f'{v:.2f}' for v in env['loadavg_at_start'])}")
+    L.extend(load_lines(env))
     if cfg is not None:
         L.append(f"- dtype {cfg.dtype}; repeats {cfg.repeats[0]}–{cfg.repeats[1]} per cell within "
                  f"{cfg.budget_s:g} s, warm-up {cfg.warmup}{' (quick mode)' if cfg.quick else ''}")

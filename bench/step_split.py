@@ -203,8 +203,7 @@ def format_markdown(results: List[Dict[str, object]], env: Dict[str, object], co
              f"- command: `{command}`",
              f"- device: {env['device']}; torch {env['torch']}, python {env['python']}",
              f"- commit {env['commit']}, date {env['date']}; torch threads: {torch.get_num_threads()}",
-             *([f"- load average at start: {', '.join(f'{v:.2f}' for v in env['loadavg_at_start'])}"]
-               if env.get("loadavg_at_start") is not None else []),
+             *bs.load_lines(env),
              "- medians (IQR) in µs; *warm*: back-to-back calls; *after nested*: each call right after "
              "one step of nested autograd (as the interleaved benchmark times it); *graph*: the "
              "compiled graph alone with the inputs the step passed it; *around the graph* = step − graph",

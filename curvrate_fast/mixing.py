@@ -37,6 +37,7 @@ Example::
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import weakref
 from typing import Any, Callable, Iterator, List, Optional
@@ -236,6 +237,19 @@ class _buffers_kept:
                     b.copy_(value)
 
 
+@contextlib.contextmanager
+def side_effects_kept(model: Any, loss_fn: Optional[Callable], x: Tensor) -> Iterator[None]:
+    """What a probe forward runs inside: on the real tensors (not into a graph make_fx is
+    recording), without gradients, PyTorch's random state forked (a dropout draw in the probe does
+    not move the training run's stream) and the modules' buffers kept (:class:`_buffers_kept`).
+    The sample-mixing probe here and the multilinear probe (jets/multilinear.py) share it."""
+    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+    devices = [x.device.index or 0] if x.is_cuda else []
+    with disable_proxy_modes_tracing(), torch.no_grad(), torch.random.fork_rng(devices=devices), \
+            _buffers_kept(model, loss_fn):
+        yield
+
+
 def _probe_sets(B: int):
     """The moved sets of the probe, as boolean masks over the batch: for each bit k of the sample
     index, the samples with bit k set, then those with it clear. For every ordered pair i ≠ j one
@@ -269,16 +283,12 @@ def require_per_sample(model: Callable[[Tensor], Any], x: Tensor, y: Any,
         _remember(model, key)
         return
     loss = loss_fn or per_sample_cross_entropy
-    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
-
     from .api import jet
     from .rules.norm import SampleMixingError
 
-    devices = [x.device.index or 0] if x.is_cuda else []
     gen = torch.Generator().manual_seed(_PROBE_SEED)
     # make_fx capturing a loss: the probe runs on the real tensors, not into the graph
-    with disable_proxy_modes_tracing(), torch.no_grad(), torch.random.fork_rng(devices=devices), \
-            _buffers_kept(model, loss_fn):
+    with side_effects_kept(model, loss_fn, x):
         u_all = torch.randn(tuple(x.shape), generator=gen, dtype=torch.float64)
         for moved in _probe_sets(B):
             u = u_all.clone()

@@ -501,16 +501,12 @@ def supported(model: Callable, x: Tensor, y: Any, loss_fn: Optional[Callable], N
 
 
 def _try(model, x: Tensor, y, loss_fn, N: int) -> Probe:
-    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
-
     from ..baseline import per_sample_cross_entropy
-    from ..mixing import _buffers_kept
+    from ..mixing import side_effects_kept
     from .dispatcher import model_call
     loss = loss_fn or per_sample_cross_entropy
-    devices = [x.device.index or 0] if x.is_cuda else []
     count = [0.0, 0.0]
-    with disable_proxy_modes_tracing(), torch.no_grad(), torch.random.fork_rng(devices=devices), \
-            _buffers_kept(model, loss_fn):
+    with side_effects_kept(model, loss_fn, x):
         xx = x.detach()
         xj = input_jet(xx, [torch.ones_like(xx)] * N)
         _state.count = count
