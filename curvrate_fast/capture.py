@@ -70,13 +70,11 @@ more capture and compile.
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import importlib
 import itertools
 import threading
-import types
 import warnings
 import weakref
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -86,6 +84,7 @@ from torch import Tensor, nn
 
 from .cpu_gemm import GEMM_MODES, rewrite_graph
 from .finite import require_finite
+from .guard_keys import _PRIMITIVE_TYPES, _Const, _module_state
 from .jets.registry import settings
 from .jets.tensor import JetError
 from .mixing import _closure_values
@@ -129,138 +128,6 @@ def _global_state_key() -> tuple:
     the float32 matmul precision (TF32 on CUDA)."""
     return (torch.get_default_dtype(), torch.are_deterministic_algorithms_enabled(),
             bool(torch.backends.mkldnn.enabled), torch.get_float32_matmul_precision())
-
-
-class _Ident:
-    """An object inside a guard key by identity, and kept alive by that key. An ``id()`` alone can
-    be handed to a later object at the same address, whose call would then replay a graph
-    captured for another value (measured: a list argument ``[1.0, 0.0]``, made anew per call,
-    replayed the graph of ``[0.0, 1.0]``)."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj: Any) -> None:
-        self.obj = obj
-
-    def __hash__(self) -> int:
-        return id(self.obj)
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is _Ident and other.obj is self.obj
-
-    def __repr__(self) -> str:
-        return f"<{type(self.obj).__name__} at {id(self.obj):#x}>"
-
-
-_PRIMITIVE = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
-# what a submodule's __dict__ holds besides its tensors and children: everything else (ints,
-# floats, strings, flags, hooks, functions) can steer its forward, so it is part of the guard
-_NOT_ATTRIBUTES = frozenset({"_parameters", "_buffers", "_modules"})
-
-
-_PRIMITIVE_TYPES = frozenset(_PRIMITIVE)
-
-
-def _function_key(f: types.FunctionType, depth: int):
-    """A plain function by what decides what it computes: its code, its module's globals (by
-    identity), its defaults and the current contents of its closure cells. So an inline lambda
-    made anew at every call is one configuration, not a new capture per call."""
-    if f.__dict__:                 # function attributes: by identity, as any object
-        return _Ident(f)
-    cells = []
-    for c in f.__closure__ or ():
-        try:
-            cells.append(_attr_key(c.cell_contents, depth + 1))
-        except ValueError:         # an empty cell (a name assigned later in the enclosing scope)
-            cells.append("<empty cell>")
-    return ("fn", f.__code__, _Ident(f.__globals__), _attr_key(f.__defaults__, depth + 1),
-            _attr_key(f.__kwdefaults__, depth + 1), tuple(cells))
-
-
-def _attr_key(v, depth: int = 0):
-    """A non-tensor value inside a guard key: primitives by value (and type), containers by their
-    contents (three levels deep), plain functions and partials by what they compute with
-    (:func:`_function_key`), any other object by identity (:class:`_Ident`)."""
-    if type(v) in _PRIMITIVE_TYPES or isinstance(v, _PRIMITIVE):
-        return (type(v), v)
-    if depth < 3:
-        if isinstance(v, (tuple, list)):
-            return (type(v).__name__,) + tuple(_attr_key(x, depth + 1) for x in v)
-        if isinstance(v, dict):
-            if not v:
-                return ()
-            return ("dict",) + tuple((_attr_key(k, depth + 1), _attr_key(x, depth + 1)) for k, x in v.items())
-        if isinstance(v, (set, frozenset)) and all(isinstance(x, str) for x in v):
-            return ("set",) + tuple(sorted(v))
-        if type(v) is types.FunctionType:
-            return _function_key(v, depth)
-        if type(v) is functools.partial:
-            return ("partial", _attr_key(v.func, depth + 1), _attr_key(v.args, depth + 1),
-                    _attr_key(v.keywords, depth + 1))
-    return _Ident(v)          # any other object (a module's tensor attribute, a hook...): by identity
-
-
-class _Const:
-    """A non-tensor argument inside the guard key: primitives, containers, functions as
-    :func:`_attr_key` keys them; any other hashable object by value (a frozen config made anew
-    per call is one configuration), an unhashable one by identity."""
-
-    __slots__ = ("value", "key")
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-        key = _attr_key(value)
-        if type(key) is _Ident:
-            try:
-                hash(value)
-                key = ("v", type(value).__name__, value)
-            except TypeError:
-                pass
-        self.key = key
-
-
-def _submodule_key(sub: nn.Module) -> tuple:
-    prim = _PRIMITIVE_TYPES
-    out = [type(sub)]
-    for k, v in sub.__dict__.items():
-        if type(v) in prim:
-            out.append(k)
-            out.append(v)
-        elif k not in _NOT_ATTRIBUTES:
-            if type(v) is dict or type(v) is collections.OrderedDict:
-                if v:
-                    out.append(k)
-                    out.append(_attr_key(v))
-            else:
-                out.append(k)
-                out.append(_attr_key(v))
-    return tuple(out)
-
-
-def _module_state(m: nn.Module):
-    """(named parameters, named buffers, structure) in one walk over the submodules (the names
-    and order of ``named_parameters``/``named_buffers`` with ``remove_duplicate=False``). The
-    structure (each submodule's class, train flag and other attributes: sizes, flags, hooks) is
-    what the guard compares instead of the module's identity, so that every instance of one
-    architecture shares its graphs (its own parameters and buffers being the graph inputs)."""
-    params: List[Tuple[str, Tensor]] = []
-    buffers: List[Tuple[str, Tensor]] = []
-    flags: List[Any] = []
-    stack = [("", m)]
-    while stack:
-        prefix, sub = stack.pop()
-        flags.append(prefix)
-        flags.append(_submodule_key(sub))
-        pre = prefix + "." if prefix else ""
-        for n, p in sub._parameters.items():
-            if p is not None:
-                params.append((pre + n, p))
-        for n, b in sub._buffers.items():
-            if b is not None:
-                buffers.append((pre + n, b))
-        children = [(pre + n, c) for n, c in sub._modules.items() if c is not None]
-        stack.extend(reversed(children))
-    return params, buffers, tuple(flags)
 
 
 # the hooks a forward or backward pass runs, per module and global (torch.nn.modules.module): a

@@ -1,0 +1,177 @@
+"""The guard's module walk and its memo (curvrate_fast.guard_keys): a remembered walk is reused
+only while nothing it read can have changed, and every kind of change is seen."""
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+from curvrate_fast import guard_keys as gk
+
+pytestmark = pytest.mark.skipif(gk._dict_version is None, reason="no dict version tags on this Python")
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 2))
+        self.scale = 2.0
+        self.cfg = {"mode": "a", "inner": {"k": 1}}
+        self.register_buffer("offset", torch.zeros(2))
+
+    def forward(self, x):
+        return self.body(x) * self.scale + self.offset
+
+
+def _fresh(m):
+    return gk._walk(m, None)[0]
+
+
+def _same_state(a, b) -> bool:
+    (pa, ba, fa), (pb, bb, fb) = a, b
+    return ([(n, id(t)) for n, t in pa] == [(n, id(t)) for n, t in pb]
+            and [(n, id(t)) for n, t in ba] == [(n, id(t)) for n, t in bb] and fa == fb)
+
+
+@pytest.fixture
+def walks(monkeypatch):
+    """Counts the walks _module_state makes."""
+    count = [0]
+    walk = gk._walk
+
+    def counting(m, dicts):
+        count[0] += 1
+        return walk(m, dicts)
+    monkeypatch.setattr(gk, "_walk", counting)
+    return count
+
+
+def test_memo_reused_while_unchanged(walks):
+    m = _Net()
+    first = gk._module_state(m)
+    for _ in range(3):
+        assert gk._module_state(m) is first
+    assert walks[0] == 1
+    assert _same_state(first, _fresh(m))
+
+
+def _set_attr(m):
+    m.scale = 3.0
+
+
+def _set_int_to_float(m):
+    m.body[0].in_features = 2.0     # equal to 2, another type: another key
+
+
+def _new_attr(m):
+    m.extra = "x"
+
+
+def _eval(m):
+    m.eval()
+
+
+def _dict_in_place(m):
+    m.cfg["mode"] = "b"
+
+
+def _nested_dict_in_place(m):
+    m.cfg["inner"]["k"] = 2
+
+
+def _replace_param(m):
+    m.body[0].weight = nn.Parameter(torch.randn(4, 2))
+
+
+def _replace_child(m):
+    m.body[1] = nn.ReLU()
+
+
+def _add_child(m):
+    m.body.append(nn.Identity())
+
+
+def _new_buffer(m):
+    m.body[0].register_buffer("b", torch.ones(1))
+
+
+def _forward_hook(m):
+    m.body[2].register_forward_hook(lambda *a: None)
+
+
+def _state_dict_hook(m):
+    m.body[0]._register_state_dict_hook(lambda *a: None)
+
+
+def _swap_child_class(m):
+    class Tanh2(nn.Tanh):
+        pass
+    m.body[1].__class__ = Tanh2
+
+
+def _swap_root_class(m):
+    class Net2(_Net):
+        pass
+    m.__class__ = Net2
+
+
+@pytest.mark.parametrize("change", [_set_attr, _set_int_to_float, _new_attr, _eval, _dict_in_place,
+                                    _nested_dict_in_place, _replace_param, _replace_child, _add_child,
+                                    _new_buffer, _forward_hook, _state_dict_hook, _swap_child_class,
+                                    _swap_root_class])
+def test_every_change_is_seen(change, walks):
+    m = _Net()
+    before = gk._module_state(m)
+    change(m)
+    after = gk._module_state(m)
+    assert walks[0] == 2, "the change went unseen: the remembered walk was replayed"
+    assert _same_state(after, _fresh(m))
+    assert not _same_state(before, after)
+
+
+def test_in_place_parameter_change_is_not_structure(walks):
+    """Values and metadata of a parameter are read by the guard at every call, not memoized."""
+    m = _Net()
+    first = gk._module_state(m)
+    with torch.no_grad():
+        m.body[0].weight.mul_(2)
+    m.body[0].weight.requires_grad_(False)
+    assert gk._module_state(m) is first and walks[0] == 1
+    assert first[0][0][1] is m.body[0].weight
+
+
+@pytest.mark.parametrize("attr", [[1, 2], {"a", "b"}, (lambda x: x)])
+def test_untracked_attributes_walk_every_call(attr, walks):
+    """A list, set or function attribute can change in place where no dict version sees it: such a
+    module is walked at every call, so an in-place change is seen."""
+    m = _Net()
+    m.body[0].extra = attr
+    a = gk._module_state(m)
+    if isinstance(attr, list):
+        attr.append(3)
+    elif isinstance(attr, set):
+        attr.add(3)
+    b = gk._module_state(m)
+    assert walks[0] == 2
+    if not callable(attr):
+        assert a[2] != b[2]
+    assert id(m) not in gk._MEMOS
+
+
+def test_memo_dropped_with_the_module():
+    m = _Net()
+    gk._module_state(m)
+    key = id(m)
+    assert key in gk._MEMOS
+    ref = weakref.ref(m)
+    del m
+    gc.collect()
+    assert ref() is None
+    assert key not in gk._MEMOS
+
+
+def test_one_and_true_are_different_keys():
+    a, b = nn.Linear(2, 2), nn.Linear(2, 2)
+    a.flag, b.flag = 1, True
+    assert gk._submodule_key(a) != gk._submodule_key(b)
