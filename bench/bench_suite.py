@@ -111,7 +111,8 @@ METHOD_DOC = {
     "cpp": "curvrate_fast, backend='cpp' (C++ CPU activation-jet kernels; CPU only)",
     "func_jvp": "K nested torch.func.jvp along t (forward-over-forward), directions batched",
     "compile": "reference rules, whole step traced by make_fx and compiled by torch.compile (inductor)",
-    "captured": "curvrate_fast.compile (inductor): the whole step captured once as one graph",
+    "captured": ("curvrate_fast.compile (inductor): the whole step captured once as one graph; its "
+                 "gradients written into .grad by CompiledLoss.backward (as loss.backward() would)"),
     "captured_mm": "captured with cpu_gemm='aten': every GEMM through torch.mm (MKL), no oneDNN",
     "jax": "jax.experimental.jet under jax.jit (value_and_grad), same weights and inputs",
     "torch_jet": "torch-jet (jet-for-pytorch) captured graph",
@@ -394,8 +395,8 @@ def _captured_step(model: nn.Module, x, y, u, order: int, backend: str = "induct
     def step():
         for p in model.parameters():
             p.grad = None
-        value, (d,) = fast.call_with_aux(model, x, y, u)
-        value.backward()
+        # the gradients straight into .grad, as value.backward() would put them (no autograd pass)
+        _, (d,) = fast.backward_with_aux(model, x, y, u)
         return d
     step.program = fast
     return step

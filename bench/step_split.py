@@ -5,8 +5,8 @@ Issue 10's two open CPU targets (the Two Moons CRR step ≥ 3× nested autograd,
 derivative step ≥ 1.5× JAX's jet) are timed by ``bench_suite.py`` with its methods interleaved, so
 that each step starts with caches the others left. This script splits those same two steps:
 
-- ``step``: the whole call (``CRRLoss(compile=True).train_step``; ``CompiledLoss.call_with_aux``
-  plus ``backward()`` for the derivative step), median over back-to-back calls;
+- ``step``: the whole call (``CRRLoss(compile=True).train_step``; ``CompiledLoss.backward_with_aux``
+  for the derivative step), median over back-to-back calls;
 - ``graph``: the compiled graph alone, called with the inputs the step passed it (recorded once);
   ``step − graph`` is what runs around it (guards, draws, value checks, the optimizer's
   bookkeeping, autograd);

@@ -534,6 +534,11 @@ class CompiledLoss:
         else:
             _check_finite_args(args, kwargs)
         flat, layout, key = self._flatten(args, kwargs)
+        return self._call_checked(args, kwargs, flat, layout, key)
+
+    def _call_checked(self, args: tuple, kwargs: dict, flat: List[Tensor], layout, key: tuple
+                      ) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+        """:meth:`call_with_aux` after the checks, with the arguments flattened."""
         kw_names = sorted(kwargs)
         need_grad = torch.is_grad_enabled()
         entry = self._cached(key, lambda: self._capture(
@@ -549,6 +554,64 @@ class CompiledLoss:
             value = _GradsTimesIncoming.apply(value, tuple(outs[n + j] for j, _ in entry.reached),
                                               f"compile({self.name})", *[flat[i] for _, i in entry.reached])
         return value, aux
+
+    def backward(self, *args, **kwargs) -> Tensor:
+        """``fn(*args, **kwargs).backward()``, returning the loss (detached): its gradients are
+        accumulated into ``.grad`` of every tensor it is differentiated with respect to (the
+        parameters of the module arguments, tensor arguments that require grad) as that
+        backward would (added to a gradient already there, in place; a tensor the loss does not
+        reach keeps its ``.grad``), without an autograd pass: the captured graph's gradients go
+        straight into ``.grad`` (on small models the autograd pass around the replay is a
+        tenth of the step). The same graph as a call of the loss (one capture serves both).
+
+        Where a backward pass would do more than accumulate (the model holds DDP or FSDP,
+        whose gradient synchronization runs in backward hooks; a tensor has gradient hooks; a
+        tensor requiring grad is not a leaf, so its gradient flows on), this is the loss's
+        call and ``backward()`` through autograd, with the same result. Gradients of the
+        implicit 1 only (for a scaled or a non-first-order backward, call the loss and
+        ``backward`` yourself).
+
+        Example::
+
+            >>> fast = curvrate_fast.compile(loss_fn)
+            >>> for x, y in loader:
+            ...     opt.zero_grad(set_to_none=True)
+            ...     loss = fast.backward(model, x, y)      # as loss_fn(model, x, y).backward()
+            ...     opt.step()
+        """
+        return self.backward_with_aux(*args, **kwargs)[0]
+
+    def backward_with_aux(self, *args, **kwargs) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+        """:meth:`backward`, returning (the loss, fn's auxiliary outputs), all detached."""
+        if torch.compiler.is_compiling():
+            raise CaptureError(f"compile({self.name}).backward cannot run inside torch.compile; there, call the "
+                               "loss and backward()")
+        if not torch.is_grad_enabled():
+            raise RuntimeError(f"compile({self.name}).backward: grad mode is off (torch.no_grad); the loss has no "
+                               "gradient to accumulate")
+        if self.check is not None:
+            self.check(*args, **kwargs)
+        else:
+            _check_finite_args(args, kwargs)
+        flat, layout, key = self._flatten(args, kwargs)
+        wrt = [i for i, t in enumerate(flat) if t.requires_grad]
+        if _backward_work(key, [flat[i] for i in wrt]) is not None:
+            value, aux = self._call_checked(args, kwargs, flat, layout, key)
+            value.backward()
+            return value.detach(), aux
+        entry = self._cached(key, lambda: self._capture(flat, layout, len(args), sorted(kwargs), wrt))
+        entry.calls += 1
+        if not entry.reached:
+            # as autograd's backward of a loss that depends on no tensor requiring grad
+            raise RuntimeError(f"compile({self.name}).backward: the loss does not depend on any tensor that "
+                               "requires grad (element 0 of tensors does not require grad and does not have a "
+                               "grad_fn)")
+        with torch.no_grad():
+            outs = entry.runner(*[t.detach() for t in flat])
+            n = 1 + entry.n_aux
+            for j, i in entry.reached:
+                _accumulate_grad(flat[i], outs[n + j])
+        return outs[0], tuple(outs[1:n])
 
     def _cached(self, key: tuple, capture: Callable[[], _Entry]) -> _Entry:
         """The entry of ``key``, captured (and cached, evicting the least recently used) when
@@ -724,12 +787,9 @@ class CompiledLoss:
             targets = [p for _, p in owned] + states
             torch._foreach_copy_(targets, updated)
         mark_stepped(optimizer)
-        for j, i in enumerate(wrt):
-            if entry.unused and entry.unused[j]:
-                continue
-            t = flat[i]
-            prev = t.grad            # None, a tied parameter's earlier use, or one kept above
-            t.grad = grads[j] if prev is None else prev + grads[j]
+        for j, i in entry.reached:
+            # onto None, a tied parameter's earlier use, or a gradient kept above
+            _accumulate_grad(flat[i], grads[j])
         return outs[0], tuple(outs[1:n])
 
     # what the custom op of the dynamo path returns: the loss, the aux outputs and the gradients of
@@ -778,31 +838,73 @@ def _fsdp_classes() -> tuple:
     return tuple(c for c in _distributed_classes() if c is not nn.parallel.DistributedDataParallel)
 
 
-_NO_DISTRIBUTED: Dict[tuple, bool] = {}    # guard keys already seen to hold no DDP/FSDP module
+_SYNCING: Dict[tuple, Optional[type]] = {}   # guard key → the DDP/FSDP class it holds, or None
 
 
-def _refuse_backward_work(name: str, key: tuple, wrt: Sequence[Tensor]) -> None:
-    """A captured training step runs no backward pass: refuse what relies on one (DDP's and
-    FSDP's gradient synchronization, gradient hooks), which it would skip silently."""
-    if key not in _NO_DISTRIBUTED:    # the submodule classes are part of the key: checked once per key
+def _backward_work(key: tuple, wrt: Sequence[Tensor]) -> Optional[str]:
+    """What a backward pass would run besides accumulating the gradients into ``.grad``, which a
+    captured step or a captured backward (gradients written directly) would skip: DDP's and
+    FSDP's gradient synchronization (their modules' classes, read off the guard key once per
+    key), gradient hooks on a tensor, a tensor that is not a leaf (its gradient flows on to what
+    it was computed from). None where there is nothing."""
+    if key not in _SYNCING:     # the submodule classes are part of the key: read once per key
         dist = _distributed_classes()
+        found = None
         for item in key:
             if item[0] != "M":
                 continue
-            flags = item[1]             # (prefix, submodule key, ...): a submodule key starts with its class
-            for sub_key in flags[1::2]:
-                if issubclass(sub_key[0], dist):
-                    raise CaptureError(f"compile({name}).train_step: the model holds a {sub_key[0].__name__}, "
-                                       "which synchronizes gradients in backward hooks; a captured step runs no "
-                                       "backward pass. Call the loss, backward() and optimizer.step() instead.")
-        if len(_NO_DISTRIBUTED) > 256:
-            _NO_DISTRIBUTED.clear()
-        _NO_DISTRIBUTED[key] = True
+            flags = item[1]     # (prefix, submodule key, ...): a submodule key starts with its class
+            found = next((k[0] for k in flags[1::2] if issubclass(k[0], dist)), None)
+            if found is not None:
+                break
+        if len(_SYNCING) > 256:
+            _SYNCING.clear()
+        _SYNCING[key] = found
+    cls = _SYNCING[key]
+    if cls is not None:
+        return f"the model holds a {cls.__name__}, which synchronizes gradients in backward hooks"
     for t in wrt:
         if t._backward_hooks or getattr(t, "_post_accumulate_grad_hooks", None):
-            raise CaptureError(f"compile({name}).train_step: a tensor of shape {tuple(t.shape)} has gradient "
-                               "hooks (register_hook / register_post_accumulate_grad_hook), which a captured step "
-                               "would not run. Call the loss, backward() and optimizer.step() instead.")
+            return (f"a tensor of shape {tuple(t.shape)} has gradient hooks (register_hook / "
+                    "register_post_accumulate_grad_hook)")
+        if t.grad_fn is not None:
+            return f"a tensor of shape {tuple(t.shape)} is not a leaf (its gradient flows on through autograd)"
+    return None
+
+
+def _refuse_backward_work(name: str, key: tuple, wrt: Sequence[Tensor]) -> None:
+    """A captured training step runs no backward pass: refuse what relies on one."""
+    why = _backward_work(key, wrt)
+    if why is not None:
+        raise CaptureError(f"compile({name}).train_step runs no backward pass, and here one has work besides "
+                           f"the gradients: {why}. Call the loss, backward() and optimizer.step() instead.")
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether t's elements fill its memory without gaps or overlaps, in some order of its
+    dimensions (autograd's "non-overlapping and dense"): its strides, sorted, are the running
+    products of the matching sizes (dimensions of size 1 aside)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _accumulate_grad(t: Tensor, g: Tensor) -> None:
+    """``t.grad += g`` as autograd's AccumulateGrad does it outside grad mode: a tensor without a
+    gradient takes ``g`` itself (a fresh output of the graph: nothing else holds it), laid out
+    like ``t`` where their strides differ (autograd's layout contract), and an existing gradient
+    is added to in place (so a ``.grad`` that is a view, e.g. into a communication bucket, stays
+    one)."""
+    prev = t.grad
+    if prev is None:
+        if g.stride() != t.stride():
+            g = g.new_empty_strided(t.shape, t.stride()).copy_(g) if _dense(t) else g.contiguous()
+        t.grad = g
+    else:
+        prev.add_(g)
 
 
 def _autograd_on():

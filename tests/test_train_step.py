@@ -245,6 +245,9 @@ def test_what_cannot_be_captured_is_refused():
     hooked[0].weight.register_hook(lambda g: g * 2)
     with pytest.raises(cf.CaptureError, match="gradient hooks"):
         fast.train_step(torch.optim.SGD(hooked.parameters(), lr=0.1), hooked, x, y, u)
+    x0 = x.clone().requires_grad_(True)     # a non-leaf input: its gradient would flow on to x0
+    with pytest.raises(cf.CaptureError, match="not a leaf"):
+        fast.train_step(torch.optim.SGD(model.parameters(), lr=0.1), model, x0 * 2, y, u)
     other = nn.Linear(2, 2).to(D64)
     with pytest.raises(cf.CaptureError, match="holds none"):
         fast.train_step(torch.optim.SGD(other.parameters(), lr=0.1), model, x, y, u)
