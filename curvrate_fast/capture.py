@@ -331,19 +331,17 @@ class CompiledLoss:
         flat: List[Tensor] = []
         layout: List[tuple] = []
         key: List[Any] = []
-        items = list(args) + [kwargs[k] for k in sorted(kwargs)]
+        items = args + tuple(kwargs[k] for k in sorted(kwargs)) if kwargs else args
         for a in items:
-            if isinstance(a, nn.Module):
-                params, buffers, flags = _module_state(a)
-                pn, bn = [n for n, _ in params], [n for n, _ in buffers]
-                layout.append(("M", a, pn, bn))
-                for _, t in params:
-                    flat.append(t)
-                for _, t in buffers:
-                    flat.append(t)
-                key.append(("M", flags,
-                            tuple((n, _meta(t)) for n, t in params),
-                            tuple((n, _meta(t)) for n, t in buffers)))
+            if type(a) in _PRIMITIVE_TYPES:     # as _Const keys it, without making one
+                layout.append(("C", a))
+                key.append(("C", (type(a), a)))
+            elif isinstance(a, nn.Module):
+                parts = _module_state(a)
+                layout.append(("M", a, parts.param_names, parts.buffer_names))
+                flat.extend(parts.tensors)
+                key.append(("M", parts.flags, parts.param_names, parts.buffer_names,
+                            tuple(map(_meta, parts.tensors))))
             elif isinstance(a, Tensor):
                 if type(a) is not Tensor and not isinstance(a, nn.Parameter):
                     raise CaptureError(f"compile: a tensor argument of type {type(a).__name__} (a tensor "

@@ -94,9 +94,12 @@ def draw_directions(x: Tensor, n_dirs: int = 1, *, generator: Optional[torch.Gen
         raise ValueError("x must be a tensor with a batch dimension")
     dtype = dtype or (x.dtype if x.is_floating_point() else torch.get_default_dtype())
     dev = generator.device if generator is not None else x.device
-    out = [torch.randn(tuple(x.shape), generator=generator, dtype=dtype, device=dev)
-           for _ in range(n_dirs)]
-    return torch.stack(out).to(x.device)
+    # one normal_ fill per direction (randn's own draw: the numbers of n_dirs randn calls), into
+    # one tensor instead of stacking n_dirs of them
+    out = torch.empty((n_dirs,) + tuple(x.shape), dtype=dtype, device=dev)
+    for d in out:
+        d.normal_(generator=generator)
+    return out.to(x.device)
 
 
 def check_directions(u: Tensor, x: Tensor, *, name: str = "directions", values: bool = True) -> Tensor:

@@ -165,7 +165,23 @@ def _walk(m: nn.Module, dicts: Optional[List[dict]]):
                 buffers.append((pre + n, b))
         children = [(pre + n, c) for n, c in sub._modules.items() if c is not None]
         stack.extend(reversed(children))
-    return (params, buffers, tuple(flags)), subs, stable
+    return ModuleParts(params, buffers, tuple(flags)), subs, stable
+
+
+class ModuleParts:
+    """A module's parameters and buffers (named, in ``named_parameters``/``named_buffers`` order
+    with duplicates kept) and its structure key (``flags``), with the views a guard reads at
+    every call made once: the names, and the tensors, parameters first."""
+
+    __slots__ = ("params", "buffers", "flags", "param_names", "buffer_names", "tensors")
+
+    def __init__(self, params: List[Tuple[str, Tensor]], buffers: List[Tuple[str, Tensor]], flags: tuple) -> None:
+        self.params = params
+        self.buffers = buffers
+        self.flags = flags
+        self.param_names = tuple(n for n, _ in params)
+        self.buffer_names = tuple(n for n, _ in buffers)
+        self.tensors = tuple(t for _, t in params) + tuple(t for _, t in buffers)
 
 
 def _tracked(v, dicts: List[dict], depth: int) -> bool:
@@ -250,7 +266,7 @@ _MEMOS: Dict[int, _StructureMemo] = {}   # id(module) → its memo (dropped with
 _MEMO_LIMIT = 256
 
 
-def _module_state(m: nn.Module):
+def _module_state(m: nn.Module) -> ModuleParts:
     """(named parameters, named buffers, structure) in one walk over the submodules (the names
     and order of ``named_parameters``/``named_buffers`` with ``remove_duplicate=False``). The
     structure (each submodule's class, train flag and other attributes: sizes, flags, hooks) is

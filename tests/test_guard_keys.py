@@ -29,9 +29,8 @@ def _fresh(m):
 
 
 def _same_state(a, b) -> bool:
-    (pa, ba, fa), (pb, bb, fb) = a, b
-    return ([(n, id(t)) for n, t in pa] == [(n, id(t)) for n, t in pb]
-            and [(n, id(t)) for n, t in ba] == [(n, id(t)) for n, t in bb] and fa == fb)
+    return ([(n, id(t)) for n, t in a.params] == [(n, id(t)) for n, t in b.params]
+            and [(n, id(t)) for n, t in a.buffers] == [(n, id(t)) for n, t in b.buffers] and a.flags == b.flags)
 
 
 @pytest.fixture
@@ -138,7 +137,7 @@ def test_in_place_parameter_change_is_not_structure(walks):
         m.body[0].weight.mul_(2)
     m.body[0].weight.requires_grad_(False)
     assert gk._module_state(m) is first and walks[0] == 1
-    assert first[0][0][1] is m.body[0].weight
+    assert first.params[0][1] is m.body[0].weight
 
 
 @pytest.mark.parametrize("attr", [[1, 2], {"a", "b"}, (lambda x: x)])
@@ -155,7 +154,7 @@ def test_untracked_attributes_walk_every_call(attr, walks):
     b = gk._module_state(m)
     assert walks[0] == 2
     if not callable(attr):
-        assert a[2] != b[2]
+        assert a.flags != b.flags
     assert id(m) not in gk._MEMOS
 
 
