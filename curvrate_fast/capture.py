@@ -88,7 +88,7 @@ from .guard_keys import _PRIMITIVE_TYPES, _Const, _module_state
 from .jets.registry import settings
 from .jets.tensor import JetError
 from .mixing import _closure_values
-from .optim_update import group_constants, lr_tensor, mark_stepped, rule_for
+from .optim_update import lr_tensor, mark_stepped, step_plan
 
 __all__ = ["compile", "CompiledLoss", "CaptureError"]
 
@@ -693,24 +693,16 @@ class CompiledLoss:
         if not torch.is_grad_enabled():
             raise RuntimeError(f"compile({self.name}).train_step: grad mode is off (torch.no_grad); a training step "
                                "needs gradients")
-        rule = rule_for(optimizer)
         if self.check is not None:
             self.check(*args, **kwargs)
         else:
             _check_finite_args(args, kwargs)
         flat, layout, key = self._flatten(args, kwargs)
         wrt = [i for i, t in enumerate(flat) if t.requires_grad]
-        _refuse_backward_work(self.name, key, [flat[i] for i in wrt])
-        where: Dict[int, List[int]] = {}           # id(tensor) → its positions among wrt (tied: several)
-        for j, i in enumerate(wrt):
-            where.setdefault(id(flat[i]), []).append(j)
-        groups: List[int] = []                     # indices of the groups holding a differentiated tensor
-        owned: List[Tuple[int, Tensor]] = []       # (index into groups, parameter)
-        for gi, group in enumerate(optimizer.param_groups):
-            mine = [p for p in group["params"] if id(p) in where]
-            if mine:
-                groups.append(gi)
-                owned.extend((len(groups) - 1, p) for p in mine)
+        wrt_tensors = [flat[i] for i in wrt]
+        _refuse_backward_work(self.name, key, wrt_tensors)
+        sp = step_plan(optimizer, wrt_tensors)
+        rule, groups, owned, names, plan = sp.rule, sp.groups, sp.owned, sp.names, sp.positions
         if not owned:
             raise CaptureError(f"compile({self.name}).train_step: the optimizer holds none of the tensors the loss is "
                                "differentiated with respect to (the parameters of its module arguments that "
@@ -723,7 +715,6 @@ class CompiledLoss:
             for p in group["params"]:
                 p.grad = None
         pg = optimizer.param_groups
-        names = [rule.states(pg[groups[k]]) for k, _ in owned]
         states: List[Tensor] = []
         ready = True
         for (_, p), ns in zip(owned, names):
@@ -744,9 +735,7 @@ class CompiledLoss:
             optimizer.step()
             return value.detach(), tuple(a.detach() for a in aux)
         lrs = [lr_tensor(pg[gi]) for gi in groups]
-        plan = tuple((k, tuple(where[id(p)])) for k, p in owned)
-        skey = key + (("step", type(optimizer), tuple(group_constants(rule, pg[gi]) for gi in groups),
-                       plan, tuple(names), tuple(_meta(t) for t in states)),)
+        skey = key + (("step", type(optimizer), sp.constants, plan, names, tuple(map(_meta, states))),)
 
         def capture() -> _Entry:
             hyper = [dict(pg[gi]) for gi in groups]

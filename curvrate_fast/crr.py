@@ -254,6 +254,47 @@ def _per_order_directions(directions, xs: Tensor, x_full: Tensor, idx: Optional[
     return U
 
 
+def _check_config(orders, n_dirs, directions, order_reduction, scale) -> Tuple[Tuple[int, ...], bool, float]:
+    """(orders, per-order directions?, scale) of a CRR configuration, checked; the values'
+    checks (explicit directions, labels) are the caller's."""
+    ords = parse_orders(orders)
+    _check_positive_int("n_dirs", n_dirs)
+    if order_reduction not in ("mean", "sum"):
+        raise ValueError(f"order_reduction must be 'mean' or 'sum', got {order_reduction!r}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    per_order = isinstance(directions, (list, tuple)) or (isinstance(directions, str)
+                                                        and directions == "per_order")
+    if isinstance(directions, str) and directions not in ("fixed", "per_order"):
+        raise ValueError(f"directions must be 'fixed', 'per_order', a tensor (fixed directions) or a "
+                         f"list of tensors u_1..u_N (per-order directions), got {directions!r}")
+    if not isinstance(directions, (str, Tensor, list, tuple)):
+        raise TypeError(f"directions must be 'fixed', 'per_order', a tensor or a list of tensors, got "
+                        f"{type(directions).__name__}")
+    return ords, per_order, scale
+
+
+_CONFIGS: Dict[tuple, Tuple[Tuple[int, ...], bool, float]] = {}
+
+
+def _checked_config(orders, n_dirs, directions, order_reduction, scale) -> Tuple[Tuple[int, ...], bool, float]:
+    """:func:`_check_config`, remembered for the configurations a training loop repeats (plain
+    ints, strings and floats, keyed with their types: ``1`` and ``True`` are not one key)."""
+    if not (type(directions) is str and type(order_reduction) is str and type(n_dirs) is int
+            and type(scale) in (float, int)
+            and (type(orders) is int or (type(orders) is tuple and all(type(o) is int for o in orders)))):
+        return _check_config(orders, n_dirs, directions, order_reduction, scale)
+    key = (orders, n_dirs, directions, order_reduction, scale, type(scale))
+    out = _CONFIGS.get(key)
+    if out is None:
+        out = _check_config(orders, n_dirs, directions, order_reduction, scale)
+        if len(_CONFIGS) >= 256:
+            _CONFIGS.clear()
+        _CONFIGS[key] = out
+    return out
+
+
 def _crr_plan(x: Tensor, y, *, loss_fn, orders, n_dirs, directions, order_reduction, subset, scale,
               generator, check_values: bool = True, raw_draws: bool = False):
     """The configuration and the random draws of a CRR call, made eagerly (outside any captured
@@ -269,25 +310,11 @@ def _crr_plan(x: Tensor, y, *, loss_fn, orders, n_dirs, directions, order_reduct
             "CRR with generator=... inside torch.compile: dynamo cannot trace a torch.Generator, so the subset "
             "and the directions cannot be drawn from it in a compiled step. Draw from the global generator "
             "there (generator=None; torch.manual_seed seeds it), or call the loss outside torch.compile.")
-    ords = parse_orders(orders)
-    _check_positive_int("n_dirs", n_dirs)
-    if order_reduction not in ("mean", "sum"):
-        raise ValueError(f"order_reduction must be 'mean' or 'sum', got {order_reduction!r}")
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+    ords, per_order, scale = _checked_config(orders, n_dirs, directions, order_reduction, scale)
     if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] < 1:
         raise ValueError("x must be a tensor with a non-empty batch dimension")
     B = x.shape[0]
     check_labels(y, B, loss_fn, values=check_values)
-    per_order = isinstance(directions, (list, tuple)) or (isinstance(directions, str)
-                                                        and directions == "per_order")
-    if isinstance(directions, str) and directions not in ("fixed", "per_order"):
-        raise ValueError(f"directions must be 'fixed', 'per_order', a tensor (fixed directions) or a "
-                         f"list of tensors u_1..u_N (per-order directions), got {directions!r}")
-    if not isinstance(directions, (str, Tensor, list, tuple)):
-        raise TypeError(f"directions must be 'fixed', 'per_order', a tensor or a list of tensors, got "
-                        f"{type(directions).__name__}")
     fixed_u = None
     if isinstance(directions, Tensor):
         fixed_u = check_directions(directions, x, values=check_values)

@@ -132,15 +132,15 @@ def _submodule_key(sub: nn.Module) -> tuple:
     return tuple(out)
 
 
-def _walk(m: nn.Module, dicts: Optional[List[dict]]):
-    """(params, buffers, flags) of :func:`_module_state` by a walk over the submodules; with
-    ``dicts`` a list, also gathers every dict the walk read (and returns whether they are all
-    the walk's result depends on, besides the submodules' classes: :func:`_tracked`)."""
+def _walk(m: nn.Module, track: Optional["_Tracking"]):
+    """(ModuleParts, the submodules in walk order, whether ``track`` holds everything the result
+    was read from): with ``track``, every dict the walk read and every list attribute's
+    contents are gathered (:meth:`_Tracking.add`)."""
     params: List[Tuple[str, Tensor]] = []
     buffers: List[Tuple[str, Tensor]] = []
     flags: List[Any] = []
     subs: List[nn.Module] = []
-    stable = dicts is not None
+    stable = track is not None
     stack = [("", m)]
     while stack:
         prefix, sub = stack.pop()
@@ -149,11 +149,11 @@ def _walk(m: nn.Module, dicts: Optional[List[dict]]):
         subs.append(sub)
         if stable:
             d = sub.__dict__
-            dicts.append(d)
+            track.dicts.append(d)
             for k, v in d.items():
                 if k in _NOT_ATTRIBUTES:
-                    dicts.append(v)
-                elif k not in _NOT_KEYED and not _tracked(v, dicts, 1):
+                    track.dicts.append(v)
+                elif k not in _NOT_KEYED and not track.add(v, 1):
                     stable = False
                     break
         pre = prefix + "." if prefix else ""
@@ -166,6 +166,38 @@ def _walk(m: nn.Module, dicts: Optional[List[dict]]):
         children = [(pre + n, c) for n, c in sub._modules.items() if c is not None]
         stack.extend(reversed(children))
     return ModuleParts(params, buffers, tuple(flags)), subs, stable
+
+
+class _Tracking:
+    """What a remembered walk was read from: dicts (their version tags) and lists of primitives
+    (their contents, copied)."""
+
+    __slots__ = ("dicts", "lists")
+
+    def __init__(self) -> None:
+        self.dicts: List[dict] = []
+        self.lists: List[Tuple[list, tuple]] = []
+
+    def add(self, v, depth: int) -> bool:
+        """Whether ``_attr_key(v)`` (at this depth) can change only in ways this tracking sees:
+        primitives, tuples of such values, plain dicts (their versions) and lists of primitives
+        (their contents) can; sets, functions (their closure cells), partials and objects keyed by
+        identity cannot be followed (and an object held here could hold the module itself, which
+        a process-wide memo must not keep alive): a module with one is walked at every call."""
+        t = type(v)
+        if t in _PRIMITIVE_TYPES or isinstance(v, _PRIMITIVE):
+            return True
+        if depth >= 3:
+            return False
+        if t is dict or t is collections.OrderedDict:
+            self.dicts.append(v)
+            return all(self.add(k, depth + 1) and self.add(x, depth + 1) for k, x in v.items())
+        if t is tuple:
+            return all(self.add(x, depth + 1) for x in v)
+        if t is list and all(type(x) in _PRIMITIVE_TYPES for x in v):
+            self.lists.append((v, tuple(v)))
+            return True
+        return False
 
 
 class ModuleParts:
@@ -182,26 +214,6 @@ class ModuleParts:
         self.param_names = tuple(n for n, _ in params)
         self.buffer_names = tuple(n for n, _ in buffers)
         self.tensors = tuple(t for _, t in params) + tuple(t for _, t in buffers)
-
-
-def _tracked(v, dicts: List[dict], depth: int) -> bool:
-    """Whether ``_attr_key(v)`` (at this depth) can change only by a write to one of the dicts it
-    reads, which are appended to ``dicts``: primitives, tuples of such values, plain dicts, and
-    objects keyed by identity are; lists, sets, functions (their closure cells) and partials are
-    not (in-place changes no dict version sees)."""
-    t = type(v)
-    if t in _PRIMITIVE_TYPES or isinstance(v, _PRIMITIVE):
-        return True
-    if depth >= 3:                      # _attr_key keys it by identity
-        return True
-    if t is dict or t is collections.OrderedDict:
-        dicts.append(v)
-        return all(_tracked(k, dicts, depth + 1) and _tracked(x, dicts, depth + 1) for k, x in v.items())
-    if t is tuple:
-        return all(_tracked(x, dicts, depth + 1) for x in v)
-    if isinstance(v, (tuple, list, dict, set, frozenset)) or t is types.FunctionType or t is functools.partial:
-        return False
-    return True                         # by identity
 
 
 def _dict_versions_change() -> bool:
@@ -235,31 +247,33 @@ else:
 
 class _StructureMemo:
     """A module's :func:`_module_state`, remembered with what it was read from: the submodules'
-    classes and the version tag of every dict the walk read (each submodule's ``__dict__``, its
-    parameter, buffer and child dicts, its hook dicts and dict attributes). Any write to any of
-    them (an attribute set, a parameter or submodule replaced, a hook registered, ``train()``
-    flipping a flag) changes a version, and any class swap a class: then the walk runs again.
-    Parameters changed in place (values, ``.data``, ``requires_grad``) are not structure: the
-    guard reads their metadata at every call."""
+    classes, the version tag of every dict the walk read (each submodule's ``__dict__``, its
+    parameter, buffer and child dicts, its hook dicts and dict attributes) and the contents of its
+    list attributes. Any write to any of them (an attribute set, a parameter or submodule
+    replaced, a hook registered, ``train()`` flipping a flag, a list changed in place) and any
+    class swap is seen: then the walk runs again. Parameters changed in place (values,
+    ``.data``, ``requires_grad``) are not structure: the guard reads their metadata at every
+    call. Nothing here refers back to the module (it is held weakly; its submodules and dicts
+    hold only primitives, tensors and further submodules), so a model built per run is freed with
+    its memo."""
 
-    __slots__ = ("ref", "root_type", "subs", "types", "dicts", "versions", "state")
+    __slots__ = ("ref", "root_type", "subs", "types", "dicts", "versions", "lists", "state")
 
-    def __init__(self, m: nn.Module, state: tuple, subs: List[nn.Module], dicts: List[dict]) -> None:
+    def __init__(self, m: nn.Module, state: "ModuleParts", subs: List[nn.Module], track: _Tracking) -> None:
         key = id(m)
-        # the module itself only weakly (the table lives for the process; a model built per run
-        # must be freed, and its memo with it); its submodules and dicts are its own, kept alive
-        # by it anyway
         self.ref = weakref.ref(m, lambda _r: _MEMOS.pop(key, None))
         self.root_type = type(m)
         self.subs = subs[1:]
         self.types = tuple(map(type, self.subs))
-        self.dicts = dicts
-        self.versions = tuple(map(_dict_version, dicts))
+        self.dicts = track.dicts
+        self.versions = tuple(map(_dict_version, track.dicts))
+        self.lists = track.lists
         self.state = state
 
     def valid_for(self, m: nn.Module) -> bool:
         return (self.ref() is m and type(m) is self.root_type and tuple(map(type, self.subs)) == self.types
-                and tuple(map(_dict_version, self.dicts)) == self.versions)
+                and tuple(map(_dict_version, self.dicts)) == self.versions
+                and all(tuple(v) == seen for v, seen in self.lists))
 
 
 _MEMOS: Dict[int, _StructureMemo] = {}   # id(module) → its memo (dropped with the module)
@@ -274,18 +288,18 @@ def _module_state(m: nn.Module) -> ModuleParts:
     architecture shares its graphs (its own parameters and buffers being the graph inputs).
 
     Remembered per module (:class:`_StructureMemo`) where everything the structure is read from
-    is tracked by a dict version; a module with a list, set or function attribute (whose
-    contents can change in place) is walked at every call. The caller must not change the lists
+    can be followed (dict versions, list contents); a module with a set, function or other
+    object attribute is walked at every call. The caller must not change the lists
     returned."""
     memo = _MEMOS.get(id(m))
     if memo is not None and memo.valid_for(m):
         return memo.state
-    dicts: Optional[List[dict]] = [] if _dict_version is not None else None
-    state, subs, stable = _walk(m, dicts)
+    track = _Tracking() if _dict_version is not None else None
+    state, subs, stable = _walk(m, track)
     if stable:
         if len(_MEMOS) >= _MEMO_LIMIT:
             _MEMOS.clear()
-        _MEMOS[id(m)] = _StructureMemo(m, state, subs, dicts)
+        _MEMOS[id(m)] = _StructureMemo(m, state, subs, track)
     else:
         _MEMOS.pop(id(m), None)
     return state

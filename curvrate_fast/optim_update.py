@@ -27,14 +27,20 @@ Example::
 """
 from __future__ import annotations
 
+import collections
 import functools
+import operator
+import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["UpdateRule", "RULES", "rule_for", "group_constants", "lr_tensor", "mark_stepped"]
+from .guard_keys import _dict_version
+
+__all__ = ["UpdateRule", "RULES", "rule_for", "group_constants", "lr_tensor", "mark_stepped", "StepPlan",
+           "step_plan"]
 
 Update = Callable[[Tensor, Tensor, List[Tensor], Dict[str, Any], Tensor], Tuple[Tensor, List[Tensor]]]
 
@@ -208,3 +214,92 @@ def mark_stepped(optimizer: torch.optim.Optimizer) -> None:
     that ``scheduler.step()`` knows the optimizer stepped first, and does not warn)."""
     if hasattr(getattr(optimizer, "step", None), "_wrapped_by_lr_sched"):
         optimizer._opt_called = True  # type: ignore[attr-defined]
+
+
+class StepPlan:
+    """What a captured step reads off an optimizer for the tensors a loss is differentiated with
+    respect to (``wrt``, in graph-input order; a tied parameter sits at several positions):
+
+    - ``rule``: the optimizer's :class:`UpdateRule` (:func:`rule_for`'s checks passed);
+    - ``groups``: the indices of the param groups holding one of the tensors;
+    - ``owned``: (index into ``groups``, parameter) for every such parameter, in group order
+      (empty: the optimizer holds none of them);
+    - ``positions``: each owned parameter's positions among ``wrt``;
+    - ``names``: each owned parameter's state names (``rule.states`` of its group);
+    - ``constants``: each group's constants (part of the step's guard)."""
+
+    __slots__ = ("rule", "groups", "owned", "positions", "names", "constants")
+
+    def __init__(self, optimizer: torch.optim.Optimizer, wrt: Sequence[Tensor]) -> None:
+        self.rule = rule = rule_for(optimizer)
+        where: Dict[int, List[int]] = {}     # id(tensor) → its positions among wrt
+        for j, t in enumerate(wrt):
+            where.setdefault(id(t), []).append(j)
+        pg = optimizer.param_groups
+        self.groups: List[int] = []
+        self.owned: List[Tuple[int, Tensor]] = []
+        for gi, group in enumerate(pg):
+            mine = [p for p in group["params"] if id(p) in where]
+            if mine:
+                self.groups.append(gi)
+                self.owned.extend((len(self.groups) - 1, p) for p in mine)
+        self.positions = tuple((k, tuple(where[id(p)])) for k, p in self.owned)
+        self.names = tuple(rule.states(pg[self.groups[k]]) for k, _ in self.owned)
+        self.constants = tuple(group_constants(rule, pg[gi]) for gi in self.groups)
+
+
+class _PlanMemo:
+    """A :class:`StepPlan` kept while nothing it was read from can have changed: the same
+    tensors, the same param-group dicts holding the same parameter lists, and the version tag of
+    every dict involved (the optimizer's ``__dict__``: a replaced ``step``, new hook dicts; each
+    group's dict: any hyperparameter, the learning rate included; the optimizer's and the global
+    step-hook dicts)."""
+
+    __slots__ = ("ref", "wrt", "group_dicts", "params", "versions", "plan")
+
+    def __init__(self, optimizer: torch.optim.Optimizer, wrt: Sequence[Tensor], plan: StepPlan) -> None:
+        key = id(optimizer)
+        self.ref = weakref.ref(optimizer, lambda _r: _PLANS.pop(key, None))
+        self.wrt = tuple(wrt)
+        self.group_dicts = tuple(optimizer.param_groups)
+        self.params = tuple(tuple(g["params"]) for g in self.group_dicts)
+        # the versions only: the optimizer's own dict may hold a bound method of it (a scheduler's
+        # step wrapper), and a process-wide memo must not keep an optimizer alive
+        self.versions = tuple(map(_dict_version, _plan_dicts(optimizer)))
+        self.plan = plan
+
+    def valid_for(self, optimizer: torch.optim.Optimizer, wrt: Sequence[Tensor]) -> bool:
+        pg = optimizer.param_groups
+        return (self.ref() is optimizer and len(wrt) == len(self.wrt) and all(map(operator.is_, wrt, self.wrt))
+                and len(pg) == len(self.group_dicts) and all(map(operator.is_, pg, self.group_dicts))
+                and tuple(map(_dict_version, _plan_dicts(optimizer))) == self.versions
+                and all(len(g["params"]) == len(ps) and all(map(operator.is_, g["params"], ps))
+                        for g, ps in zip(pg, self.params)))
+
+
+def _plan_dicts(optimizer: torch.optim.Optimizer) -> tuple:
+    from torch.optim import optimizer as _optimizer_module
+    d = optimizer.__dict__
+    return (d, *optimizer.param_groups,
+            *[h for h in (d.get("_optimizer_step_pre_hooks"), d.get("_optimizer_step_post_hooks"),
+                          getattr(_optimizer_module, "_global_optimizer_pre_hooks", None),
+                          getattr(_optimizer_module, "_global_optimizer_post_hooks", None))
+              if type(h) is dict or type(h) is collections.OrderedDict])
+
+
+_PLANS: Dict[int, _PlanMemo] = {}    # id(optimizer) → its memo (dropped with the optimizer)
+
+
+def step_plan(optimizer: torch.optim.Optimizer, wrt: Sequence[Tensor]) -> StepPlan:
+    """The :class:`StepPlan` of ``optimizer`` for ``wrt``, remembered per optimizer while it holds
+    (:class:`_PlanMemo`; a learning-rate scheduler's write to a group makes it anew, as any
+    change does). Raises :class:`curvrate_fast.CaptureError` as :func:`rule_for` does."""
+    memo = _PLANS.get(id(optimizer))
+    if memo is not None and memo.valid_for(optimizer, wrt):
+        return memo.plan
+    plan = StepPlan(optimizer, wrt)
+    if _dict_version is not None:
+        if len(_PLANS) >= 64:
+            _PLANS.clear()
+        _PLANS[id(optimizer)] = _PlanMemo(optimizer, wrt, plan)
+    return plan

@@ -140,22 +140,51 @@ def test_in_place_parameter_change_is_not_structure(walks):
     assert first.params[0][1] is m.body[0].weight
 
 
-@pytest.mark.parametrize("attr", [[1, 2], {"a", "b"}, (lambda x: x)])
-def test_untracked_attributes_walk_every_call(attr, walks):
-    """A list, set or function attribute can change in place where no dict version sees it: such a
-    module is walked at every call, so an in-place change is seen."""
+def test_list_attribute_followed_by_contents(walks):
+    """A list of primitives (a conv layer's padding list) is followed by its contents: the memo is
+    kept, and an in-place change is seen."""
     m = _Net()
+    m.body[0].sizes = [1, 2]
+    first = gk._module_state(m)
+    assert gk._module_state(m) is first and walks[0] == 1
+    m.body[0].sizes.append(3)
+    after = gk._module_state(m)
+    assert walks[0] == 2 and after.flags != first.flags
+
+
+class _Holder:
+    def __init__(self, obj):
+        self.obj = obj
+
+
+@pytest.mark.parametrize("make", [lambda m: {"a", "b"}, lambda m: (lambda x: x), lambda m: _Holder(m),
+                                  lambda m: m.forward])
+def test_unfollowed_attributes_walk_every_call(make, walks):
+    """A set, a function, any other object (which could hold the module itself, as a bound method
+    does): no memo, the walk runs at every call (so an in-place change is seen, and no memo keeps
+    the module alive)."""
+    m = _Net()
+    attr = make(m)
     m.body[0].extra = attr
     a = gk._module_state(m)
-    if isinstance(attr, list):
-        attr.append(3)
-    elif isinstance(attr, set):
-        attr.add(3)
+    if isinstance(attr, set):
+        attr.add("c")
     b = gk._module_state(m)
     assert walks[0] == 2
-    if not callable(attr):
+    if isinstance(attr, set):
         assert a.flags != b.flags
     assert id(m) not in gk._MEMOS
+
+
+def test_module_with_a_bound_method_hook_is_freed():
+    """A child holding a bound method of the root: freed once unreachable (no memo holds it)."""
+    m = _Net()
+    m.body[0].extra = m.forward
+    gk._module_state(m)
+    ref = weakref.ref(m)
+    del m
+    gc.collect()
+    assert ref() is None
 
 
 def test_memo_dropped_with_the_module():
