@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import operator
 import types
 import weakref
 from typing import Any, Dict, List, Optional, Tuple
@@ -257,7 +258,7 @@ class _StructureMemo:
     hold only primitives, tensors and further submodules), so a model built per run is freed with
     its memo."""
 
-    __slots__ = ("ref", "root_type", "subs", "types", "dicts", "versions", "lists", "state")
+    __slots__ = ("ref", "root_type", "subs", "types", "own", "dicts", "versions", "lists", "state")
 
     def __init__(self, m: nn.Module, state: "ModuleParts", subs: List[nn.Module], track: _Tracking) -> None:
         key = id(m)
@@ -265,6 +266,7 @@ class _StructureMemo:
         self.root_type = type(m)
         self.subs = subs[1:]
         self.types = tuple(map(type, self.subs))
+        self.own = tuple(map(vars, subs))        # each submodule's __dict__ (one could be replaced whole)
         self.dicts = track.dicts
         self.versions = tuple(map(_dict_version, track.dicts))
         self.lists = track.lists
@@ -272,6 +274,7 @@ class _StructureMemo:
 
     def valid_for(self, m: nn.Module) -> bool:
         return (self.ref() is m and type(m) is self.root_type and tuple(map(type, self.subs)) == self.types
+                and vars(m) is self.own[0] and all(map(operator.is_, map(vars, self.subs), self.own[1:]))
                 and tuple(map(_dict_version, self.dicts)) == self.versions
                 and all(tuple(v) == seen for v, seen in self.lists))
 

@@ -115,7 +115,11 @@ def _swap_root_class(m):
     m.__class__ = Net2
 
 
-@pytest.mark.parametrize("change", [_set_attr, _set_int_to_float, _new_attr, _eval, _dict_in_place,
+def _replace_dict(m):
+    m.body[2].__dict__ = dict(m.body[2].__dict__, out_features=3)
+
+
+@pytest.mark.parametrize("change", [_replace_dict, _set_attr, _set_int_to_float, _new_attr, _eval, _dict_in_place,
                                     _nested_dict_in_place, _replace_param, _replace_child, _add_child,
                                     _new_buffer, _forward_hook, _state_dict_hook, _swap_child_class,
                                     _swap_root_class])
