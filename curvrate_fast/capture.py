@@ -22,7 +22,9 @@ What is an input of the graph and what is not:
   the masks are those the eager engine would draw), or from a ``torch.Generator`` of the user's
   (an argument, a module attribute, in fn's closure, defaults or globals), whose state the
   recording leaves as it found it; a generator found nowhere else is refused;
-- **guards** (a change means a new capture, cached beside the old ones): every tensor's shape,
+- **guards** (a change means a new capture, cached beside the old ones; the walk over a module's
+  submodules is remembered while no dict it read has changed: :mod:`curvrate_fast.guard_keys`):
+  every tensor's shape,
   strides (memory layout), dtype, device and ``requires_grad``; every module argument's
   structure: the class, the train/eval flag and the other attributes (sizes, flags, hooks: by
   value, or by identity for objects such as functions) of each submodule, and its parameter and
@@ -49,8 +51,11 @@ What is an input of the graph and what is not:
 The graph returns the loss and its gradients with respect to every parameter and tensor argument
 that requires grad; the call returns the loss as a tensor whose backward multiplies those
 gradients by the incoming gradient (exact for a scalar loss; a backward with
-``create_graph=True``, for a second derivative through it, raises a :class:`CaptureError`). So
-``loss.backward()`` and optimizers work as usual, and a custom backward of the engine (the
+``create_graph=True``, for a second derivative through it, raises a :class:`CaptureError`).
+:meth:`CompiledLoss.backward` does the call and ``backward()`` in one, writing the graph's
+gradients into ``.grad`` without an autograd pass (through autograd where a backward pass has
+hooks or DDP/FSDP work to run); :meth:`CompiledLoss.train_step` puts the optimizer's update in
+the graph as well. So ``loss.backward()`` and optimizers work as usual, and a custom backward of the engine (the
 Toeplitz backward of the activation jets) is recorded as it runs. As in eager autograd, a tensor
 the loss does not reach gets no gradient (``.grad`` stays None, so an optimizer skips it); a
 parameter held by two modules (tied weights) is a graph input under each name, and its uses'
