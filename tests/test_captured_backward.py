@@ -213,3 +213,36 @@ def test_accumulate_grad_obeys_the_layout_contract():
     ref = torch.randn(3, 5, dtype=D64).t().requires_grad_(True)
     ref.sum().backward()         # autograd's own: the same strides
     assert ref.grad.stride() == ref.stride()
+
+
+def test_backward_of_a_ddp_model_goes_through_autograd(monkeypatch):
+    """DDP synchronizes gradients in backward hooks: the call takes the autograd path (its
+    reducer runs), with the eager gradients."""
+    import os
+    import tempfile
+
+    import torch.distributed as dist
+    if not dist.is_available():
+        pytest.skip("no torch.distributed")
+    init = tempfile.NamedTemporaryFile(delete=False)
+    init.close()
+    dist.init_process_group("gloo", init_method=f"file://{init.name}", rank=0, world_size=1)
+    try:
+        model = nn.parallel.DistributedDataParallel(_model())
+        x, y, u = _data()
+        ref_loss, ref = _eager_grads(derivative_loss, model, x, y, u)
+        from curvrate_fast import capture
+        taken = []
+        call = capture.CompiledLoss._call_checked
+        monkeypatch.setattr(capture.CompiledLoss, "_call_checked",
+                            lambda self, *a: taken.append(1) or call(self, *a))
+        for p in model.parameters():
+            p.grad = None
+        loss = cf.compile(derivative_loss, backend="eager").backward(model, x, y, u)
+        assert taken, "the autograd path was not taken"
+        _close(loss, ref_loss, "loss")
+        for g, r in zip(_grads(model), ref):
+            _close(g, r, "gradient")
+    finally:
+        dist.destroy_process_group()
+        os.unlink(init.name)
