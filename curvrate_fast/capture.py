@@ -55,8 +55,8 @@ gradients by the incoming gradient (exact for a scalar loss; a backward with
 :meth:`CompiledLoss.backward` does the call and ``backward()`` in one, writing the graph's
 gradients into ``.grad`` without an autograd pass (through autograd where a backward pass has
 hooks or DDP/FSDP work to run); :meth:`CompiledLoss.train_step` puts the optimizer's update in
-the graph as well. So ``loss.backward()`` and optimizers work as usual, and a custom backward of the engine (the
-Toeplitz backward of the activation jets) is recorded as it runs. As in eager autograd, a tensor
+the graph as well. So ``loss.backward()`` and optimizers work as usual, and a custom backward of
+the engine (the Toeplitz backward of the activation jets) is recorded as it runs. As in eager autograd, a tensor
 the loss does not reach gets no gradient (``.grad`` stays None, so an optimizer skips it); a
 parameter held by two modules (tied weights) is a graph input under each name, and its uses'
 gradients add up.
