@@ -532,12 +532,27 @@ class CompiledLoss:
         """The loss (differentiable) and the detached auxiliary outputs of ``fn``."""
         if torch.compiler.is_compiling():
             return _dynamo_call(self, args, kwargs, with_aux=True)
+        flat, layout, key = self._checked_flatten(args, kwargs)
+        return self._call_checked(args, kwargs, flat, layout, key)
+
+    def _checked_flatten(self, args: tuple, kwargs: dict):
+        """The value checks (``check``, or NaN/Inf of the tensor arguments), then :meth:`_flatten`."""
         if self.check is not None:
             self.check(*args, **kwargs)
         else:
             _check_finite_args(args, kwargs)
-        flat, layout, key = self._flatten(args, kwargs)
-        return self._call_checked(args, kwargs, flat, layout, key)
+        return self._flatten(args, kwargs)
+
+    def _start_gradient_call(self, method: str, there: str, why: str, args: tuple, kwargs: dict):
+        """How :meth:`backward` and :meth:`train_step` start: outside torch.compile (there, call
+        ``there`` instead), in grad mode (else ``why``), values checked; (flat, layout, key, the
+        flat positions of the tensors that require grad)."""
+        if torch.compiler.is_compiling():
+            raise CaptureError(f"compile({self.name}).{method} cannot run inside torch.compile; there, call {there}")
+        if not torch.is_grad_enabled():
+            raise RuntimeError(f"compile({self.name}).{method}: grad mode is off (torch.no_grad); {why}")
+        flat, layout, key = self._checked_flatten(args, kwargs)
+        return flat, layout, key, [i for i, t in enumerate(flat) if t.requires_grad]
 
     def _call_checked(self, args: tuple, kwargs: dict, flat: List[Tensor], layout, key: tuple
                       ) -> Tuple[Tensor, Tuple[Tensor, ...]]:
@@ -586,18 +601,8 @@ class CompiledLoss:
 
     def backward_with_aux(self, *args, **kwargs) -> Tuple[Tensor, Tuple[Tensor, ...]]:
         """:meth:`backward`, returning (the loss, fn's auxiliary outputs), all detached."""
-        if torch.compiler.is_compiling():
-            raise CaptureError(f"compile({self.name}).backward cannot run inside torch.compile; there, call the "
-                               "loss and backward()")
-        if not torch.is_grad_enabled():
-            raise RuntimeError(f"compile({self.name}).backward: grad mode is off (torch.no_grad); the loss has no "
-                               "gradient to accumulate")
-        if self.check is not None:
-            self.check(*args, **kwargs)
-        else:
-            _check_finite_args(args, kwargs)
-        flat, layout, key = self._flatten(args, kwargs)
-        wrt = [i for i, t in enumerate(flat) if t.requires_grad]
+        flat, layout, key, wrt = self._start_gradient_call("backward", "the loss and backward()",
+                                                           "the loss has no gradient to accumulate", args, kwargs)
         if _backward_work(key, [flat[i] for i in wrt]) is not None:
             value, aux = self._call_checked(args, kwargs, flat, layout, key)
             value.backward()
@@ -692,18 +697,8 @@ class CompiledLoss:
     def train_step_with_aux(self, optimizer: torch.optim.Optimizer, *args, **kwargs
                       ) -> Tuple[Tensor, Tuple[Tensor, ...]]:
         """:meth:`train_step`, returning (the loss, fn's auxiliary outputs), all detached."""
-        if torch.compiler.is_compiling():
-            raise CaptureError(f"compile({self.name}).train_step cannot run inside torch.compile; there, call the "
-                               "loss, backward() and optimizer.step()")
-        if not torch.is_grad_enabled():
-            raise RuntimeError(f"compile({self.name}).train_step: grad mode is off (torch.no_grad); a training step "
-                               "needs gradients")
-        if self.check is not None:
-            self.check(*args, **kwargs)
-        else:
-            _check_finite_args(args, kwargs)
-        flat, layout, key = self._flatten(args, kwargs)
-        wrt = [i for i, t in enumerate(flat) if t.requires_grad]
+        flat, layout, key, wrt = self._start_gradient_call("train_step", "the loss, backward() and optimizer.step()",
+                                                           "a training step needs gradients", args, kwargs)
         wrt_tensors = [flat[i] for i in wrt]
         _refuse_backward_work(self.name, key, wrt_tensors)
         sp = step_plan(optimizer, wrt_tensors)
@@ -788,11 +783,7 @@ class CompiledLoss:
     # the tensors marked in ``mask`` (their requires_grad when dynamo traced the step: at run time
     # the op sees detached tensors)
     def _op_outputs(self, args, kwargs, mask: Sequence[bool]) -> List[Tensor]:
-        if self.check is not None:
-            self.check(*args, **kwargs)
-        else:
-            _check_finite_args(args, kwargs)
-        flat, layout, key = self._flatten(args, kwargs)
+        flat, layout, key = self._checked_flatten(args, kwargs)
         key = key + (("mask", tuple(mask)),)
 
         def capture() -> _Entry:

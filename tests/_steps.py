@@ -1,9 +1,14 @@
-"""Training steps taken twice, for tests that compare a captured train_step with PyTorch's own."""
+"""Training steps taken twice, for tests that compare a captured train_step with PyTorch's own;
+a one-process group for tests of a DDP-wrapped model."""
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Callable, Tuple
+import os
+import tempfile
+from typing import Callable, Iterator, Tuple
 
+import pytest
 import torch
 from torch import nn
 
@@ -33,3 +38,20 @@ def torch_and_captured(loss: Callable, model: nn.Module, args: tuple, make_opt: 
 
 def adam(params) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=1e-2)
+
+
+@contextlib.contextmanager
+def one_rank_process_group() -> Iterator[None]:
+    """A gloo process group of one rank (file rendezvous), destroyed afterwards; skips the test
+    where torch.distributed is missing."""
+    import torch.distributed as dist
+    if not dist.is_available():
+        pytest.skip("no torch.distributed")
+    init = tempfile.NamedTemporaryFile(delete=False)
+    init.close()
+    dist.init_process_group("gloo", init_method=f"file://{init.name}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        os.unlink(init.name)

@@ -7,6 +7,7 @@ autograd with the same result; what autograd would refuse is refused."""
 import pytest
 import torch
 import torch.nn as nn
+from _steps import one_rank_process_group
 
 import curvrate_fast as cf
 
@@ -218,16 +219,7 @@ def test_accumulate_grad_obeys_the_layout_contract():
 def test_backward_of_a_ddp_model_goes_through_autograd(monkeypatch):
     """DDP synchronizes gradients in backward hooks: the call takes the autograd path (its
     reducer runs), with the eager gradients."""
-    import os
-    import tempfile
-
-    import torch.distributed as dist
-    if not dist.is_available():
-        pytest.skip("no torch.distributed")
-    init = tempfile.NamedTemporaryFile(delete=False)
-    init.close()
-    dist.init_process_group("gloo", init_method=f"file://{init.name}", rank=0, world_size=1)
-    try:
+    with one_rank_process_group():
         model = nn.parallel.DistributedDataParallel(_model())
         x, y, u = _data()
         ref_loss, ref = _eager_grads(derivative_loss, model, x, y, u)
@@ -243,6 +235,3 @@ def test_backward_of_a_ddp_model_goes_through_autograd(monkeypatch):
         _close(loss, ref_loss, "loss")
         for g, r in zip(_grads(model), ref):
             _close(g, r, "gradient")
-    finally:
-        dist.destroy_process_group()
-        os.unlink(init.name)

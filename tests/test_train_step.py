@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from _steps import adam, torch_and_captured
+from _steps import adam, one_rank_process_group, torch_and_captured
 
 import curvrate_fast as cf
 from curvrate_fast import optim_update
@@ -293,25 +293,13 @@ def test_crrloss_train_step_without_compile_is_the_three_calls():
 
 def test_ddp_model_is_refused():
     """DDP synchronizes gradients in backward hooks, which a captured step does not run."""
-    import os
-    import tempfile
-
-    import torch.distributed as dist
-    if not dist.is_available():
-        pytest.skip("no torch.distributed")
-    init = tempfile.NamedTemporaryFile(delete=False)
-    init.close()
-    dist.init_process_group("gloo", init_method=f"file://{init.name}", rank=0, world_size=1)
-    try:
+    with one_rank_process_group():
         model = nn.parallel.DistributedDataParallel(_moons_model())
         x, y = _data()
         u = torch.randn_like(x)
         fast = cf.compile(derivative_loss, backend="eager")
         with pytest.raises(cf.CaptureError, match="DistributedDataParallel"):
             fast.train_step(torch.optim.SGD(model.parameters(), lr=0.1), model, x, y, u)
-    finally:
-        dist.destroy_process_group()
-        os.unlink(init.name)
 
 
 def test_dropout_masks_and_subsets_match_the_eager_engine():
