@@ -75,6 +75,7 @@ more capture and compile.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import importlib
@@ -228,7 +229,7 @@ def _meta(t: Tensor) -> tuple:
 class _Entry:
     """One captured configuration: the graph, how to feed it, which outputs are gradients."""
 
-    __slots__ = ("runner", "wrt", "n_aux", "graph", "calls", "unused", "used", "reached", "warned")
+    __slots__ = ("runner", "wrt", "n_aux", "graph", "calls", "unused", "used", "reached", "warned", "writes")
 
     def __init__(self, runner, wrt: List[int], n_aux: int, graph, unused: Tuple[bool, ...] = ()) -> None:
         self.runner = runner
@@ -243,6 +244,7 @@ class _Entry:
         # optimizer skips it instead of applying momentum or weight decay to a zero gradient)
         self.reached = [(j, i) for j, i in enumerate(wrt) if not (unused and unused[j])]
         self.warned = False
+        self.writes = False     # a captured step whose graph writes the update into its inputs
 
 
 class _GradsTimesIncoming(torch.autograd.Function):
@@ -399,10 +401,13 @@ class CompiledLoss:
 
     # -- capture ----------------------------------------------------------------------------
     def _capture(self, flat: List[Tensor], layout, n_args: int, kw_names, wrt: List[int],
-                 update: Optional[Callable] = None, extra: Sequence[Tensor] = ()) -> _Entry:
+                 update: Optional[Callable] = None, extra: Sequence[Tensor] = (),
+                 written: Sequence[int] = ()) -> _Entry:
         """Record fn's loss, aux outputs and gradients (and, for a captured step, ``update(wrt
         tensors, gradients or None, extra inputs)``'s outputs after them) as one graph, and
-        compile it; ``extra`` are further graph inputs after ``flat``."""
+        compile it; ``extra`` are further graph inputs after ``flat``. With ``written`` (the
+        graph-input positions, in ``update``'s output order, of the tensors it updates), the graph
+        writes the update into those inputs in place instead of returning it."""
         from contextlib import ExitStack
 
         from torch.fx.experimental.proxy_tensor import make_fx
@@ -419,6 +424,7 @@ class CompiledLoss:
         def joint(*ins):
             extra_in = list(ins[n_flat:])
             ins = list(ins[:n_flat])
+            ins_raw = list(ins)
             plain = [ins[i] for i in wrt]
             leaves = []
             for i in wrt:
@@ -453,6 +459,13 @@ class CompiledLoss:
                         if dev in ("cpu", "cuda"):
                             off.enter_context(torch.autocast(dev, enabled=False))
                     updated = list(update(plain, [None if g is None else g.detach() for g in raw], extra_in))
+                if written:
+                    # into the parameters and the optimizer's state, as its own step() writes them
+                    every = ins_raw + extra_in
+                    for at, new in zip(written, updated):
+                        if new is not every[at]:
+                            every[at].copy_(new)
+                    updated = []
             return (value.detach(), *[a.detach() for a in aux], *grads, *updated)
 
         ins = [t.detach() for t in flat] + [t.detach() for t in extra]
@@ -463,7 +476,8 @@ class CompiledLoss:
         # replays) are traced on copies, so that the first replay updates them once, as an eager
         # call would; any other input changed in place by the trace is refused
         names = _input_names(layout, len(flat), len(extra))
-        traced = [t.clone() if names[i][1] else t for i, t in enumerate(ins)]
+        copied = set(written)
+        traced = [t.clone() if names[i][1] or i in copied else t for i, t in enumerate(ins)]
         versions = [t._version for t in ins]
         generators = _generators_of(fn, layout)
         with _capture_settings(flat), torch.random.fork_rng(devices=devices), _states_kept(generators), \
@@ -487,7 +501,9 @@ class CompiledLoss:
         rewrite_graph(gm, self.cpu_gemm)   # oneDNN for the float32 CPU GEMMs where it is faster
         runner = self._compile_graph(gm, ins)
         self.captures += 1
-        return _Entry(runner, wrt, n_aux_box[0], gm, unused_box[0])
+        entry = _Entry(runner, wrt, n_aux_box[0], gm, unused_box[0])
+        entry.writes = bool(written)
+        return entry
 
     def _compile_graph(self, gm: torch.fx.GraphModule, example: List[Tensor]):
         backend = self.backend
@@ -620,6 +636,16 @@ class CompiledLoss:
             for j, i in entry.reached:
                 _accumulate_grad(flat[i], outs[n + j])
         return outs[0], tuple(outs[1:n])
+
+    def _cudagraphs(self) -> bool:
+        """Whether inductor is asked to replay the graph as a CUDA graph (its options, or its
+        global config)."""
+        if self.backend != "inductor":
+            return False
+        if "triton.cudagraphs" in self.options:
+            return bool(self.options["triton.cudagraphs"])
+        from torch._inductor import config
+        return bool(config.triton.cudagraphs)
 
     def _cached(self, key: tuple, capture: Callable[[], _Entry]) -> _Entry:
         """The entry of ``key``, captured (and cached, evicting the least recently used) when
@@ -762,7 +788,16 @@ class CompiledLoss:
                     new_s.extend(st)
                 return new_p + new_s
 
-            return self._capture(flat, layout, len(args), sorted(kwargs), wrt, update, lrs + states)
+            extra = lrs + states
+            # the graph writes the update into the parameters and the state (no output buffers for
+            # them, no copy after the call); not where one of them shares memory with another
+            # input (tied weights, views of one buffer), nor where inductor is to replay a CUDA
+            # graph (it skips CUDA graphs for a graph that writes into its non-static inputs)
+            written = ([wrt[positions[0]] for _, positions in plan]
+                       + [len(flat) + len(groups) + j for j in range(len(states))])
+            if self._cudagraphs() or _shares_memory(written, flat + extra):
+                written = []
+            return self._capture(flat, layout, len(args), sorted(kwargs), wrt, update, extra, written)
 
         entry = self._cached(skey, capture)
         entry.calls += 1
@@ -770,9 +805,8 @@ class CompiledLoss:
             outs = list(entry.runner(*[t.detach() for t in flat], *lrs, *states))
             n = 1 + entry.n_aux
             grads = outs[n:n + len(wrt)]
-            updated = outs[n + len(wrt):]
-            targets = [p for _, p in owned] + states
-            torch._foreach_copy_(targets, updated)
+            if not entry.writes:
+                torch._foreach_copy_([p for _, p in owned] + states, outs[n + len(wrt):])
         mark_stepped(optimizer)
         for j, i in entry.reached:
             # onto None, a tied parameter's earlier use, or a gradient kept above
@@ -861,6 +895,13 @@ def _refuse_backward_work(name: str, key: tuple, wrt: Sequence[Tensor]) -> None:
     if why is not None:
         raise CaptureError(f"compile({name}).train_step runs no backward pass, and here one has work besides "
                            f"the gradients: {why}. Call the loss, backward() and optimizer.step() instead.")
+
+
+def _shares_memory(chosen: Sequence[int], tensors: Sequence[Tensor]) -> bool:
+    """Whether one of ``tensors[i]``, i in ``chosen``, shares its storage with another of
+    ``tensors`` (the same tensor twice, views of one buffer)."""
+    count = collections.Counter(t.untyped_storage().data_ptr() for t in tensors if t.numel())
+    return any(tensors[i].numel() and count[tensors[i].untyped_storage().data_ptr()] > 1 for i in chosen)
 
 
 def _dense(t: Tensor) -> bool:

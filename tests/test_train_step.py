@@ -414,3 +414,64 @@ def test_keyword_arguments_and_two_models():
         runs.append([p.detach().clone() for p in [*e.parameters(), *h.parameters()]])
     for a, b in zip(*reversed(runs)):
         _close(a, b, "parameters")
+
+
+def _only_entry(fast):
+    (entry,) = fast._cache.values()
+    return entry
+
+
+def test_update_written_into_the_parameters_and_the_state():
+    """The step's graph writes the update into the parameters and the optimizer's state in place
+    (no output buffers, no copy after the call): the same tensor objects, PyTorch's values."""
+    model = _moons_model()
+    x, y = _data()
+    u = torch.randn_like(x)
+    m_torch, m = copy.deepcopy(model), copy.deepcopy(model)
+    opt_torch, opt = torch.optim.Adam(m_torch.parameters(), lr=1e-2), torch.optim.Adam(m.parameters(), lr=1e-2)
+    fast = cf.compile(derivative_loss, backend="eager")
+    fast.train_step(opt, m, x, y, u)             # the optimizer's own first step makes its state
+    held = [(p, dict(opt.state[p])) for p in m.parameters()]
+    for _ in range(3):
+        fast.train_step(opt, m, x, y, u)
+    assert _only_entry(fast).writes
+    for p, st in held:
+        assert all(opt.state[p][n] is t for n, t in st.items())
+    for _ in range(4):
+        opt_torch.zero_grad()
+        derivative_loss(m_torch, x, y, u).backward()
+        opt_torch.step()
+    for a, b in zip(m.parameters(), m_torch.parameters()):
+        _close(a.detach(), b.detach(), "parameters")
+
+
+def test_update_copied_where_parameters_share_memory():
+    """A parameter registered under two names (tied weights) is two graph inputs sharing memory:
+    the update is returned and copied after the call, with PyTorch's values."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
+                          nn.Linear(8, 2)).to(D64)
+    model[4].weight = model[2].weight
+    x, y = _data()
+    u = torch.randn_like(x)
+    m_torch, m = copy.deepcopy(model), copy.deepcopy(model)
+    assert m[4].weight is m[2].weight
+    opt_torch, opt = torch.optim.SGD(m_torch.parameters(), lr=1e-2, momentum=0.9), \
+        torch.optim.SGD(m.parameters(), lr=1e-2, momentum=0.9)
+    fast = cf.compile(derivative_loss, backend="eager")
+    for _ in range(3):
+        fast.train_step(opt, m, x, y, u)
+        opt_torch.zero_grad()
+        derivative_loss(m_torch, x, y, u).backward()
+        opt_torch.step()
+    assert not _only_entry(fast).writes
+    for a, b in zip(m.parameters(), m_torch.parameters()):
+        _close(a.detach(), b.detach(), "parameters")
+
+
+def test_no_update_written_into_a_cuda_graph():
+    """Where inductor is asked for CUDA graphs the update is returned and copied after the call:
+    inductor does not replay a graph that writes into its (non-static) inputs as a CUDA graph."""
+    assert cf.compile(derivative_loss, options={"triton.cudagraphs": True})._cudagraphs()
+    assert not cf.compile(derivative_loss)._cudagraphs()
+    assert not cf.compile(derivative_loss, backend="eager")._cudagraphs()
