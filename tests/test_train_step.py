@@ -475,3 +475,39 @@ def test_no_update_written_into_a_cuda_graph():
     assert cf.compile(derivative_loss, options={"triton.cudagraphs": True})._cudagraphs()
     assert not cf.compile(derivative_loss)._cudagraphs()
     assert not cf.compile(derivative_loss, backend="eager")._cudagraphs()
+
+
+def test_update_written_beside_a_buffer_the_forward_updates():
+    """A forward that updates a buffer in place (a call counter, an EMA of its input) and a step
+    that writes the update into the parameters: both writes happen once per step, as eagerly."""
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _moons_model()
+            self.register_buffer("calls", torch.zeros((), dtype=D64))
+            self.register_buffer("ema", torch.zeros(2, dtype=D64))
+
+        def forward(self, x):
+            with torch.no_grad():
+                self.calls.add_(1)
+                self.ema.mul_(0.9).add_(0.1 * x.mean(0))
+            return self.net(x)
+
+    def loss(model, x, y):
+        return nn.functional.cross_entropy(model(x), y)
+
+    x, y = _data()
+    m_torch, m = Counting(), Counting()
+    m.load_state_dict(m_torch.state_dict())
+    opt_torch, opt = torch.optim.Adam(m_torch.parameters(), lr=1e-2), torch.optim.Adam(m.parameters(), lr=1e-2)
+    fast = cf.compile(loss, backend="eager")
+    for _ in range(4):
+        fast.train_step(opt, m, x, y)
+        opt_torch.zero_grad()
+        loss(m_torch, x, y).backward()
+        opt_torch.step()
+    assert _only_entry(fast).writes
+    assert float(m.calls) == float(m_torch.calls) == 4.0
+    _close(m.ema, m_torch.ema, "buffer")
+    for a, b in zip(m.parameters(), m_torch.parameters()):
+        _close(a.detach(), b.detach(), "parameters")
