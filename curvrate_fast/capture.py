@@ -638,8 +638,10 @@ class CompiledLoss:
         return outs[0], tuple(outs[1:n])
 
     def _cudagraphs(self) -> bool:
-        """Whether inductor is asked to replay the graph as a CUDA graph (its options, or its
-        global config)."""
+        """Whether the graph is to be replayed as a CUDA graph (dynamo's ``cudagraphs`` backend;
+        inductor's options or its global config)."""
+        if self.backend == "cudagraphs":
+            return True
         if self.backend != "inductor":
             return False
         if "triton.cudagraphs" in self.options:

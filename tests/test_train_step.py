@@ -474,6 +474,7 @@ def test_no_update_written_into_a_cuda_graph():
     inductor does not replay a graph that writes into its (non-static) inputs as a CUDA graph."""
     assert cf.compile(derivative_loss, options={"triton.cudagraphs": True})._cudagraphs()
     assert not cf.compile(derivative_loss)._cudagraphs()
+    assert cf.compile(derivative_loss, backend="cudagraphs")._cudagraphs()
     assert not cf.compile(derivative_loss, backend="eager")._cudagraphs()
 
 
