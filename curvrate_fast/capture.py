@@ -462,9 +462,10 @@ class CompiledLoss:
                 if written:
                     # into the parameters and the optimizer's state, as its own step() writes them
                     every = ins_raw + extra_in
-                    for at, new in zip(written, updated):
-                        if new is not every[at]:
-                            every[at].copy_(new)
+                    with torch.no_grad():
+                        for at, new in zip(written, updated):
+                            if new is not every[at]:
+                                every[at].copy_(new)
                     updated = []
             return (value.detach(), *[a.detach() for a in aux], *grads, *updated)
 
