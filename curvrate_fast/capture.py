@@ -343,6 +343,9 @@ class CompiledLoss:
             if type(a) in _PRIMITIVE_TYPES:     # as _Const keys it, without making one
                 layout.append(("C", a))
                 key.append(("C", (type(a), a)))
+            elif type(a) is tuple and all(type(x) in _PRIMITIVE_TYPES for x in a):
+                layout.append(("C", a))            # (orders, sizes): as _Const keys them
+                key.append(("C", ("tuple",) + tuple((type(x), x) for x in a)))
             elif isinstance(a, nn.Module):
                 parts = _module_state(a)
                 layout.append(("M", a, parts.param_names, parts.buffer_names))

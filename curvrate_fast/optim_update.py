@@ -36,6 +36,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.optim import optimizer as _optimizer_module
 
 from .guard_keys import _dict_version
 
@@ -165,7 +166,6 @@ def rule_for(optimizer: torch.optim.Optimizer) -> UpdateRule:
         raise CaptureError(f"a captured step cannot update a {type(optimizer).__module__}."
                            f"{type(optimizer).__qualname__} (captured steps know {known}, by exact class); "
                            "call loss.backward() and optimizer.step() instead")
-    from torch.optim import optimizer as _optimizer_module
     hook_dicts = (getattr(optimizer, "_optimizer_step_pre_hooks", None),
                   getattr(optimizer, "_optimizer_step_post_hooks", None),
                   getattr(_optimizer_module, "_global_optimizer_pre_hooks", None),
@@ -278,7 +278,7 @@ class _PlanMemo:
 
 
 def _plan_dicts(optimizer: torch.optim.Optimizer) -> tuple:
-    from torch.optim import optimizer as _optimizer_module
+    """The dicts a :class:`StepPlan` is read from (their versions are its memo's guard)."""
     d = optimizer.__dict__
     return (d, *optimizer.param_groups,
             *[h for h in (d.get("_optimizer_step_pre_hooks"), d.get("_optimizer_step_post_hooks"),

@@ -207,3 +207,12 @@ def test_one_and_true_are_different_keys():
     a, b = nn.Linear(2, 2), nn.Linear(2, 2)
     a.flag, b.flag = 1, True
     assert gk._submodule_key(a) != gk._submodule_key(b)
+
+
+@pytest.mark.parametrize("value", [1, True, 2.0, "s", None, torch.float32, torch.Size([2]), (2, 3), (), (1, "a", None),
+                                   [1, 2], {"a": 1}, (1, [2])])
+def test_flatten_keys_constants_as_const_does(value):
+    """The guard's shortcuts for primitive and tuple-of-primitive arguments give _Const's key."""
+    from curvrate_fast.capture import CompiledLoss
+    _, layout, key = CompiledLoss(lambda v: None)._flatten((value,), {})
+    assert key[0] == ("C", gk._Const(value).key) and layout[0] == ("C", value)
