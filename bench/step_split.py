@@ -83,10 +83,11 @@ def _after_us(fn: Callable[[], object], before: Callable[[], object], reps: int
 def _graph_call(program: cf.CompiledLoss, call: Callable[[], object]) -> Tuple[Callable, tuple, list]:
     """(the compiled graph of the entry ``call`` replays, copies of the inputs it passed, what it
     returned): ``call`` is made once more with that entry's runner wrapped to record them. Copies,
-    because a training step's inputs are the parameters and optimizer state it then updates; the
-    runner returns new tensors and changes none of its inputs, so calling it again with the copies
-    repeats the same work on the same values (``clone`` keeps the dense layouts the graph was
-    compiled for)."""
+    made before the call, because a training step's graph writes the optimizer's update into its
+    inputs (the parameters and the optimizer's state): calling it with fresh copies of these
+    repeats the same work on the same values, and calling it again and again with one set of
+    copies repeats the same work on values that move as a training run's do (``clone`` keeps the
+    dense layouts the graph was compiled for)."""
     call()
     entry = max(program._cache.values(), key=lambda e: e.used)
     runner, seen = entry.runner, {}
@@ -179,7 +180,8 @@ def _split(name: str, make_step: Callable, nested: Callable[[], object], backend
         profiled, _ = make_step({"cpp.enable_kernel_profile": True})
         for _ in range(warmup):
             profiled()
-    out = _measure(name, step, lambda: graph(*inputs), nested, profiled, reps)
+    work = tuple(t.clone() for t in inputs)      # the timed calls update these, not the record
+    out = _measure(name, step, lambda: graph(*work), nested, profiled, reps)
     out["replay"] = (graph, inputs, outputs)
     return out
 
