@@ -231,7 +231,8 @@ class _Entry:
 
     __slots__ = ("runner", "wrt", "n_aux", "graph", "calls", "unused", "used", "reached", "warned", "writes")
 
-    def __init__(self, runner, wrt: List[int], n_aux: int, graph, unused: Tuple[bool, ...] = ()) -> None:
+    def __init__(self, runner, wrt: List[int], n_aux: int, graph, unused: Tuple[bool, ...] = (),
+                 writes: bool = False) -> None:
         self.runner = runner
         self.wrt = wrt          # indices into the flat input list of the tensors differentiated
         self.n_aux = n_aux
@@ -244,7 +245,7 @@ class _Entry:
         # optimizer skips it instead of applying momentum or weight decay to a zero gradient)
         self.reached = [(j, i) for j, i in enumerate(wrt) if not (unused and unused[j])]
         self.warned = False
-        self.writes = False     # a captured step whose graph writes the update into its inputs
+        self.writes = writes    # a captured step whose graph writes the update into its inputs
 
 
 class _GradsTimesIncoming(torch.autograd.Function):
@@ -505,9 +506,7 @@ class CompiledLoss:
         rewrite_graph(gm, self.cpu_gemm)   # oneDNN for the float32 CPU GEMMs where it is faster
         runner = self._compile_graph(gm, ins)
         self.captures += 1
-        entry = _Entry(runner, wrt, n_aux_box[0], gm, unused_box[0])
-        entry.writes = bool(written)
-        return entry
+        return _Entry(runner, wrt, n_aux_box[0], gm, unused_box[0], writes=bool(written))
 
     def _compile_graph(self, gm: torch.fx.GraphModule, example: List[Tensor]):
         backend = self.backend

@@ -29,11 +29,17 @@ def torch_and_captured(loss: Callable, model: nn.Module, args: tuple, make_opt: 
             if captured:
                 fast.train_step(opt, m, *args)
             else:
-                opt.zero_grad()
-                loss(m, *args).backward()
-                opt.step()
+                torch_steps(loss, m, args, opt, 1)
         runs.append(m)
     return runs[0], runs[1]
+
+
+def torch_steps(loss: Callable, model: nn.Module, args: tuple, opt: torch.optim.Optimizer, steps: int) -> None:
+    """``steps`` of PyTorch's own ``zero_grad(); loss(model, *args).backward(); step()``."""
+    for _ in range(steps):
+        opt.zero_grad()
+        loss(model, *args).backward()
+        opt.step()
 
 
 def adam(params) -> torch.optim.Optimizer:

@@ -44,3 +44,19 @@ class SpecialFunctionModel(nn.Module):
 def mlp(act, d_in=5, width=16, classes=3):
     return nn.Sequential(nn.Linear(d_in, width), act, nn.Linear(width, width), act,
                          nn.Linear(width, classes))
+
+
+class CountingIdentity(nn.Module):
+    """The identity, counting its forward calls in a buffer and keeping an EMA of its input's
+    mean over the batch (both in place, without grad): a module whose forward updates buffers."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("ema", torch.zeros(width, dtype=torch.float64))
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.calls.add_(1)
+            self.ema.mul_(0.9).add_(0.1 * x.mean(0))
+        return x

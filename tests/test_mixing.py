@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from models import mlp
+from models import CountingIdentity, mlp
 
 import curvrate_fast as cf
 from curvrate_fast import mixing
@@ -100,26 +100,11 @@ def test_a_batch_of_one_and_a_loss_that_is_not_per_sample_are_left_to_the_other_
                                         loss_fn=F.cross_entropy)
 
 
-class _Counter(nn.Module):
-    """Counts its forward calls in a buffer and keeps an EMA of its input (in place, no grad)."""
-
-    def __init__(self):
-        super().__init__()
-        self.register_buffer("calls", torch.zeros((), dtype=D64))
-        self.register_buffer("ema", torch.zeros(5, dtype=D64))
-
-    def forward(self, x):
-        with torch.no_grad():
-            self.calls.add_(1)
-            self.ema.mul_(0.9).add_(0.1 * x.mean(0))
-        return x
-
-
 def test_the_probe_leaves_buffers_updated_in_place_as_it_found_them():
     """The probe is a forward of its own: a buffer the forward updates in place is restored after
     it, so the first call updates it once, like every later call (and like eager PyTorch)."""
     x, y = _data(4)
-    model = nn.Sequential(_Counter(), mlp(nn.Tanh()).to(D64))
+    model = nn.Sequential(CountingIdentity(5), mlp(nn.Tanh()).to(D64))
     cf.crr_penalty(model, x, y, orders=(1, 2))
     assert model[0].calls.item() == 1
     assert torch.allclose(model[0].ema, 0.1 * x.mean(0), rtol=1e-15, atol=0)
@@ -128,7 +113,7 @@ def test_the_probe_leaves_buffers_updated_in_place_as_it_found_them():
         def __init__(self, module):
             self.module = module
 
-    wrapped = nn.Sequential(_Counter(), mlp(nn.Tanh()).to(D64))
+    wrapped = nn.Sequential(CountingIdentity(5), mlp(nn.Tanh()).to(D64))
     holder = Wrapper(wrapped)
     cf.crr_penalty(lambda z: holder.module(z), x, y, orders=(1, 2))
     assert wrapped[0].calls.item() == 1

@@ -12,7 +12,8 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from _steps import adam, one_rank_process_group, torch_and_captured
+from _steps import adam, one_rank_process_group, torch_and_captured, torch_steps
+from models import CountingIdentity
 
 import curvrate_fast as cf
 from curvrate_fast import optim_update
@@ -437,10 +438,7 @@ def test_update_written_into_the_parameters_and_the_state():
     assert _only_entry(fast).writes
     for p, st in held:
         assert all(opt.state[p][n] is t for n, t in st.items())
-    for _ in range(4):
-        opt_torch.zero_grad()
-        derivative_loss(m_torch, x, y, u).backward()
-        opt_torch.step()
+    torch_steps(derivative_loss, m_torch, (x, y, u), opt_torch, 4)
     for a, b in zip(m.parameters(), m_torch.parameters()):
         _close(a.detach(), b.detach(), "parameters")
 
@@ -461,9 +459,7 @@ def test_update_copied_where_parameters_share_memory():
     fast = cf.compile(derivative_loss, backend="eager")
     for _ in range(3):
         fast.train_step(opt, m, x, y, u)
-        opt_torch.zero_grad()
-        derivative_loss(m_torch, x, y, u).backward()
-        opt_torch.step()
+    torch_steps(derivative_loss, m_torch, (x, y, u), opt_torch, 3)
     assert not _only_entry(fast).writes
     for a, b in zip(m.parameters(), m_torch.parameters()):
         _close(a.detach(), b.detach(), "parameters")
@@ -481,34 +477,19 @@ def test_no_update_written_into_a_cuda_graph():
 def test_update_written_beside_a_buffer_the_forward_updates():
     """A forward that updates a buffer in place (a call counter, an EMA of its input) and a step
     that writes the update into the parameters: both writes happen once per step, as eagerly."""
-    class Counting(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = _moons_model()
-            self.register_buffer("calls", torch.zeros((), dtype=D64))
-            self.register_buffer("ema", torch.zeros(2, dtype=D64))
-
-        def forward(self, x):
-            with torch.no_grad():
-                self.calls.add_(1)
-                self.ema.mul_(0.9).add_(0.1 * x.mean(0))
-            return self.net(x)
-
     def loss(model, x, y):
         return nn.functional.cross_entropy(model(x), y)
 
     x, y = _data()
-    m_torch, m = Counting(), Counting()
-    m.load_state_dict(m_torch.state_dict())
+    m_torch = nn.Sequential(CountingIdentity(2), _moons_model())
+    m = copy.deepcopy(m_torch)
     opt_torch, opt = torch.optim.Adam(m_torch.parameters(), lr=1e-2), torch.optim.Adam(m.parameters(), lr=1e-2)
     fast = cf.compile(loss, backend="eager")
     for _ in range(4):
         fast.train_step(opt, m, x, y)
-        opt_torch.zero_grad()
-        loss(m_torch, x, y).backward()
-        opt_torch.step()
+    torch_steps(loss, m_torch, (x, y), opt_torch, 4)
     assert _only_entry(fast).writes
-    assert float(m.calls) == float(m_torch.calls) == 4.0
-    _close(m.ema, m_torch.ema, "buffer")
+    assert float(m[0].calls) == float(m_torch[0].calls) == 4.0
+    _close(m[0].ema, m_torch[0].ema, "buffer")
     for a, b in zip(m.parameters(), m_torch.parameters()):
         _close(a.detach(), b.detach(), "parameters")
