@@ -15,6 +15,7 @@ from models import MnistCNN
 
 import curvrate_fast as cf
 from curvrate_fast import crr as crr_mod
+from curvrate_fast.baseline import primitive_ops
 from curvrate_fast.jets import multilinear as ML
 
 D64 = torch.float64
@@ -63,6 +64,71 @@ class _SmallCNN(nn.Module):
         return self.fc(torch.flatten(F.silu(self.conv(x)), 1))
 
 
+class _PowersAndDivision(nn.Module):
+    """Division by a jet, sqrt, rsqrt, reciprocal and constant powers (integer and not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(4, 6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h, g = self.a(x), self.b(x)
+        q = 1.0 + h * h
+        z = h / q.sqrt() + torch.rsqrt(q) * g + torch.reciprocal(2.0 + torch.tanh(g)) + q ** 1.5
+        return self.out(z + h.pow(2) - torch.pow(g, 3) / (1.5 + g * g) + q.rsqrt().reciprocal() + 2.0 / q)
+
+
+class _JetProducts(nn.Module):
+    """Matrix products of two jets (matmul, @, bmm) and a softmax between them."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x):
+        B = x.shape[0]
+        p = torch.tanh(self.a(x)).view(B, 2, 3)
+        q = self.b(x).view(B, 3, 2)
+        m = torch.softmax(torch.matmul(p, q), dim=-1)      # (B, 2, 2)
+        m = m @ torch.bmm(p, q) + torch.bmm(m, m)
+        return self.out(m.reshape(B, 4))
+
+
+class _Attention(nn.Module):
+    """Causal self-attention through F.scaled_dot_product_attention (a composite rule), LayerNorm
+    and RMSNorm before it, a mean over the positions after."""
+
+    def __init__(self, d: int = 6):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        self.ln, self.rms = nn.LayerNorm(d), nn.RMSNorm(d, eps=1e-6)
+        self.out = nn.Linear(d, 3)
+
+    def forward(self, x):                                # x: (B, L, d)
+        q, k, v = self.qkv(self.ln(x)).unflatten(-1, (3, -1)).unbind(-2)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(self.rms(x + a).mean(1))
+
+
+class _TransformerLayer(nn.Module):
+    """nn.TransformerEncoderLayer (pre-LayerNorm, multi-head attention with a causal mask, GELU
+    feed-forward) and a final LayerNorm: nn.MultiheadAttention reaches the attention rule through
+    F.multi_head_attention_forward's ops."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(d, 2, dim_feedforward=16, dropout=0.0, activation="gelu",
+                                                batch_first=True, norm_first=True)
+        self.norm = nn.LayerNorm(d)
+        self.out = nn.Linear(d, 3)
+        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(5), persistent=False)
+
+    def forward(self, x):                                # x: (B, 5, d)
+        return self.out(self.norm(self.layer(x, src_mask=self.causal, is_causal=True)).mean(1))
+
+
 MODELS = {
     "tanh": lambda: (nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)), (5, 4)),
     "gelu": lambda: (nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 3)), (5, 4)),
@@ -75,6 +141,10 @@ MODELS = {
     "casts_and_views": lambda: (_CastsAndViews(), (5, 4)),
     "cnn": lambda: (_SmallCNN(), (3, 1, 6, 6)),
     "mnist_cnn_eval": lambda: (MnistCNN().eval(), (2, 1, 28, 28)),     # conv, ReLU, max pooling, dropout
+    "powers_division": lambda: (_PowersAndDivision(), (5, 4)),
+    "jet_products_softmax": lambda: (_JetProducts(), (5, 6)),
+    "attention_norms": lambda: (_Attention(), (3, 4, 6)),
+    "transformer_layer": lambda: (_TransformerLayer(), (2, 5, 8)),
 }
 
 
@@ -87,13 +157,56 @@ def test_components_are_nested_autograd_mixed_derivatives(name, N):
     x, y = torch.randn(shape, dtype=D64), torch.randint(0, 3, (shape[0],))
     us = [torch.randn(shape, dtype=D64) for _ in range(N)]
     c = _components(model, x, y, us)
-    ref = nested_mixed(model, x, y, us)
+    # the oracle: nested autograd, with LayerNorm and attention in primitive ops (PyTorch's own
+    # higher derivatives of the fused ones are wrong); the pass above ran the real ones
+    with primitive_ops():
+        ref = nested_mixed(model, x, y, us)
+        singles = [nested_mixed(model, x, y, [u])[0] for u in us]
     assert rel_err(c[0], F.cross_entropy(model(x), y, reduction="none")) <= 1e-13
     for n in range(1, N + 1):
         assert rel_err(c[ML.component(N, n)], ref[n - 1]) <= 1e-10, n
         # every other component is a mixed derivative too: the one of u_n alone
         only_n = ML.position(N)[1 << (n - 1)]
-        assert rel_err(c[only_n], nested_mixed(model, x, y, [us[n - 1]])[0]) <= 1e-10
+        assert rel_err(c[only_n], singles[n - 1]) <= 1e-10
+
+
+def test_matmul_of_two_jets_broadcasts_as_matmul():
+    """Two jets linear in the ε (a_∅ + Σ ε_i a_i) of different dims, (2, 3) @ (4, 3, 5): the product's
+    components in closed form (∅: a₀b₀; {i}: a_i b₀ + a₀b_i; {1,2}: a₁b₂ + a₂b₁), broadcast as
+    torch.matmul broadcasts; and the same through ``@`` with the operands' roles swapped."""
+    torch.manual_seed(2)
+    a = [torch.randn(2, 3, dtype=D64) for _ in range(3)]
+    b = [torch.randn(4, 3, 5, dtype=D64) for _ in range(3)]
+    with ML.multilinear_pass(2):
+        ab = torch.matmul(ML.input_jet(a[0], a[1:]), ML.input_jet(b[0], b[1:]))
+        bt_at = ML.input_jet(b[0], b[1:]).transpose(-2, -1) @ ML.input_jet(a[0], a[1:]).transpose(-2, -1)
+    expect = [a[0] @ b[0], a[1] @ b[0] + a[0] @ b[1], a[2] @ b[0] + a[0] @ b[2], a[1] @ b[2] + a[2] @ b[1]]
+    assert ab.shape == (4, 2, 5)
+    for k, e in enumerate(expect):
+        assert rel_err(ab.coeffs[k], e) <= 1e-14, k
+        assert rel_err(bt_at.coeffs[k], e.transpose(-2, -1)) <= 1e-14, k
+
+
+def test_softmax_and_cross_entropy_components_do_not_cancel_a_common_shift():
+    """Softmax and log-softmax do not change when every score of a row moves by one amount; a
+    jet's components can carry such a common part far larger than their differences (an untrained
+    MobileBERT's attention: scores of 10⁴, order-3 components of 10⁷). Each row is shifted by its
+    largest entry's whole jet, so the compositions never cancel terms of that size: here a common
+    part of 10³ in every direction, orders 1–3 against nested autograd in float64 (1e-7 off with
+    the primal shifted alone). The loss does not see the common part either (the cross-entropy of
+    head(p) + z is shift-invariant too), so the oracle is nested autograd along the directions
+    without it, where its own backward (p ⊙ (g − Σ p g)) is accurate."""
+    torch.manual_seed(4)
+    head = nn.Linear(3, 3).double()
+
+    def model(z):
+        return head(torch.softmax(z, dim=-1)) + z          # the loss's log-softmax sees z too
+    x, y = torch.randn(4, 3, dtype=D64), torch.randint(0, 3, (4,))
+    us = [torch.randn(4, 3, dtype=D64) for _ in range(3)]
+    c = _components(model, x, y, [1e3 + u for u in us])
+    ref = nested_mixed(model, x, y, us)
+    for n in (1, 2, 3):
+        assert rel_err(c[ML.component(3, n)], ref[n - 1]) <= 1e-11, n
 
 
 def test_log_softmax_loss_and_its_gradients():
@@ -117,9 +230,9 @@ def test_log_softmax_loss_and_its_gradients():
 
 
 def test_an_op_without_a_rule_is_refused_by_name():
-    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 3)).double()
+    model = nn.Sequential(nn.Linear(4, 4), nn.GroupNorm(2, 4), nn.Linear(4, 3)).double()
     x = torch.randn(3, 4, dtype=D64)
-    with pytest.raises(ML.MultilinearUnsupported, match="layer_norm"):
+    with pytest.raises(ML.MultilinearUnsupported, match="group_norm"):
         with ML.multilinear_pass(2):
             model(ML.input_jet(x, [x, x]))
     with pytest.raises(ML.MultilinearUnsupported, match="sin"):
@@ -179,13 +292,45 @@ def test_per_order_penalty_against_nested_autograd(paths):
     assert rel_err(R, d[1].abs().mean() + d[2].abs().mean()) <= 1e-10
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train_dropout"])
+def test_per_order_penalty_on_a_transformer_equals_polarization(paths, train):
+    """A pre-LayerNorm transformer layer (multi-head attention, causal mask, GELU) under a per-order
+    penalty: the multilinear pass gives the polarization pass's penalty and gradients, in eval mode
+    and in train mode with dropout (attention weights and feed-forward: one mask per sample for
+    every component and polarization row), and the captured program the eager one."""
+    torch.manual_seed(13)
+    model = _TransformerLayer().double()
+    if train:
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.2
+        model.layer.self_attn.dropout = 0.2
+    model.train(train)
+    x, y = torch.randn(4, 5, 8, dtype=D64), torch.randint(0, 3, (4,))
+    out = []
+    for how in ("multilinear", "captured", "polarization"):
+        if how == "polarization":
+            paths.polarize()
+        torch.manual_seed(14)
+        R = cf.crr_penalty(model, x, y, orders=(1, 3), directions="per_order", n_dirs=2,
+                           generator=torch.Generator().manual_seed(15),
+                           compile="eager" if how == "captured" else False)
+        out.append((R, torch.autograd.grad(R, list(model.parameters()))))
+    assert paths.seen == ["multilinear", "multilinear", "polarization"]
+    (a, ga), *others = out
+    for b, gb in others:
+        assert rel_err(a, b) <= 1e-12
+        for p, q in zip(ga, gb):
+            assert rel_err(p, q) <= 1e-10
+
+
 class _Counted(nn.Module):
-    """Counts its forward calls and bumps a buffer in each; LayerNorm has no multilinear rule."""
+    """Counts its forward calls and bumps a buffer in each; GroupNorm has no multilinear rule."""
 
     def __init__(self, norm: bool):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
-        self.norm = nn.LayerNorm(8) if norm else nn.Identity()
+        self.norm = nn.GroupNorm(2, 8) if norm else nn.Identity()
         self.register_buffer("calls", torch.zeros(()))
         self.forwards = 0
 
@@ -275,6 +420,29 @@ def test_a_plain_per_row_draw_is_one_draw_per_sample(paths):
     paths.polarize()
     with pytest.raises(cf.JetError, match="torch.rand drew a plain tensor"):
         cf.crr_penalty(hand_dropout, x, y, orders=(2, 3), directions="per_order")
+
+
+def test_a_dropout_that_draws_nothing_is_not_refused(paths):
+    """Polarization refuses a per-row draw of a plain tensor, but a dropout of a plain tensor in eval
+    mode (training=False) or with p = 0 draws nothing (DeBERTa's relative-position dropout in eval
+    mode): it passes, and the penalty is nested autograd's. With training=True and p > 0 it is
+    still refused."""
+    torch.manual_seed(16)
+    lin = nn.Linear(3, 3).double()
+    x, y = torch.randn(4, 3, dtype=D64), torch.randint(0, 3, (4,))
+    us = [torch.nn.functional.normalize(torch.randn(1, 4, 3, dtype=D64), dim=-1) for _ in range(3)]
+
+    def model(z, training=False):
+        h = torch.tanh(lin(z))
+        ones = torch.ones(h.shape, dtype=h.dtype)
+        return h * F.dropout(ones, 0.3, training) * F.dropout(ones, p=0.0) * torch.dropout(ones, 0.5, False)
+    paths.polarize()
+    R = cf.crr_penalty(model, x, y, orders=(2, 3), directions=us, order_reduction="sum")
+    d = nested_mixed(model, x, y, [u[0] for u in us])
+    assert paths.seen == ["polarization"]
+    assert rel_err(R, d[1].abs().mean() + d[2].abs().mean()) <= 1e-10
+    with pytest.raises(cf.JetError, match="F.dropout drew a plain tensor"):
+        cf.crr_penalty(lambda z: model(z, True), x, y, orders=(2, 3), directions=us)
 
 
 def test_eager_takes_the_multilinear_pass_where_it_is_faster(monkeypatch):

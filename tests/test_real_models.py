@@ -458,3 +458,53 @@ def test_further_families_captured_crr_matches_eager(name):
         assert (p is None) == (q is None)
         if q is not None:
             assert float((p - q).abs().max()) <= 1e-10 * scale
+
+
+# Per-order CRR (a fresh direction per order) on the real models whose every op has a multilinear
+# rule (LayerNorm, RMSNorm, attention with its masks, softmax, GPT-2's Conv1D addmm, Llama's rotary
+# embeddings and grouped-query heads, DeBERTa's relative positions, MobileBERT's padding, Mamba's
+# scan): the multilinear pass against polarization (the univariate engine, checked above against
+# nested autograd and finite differences): the same penalty and gradients. (BLOOM's GeLUFunction,
+# a custom autograd Function, keeps it on polarization; a padding mask built for the batch does
+# not fit polarization's tiled rows.)
+MULTILINEAR = [("bert", "sdpa", False), ("bert", "eager", False), ("gpt2", "sdpa", False), ("gpt2", "eager", False),
+               ("llama", "sdpa", False), ("llama", "eager", False), "deberta_v2", "mamba", "mobilebert", "segformer",
+               "t5_encoder"]
+
+
+@pytest.mark.parametrize("spec", MULTILINEAR, ids=[text_id(p) if isinstance(p, tuple) else p for p in MULTILINEAR])
+def test_per_order_crr_multilinear_equals_polarization(spec, monkeypatch):
+    from curvrate_fast import crr as crr_mod
+    from curvrate_fast.jets import multilinear as ML
+    case = build(spec) if isinstance(spec, tuple) else H.family(spec)
+
+    class Model(torch.nn.Module):          # the case's forward as a module whose parameters are inputs
+        def __init__(self):
+            super().__init__()
+            self.inner = case.module
+
+        def forward(self, x):
+            return case.forward(x)
+    model = Model().eval()         # (train-mode draws: test_multilinear's transformer layer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    seen = []
+    comp, coef = crr_mod._loss_components, crr_mod._loss_coefficients
+    monkeypatch.setattr(crr_mod, "_loss_components", lambda *a, **k: (seen.append("multilinear"), comp(*a, **k))[1])
+    monkeypatch.setattr(crr_mod, "_loss_coefficients", lambda *a, **k: (seen.append("polarization"), coef(*a, **k))[1])
+    out = []
+    for multilinear in (True, False):
+        monkeypatch.setattr(crr_mod, "_multilinear_wanted", lambda *a, m=multilinear: m)
+        with _casts(True):       # Llama's and T5's float32 internals kept in float64: 1e-10 holds
+            R = cf.crr_penalty(model, case.x, case.y, orders=(1, 3), directions="per_order", loss_fn=case.loss_fn,
+                               generator=torch.Generator().manual_seed(3))
+            out.append((R, torch.autograd.grad(R, params, allow_unused=True)))
+    assert seen == ["multilinear", "polarization"]
+    assert ML.supported(model, case.x, case.y, case.loss_fn, 3)     # what the captured path takes
+    (a, ga), (b, gb) = out
+    tol = 1e-10 if a.dtype == D64 else 1e-5
+    assert float((a - b).abs() / b.abs()) <= tol
+    scale = max(float(q.abs().max()) for q in gb if q is not None)
+    for p, q in zip(ga, gb):
+        assert (p is None) == (q is None)
+        if q is not None:
+            assert float((p - q).abs().max()) <= tol * scale

@@ -23,6 +23,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable, Iterator, Tuple, Union
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
@@ -77,7 +79,8 @@ class _PlainDrawGuard(TorchFunctionMode):
         out = func(*args, **kwargs)
         if isinstance(out, Tensor) and not isinstance(out, JetTensor) and out.dim() >= 1:
             G, B = settings.draw_groups
-            if out.shape[0] % (G * B) == 0 and random_op(func) and not _from_jet(args, kwargs):
+            if (out.shape[0] % (G * B) == 0 and random_op(func) and not _from_jet(args, kwargs)
+                    and not _dropout_without_draw(func, args, kwargs)):
                 raise JetError(
                     f"{op_name(func)} drew a plain tensor of shape {tuple(out.shape)}, one draw per row, inside a CRR "
                     f"pass with per-order directions, whose {G} polarization rows of a sample must share their "
@@ -85,6 +88,24 @@ class _PlainDrawGuard(TorchFunctionMode):
                     "(dropout, torch.randn_like(h) ...), not of plain tensors. Draw it from an activation, use "
                     "directions='fixed', or compute the penalty in eval mode.")
         return out
+
+
+#: the dropout functions and the positions of their (p, training) arguments; torch.dropout and
+#: friends take (input, p, train)
+_DROPOUTS = {F.dropout: (1, 2), F.dropout1d: (1, 2), F.dropout2d: (1, 2), F.dropout3d: (1, 2),
+             F.alpha_dropout: (1, 2), F.feature_alpha_dropout: (1, 2), torch.dropout: (1, 2),
+             torch.alpha_dropout: (1, 2), torch.feature_dropout: (1, 2), torch.feature_alpha_dropout: (1, 2)}
+
+
+def _dropout_without_draw(func, args, kwargs) -> bool:
+    """A dropout call that returns its input without drawing (eval mode: training=False, or
+    p = 0), e.g. a model's dropout of a plain tensor in eval mode: nothing to share."""
+    at = _DROPOUTS.get(func)
+    if at is None:
+        return False
+    p = args[at[0]] if len(args) > at[0] else kwargs.get("p", 0.5)
+    training = args[at[1]] if len(args) > at[1] else kwargs.get("training", kwargs.get("train", True))
+    return (not training) or p == 0
 
 
 def _from_jet(args, kwargs) -> bool:

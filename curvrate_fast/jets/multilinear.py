@@ -12,9 +12,15 @@ is the component {1..n}: 2^N rows per sample (8 for N = 3), no weights, no cance
 Arithmetic (a, b elements; S, T subsets):
 
 - linear maps act on every component (a GEMM of the stacked components, bias on a_∅);
-- product: (ab)_T = Σ_{S⊆T} a_S·b_{T∖S};
+- product: (ab)_T = Σ_{S⊆T} a_S·b_{T∖S}; the same for a bilinear map of two jets (matmul, bmm:
+  attention's q kᵀ and its weighted values), all pairs in one batched product (:func:`bilinear`);
 - a smooth elementwise f: f(a)_T = Σ_{π partition of T} f^{(|π|)}(a_∅)·∏_{B∈π} a_B (Faà di Bruno
-  for square-free monomials), e.g. f(a)_{12} = f′a_{12} + f″a_1a_2.
+  for square-free monomials), e.g. f(a)_{12} = f′a_{12} + f″a_1a_2 (activations, exp, log,
+  constant powers with f^{(k)}(a) = p(p−1)…(p−k+1)·a^{p−k}: rsqrt, sqrt, reciprocal, a quotient
+  by a jet);
+- composites written with those: softmax = exp(log_softmax), LayerNorm and RMSNorm (means,
+  products, rsqrt), scaled-dot-product attention (its univariate rule is a composition of ops
+  with rules here, and nn.MultiheadAttention reaches it through F.multi_head_attention_forward).
 
 Components are stored stacked along a leading axis in order of degree (∅; the singletons; the
 pairs; …), so the input x + Σ ε_i u_i stores N + 1 rows and, as in the univariate engine, trailing
@@ -155,6 +161,33 @@ def product(a: Tensor, b: Tensor, N: int) -> List[Optional[Tensor]]:
     return out
 
 
+def bilinear(a: Tensor, b: Tensor, N: int, op: Callable[[Tensor, Tensor], Tensor]) -> List[Optional[Tensor]]:
+    """The components of op(a, b) for a bilinear ``op`` (matmul) of two multilinear jets (stacked
+    components a (s, ...), b (r, ...)): (op(a, b))_T = Σ_{S⊆T} op(a_S, b_{T∖S}). The pairs of one
+    component T are one batched ``op`` call summed over the batch: 2^N products in all (8 for
+    N = 3) instead of 3^N small ones (27), and at any time no more than 2^{|T|} pair products
+    alive (the whole 3^N at once would hold 27 attention-score tensors). None for a component
+    that no stored pair reaches."""
+    # the operands' own dims broadcast from the right, as op's do: the pair axis must not take part
+    nd = max(a.dim(), b.dim())
+    a = a.reshape((a.shape[0],) + (1,) * (nd - a.dim()) + tuple(a.shape[1:]))
+    b = b.reshape((b.shape[0],) + (1,) * (nd - b.dim()) + tuple(b.shape[1:]))
+    out: List[Optional[Tensor]] = []
+    for pairs in _splits(N):
+        stored = [(i, j) for i, j in pairs if i < a.shape[0] and j < b.shape[0]]
+        if not stored:
+            out.append(None)
+        elif len(stored) == 1:
+            i, j = stored[0]
+            out.append(op(a[i], b[j]))
+        else:
+            rows = torch.tensor([i for i, _ in stored], device=a.device)
+            cols = torch.tensor([j for _, j in stored], device=b.device)
+            out.append(op(a.index_select(0, rows), b.index_select(0, cols)).sum(0))
+        _tally(4 if len(stored) > 1 else 1, 0.0)
+    return out
+
+
 def _tally(ops: int, macs: float) -> None:
     count = _state.count
     if count is not None:
@@ -249,9 +282,135 @@ def _mul(rule, input, other, *, out=None):
 
 
 def _div(rule, input, other, *, rounding_mode=None, out=None):
-    if is_jet(other):
-        raise refuse("division by a jet")
-    return rule(input, other, rounding_mode=rounding_mode)
+    """a / b; by a jet b as a · (1/b) (the reciprocal's components by :func:`compose`)."""
+    if not is_jet(other):
+        return rule(input, other, rounding_mode=rounding_mode)
+    if rounding_mode is not None:
+        raise refuse(f"division by a jet with rounding_mode={rounding_mode!r}")
+    return input * _elementwise(other, _power_derivatives(-1.0, torch.reciprocal))
+
+
+def _rdiv(rule, input, other):
+    """``other / input`` (Tensor.__rtruediv__: a number or tensor over a jet)."""
+    return _div(None, other, input)
+
+
+def _power_derivatives(p: float, value: Callable[[Tensor], Tensor]) -> Callable[[Tensor, int], List[Optional[Tensor]]]:
+    """f(a) = a^p (``value`` computes it as the op does: rsqrt, sqrt, reciprocal, pow):
+    f^{(k)}(a) = p(p−1)…(p−k+1)·a^{p−k}; for an integer p ≥ 0 the derivatives past the p-th are
+    exactly zero (None), so x² at x = 0 never meets 0^{negative}."""
+    def derivatives(a: Tensor, N: int) -> List[Optional[Tensor]]:
+        out: List[Optional[Tensor]] = [value(a)]
+        falling = 1.0
+        for k in range(1, N + 1):
+            falling *= p - (k - 1)
+            out.append(None if falling == 0.0 else torch.pow(a, p - k) * falling)
+        return out
+    return derivatives
+
+
+def _power(p: float, value: Callable[[Tensor], Tensor]):
+    def handler(rule, input, *, out=None):
+        return _elementwise(input, _power_derivatives(p, value))
+    return handler
+
+
+def _pow(rule, input, exponent, *, out=None):
+    """A jet to a constant real power (a Python number or a one-element tensor); a jet or tensor
+    exponent is refused (exp(r·log x) has no rule here)."""
+    if is_jet(exponent) or not is_jet(input):
+        raise refuse("pow with a jet exponent")
+    if isinstance(exponent, Tensor):
+        # one value that does not broadcast the result beyond the base's shape, as the univariate rule
+        if exponent.numel() != 1 or exponent.is_complex() or exponent.dim() > input.dim():
+            raise refuse("pow with a tensor exponent")
+        exponent = exponent.item()
+    if isinstance(exponent, complex):
+        raise refuse("pow with a complex exponent")
+    p = float(exponent)
+    return _elementwise(input, _power_derivatives(p, lambda a: torch.pow(a, exponent)))
+
+
+def _bilinear_handler(swap: bool = False):
+    """matmul/bmm: linear in each operand (per component) when one is a jet; of two jets the
+    subset product of :func:`bilinear` (``swap``: the rule of ``__rmatmul__``, other @ input)."""
+    def handler(rule, input, other, *, out=None):
+        if _jets(input, other) < 2:
+            return rule(input, other)
+        a, b = (other, input) if swap else (input, other)
+        if a.dim() < 2 or b.dim() < 2:
+            raise refuse("matmul of two jets with a 1-D operand")
+        return _jet(bilinear(a._coeffs, b._coeffs, _directions(a._order), torch.matmul), a._order)
+    return handler
+
+
+def _scaled_product_handler(name: str):
+    """addmm/baddbmm, beta·input + alpha·(m1 @ m2): the univariate rule where at most one factor is
+    a jet (a linear map per component, input on every component it has); of two jets the
+    :func:`bilinear` product, scaled and summed as torch does (input ignored at beta = 0)."""
+    def handler(rule, input, *args, beta=1, alpha=1, out=None, **kwargs):
+        # (input, mat1, mat2) of addmm, (input, batch1, batch2) of baddbmm, positional or by name
+        first, second = ("batch1", "batch2") if name == "baddbmm" else ("mat1", "mat2")
+        mat1 = args[0] if args else kwargs.pop(first)
+        mat2 = args[1] if len(args) > 1 else kwargs.pop(second)
+        if len(args) > 2 or kwargs.get("out_dtype") is not None:
+            raise refuse(f"{name} with out_dtype")
+        if _jets(mat1, mat2) < 2:
+            return rule(input, mat1, mat2, beta=beta, alpha=alpha)
+        prod = _jet(bilinear(mat1._coeffs, mat2._coeffs, _directions(mat1._order), torch.matmul), mat1._order)
+        if beta == 0:
+            return prod * alpha
+        if tuple(torch.broadcast_shapes(input.shape, prod.shape)) != tuple(prod.shape):
+            raise RuntimeError(f"{name}: input of shape {tuple(input.shape)} does not broadcast to the product's "
+                               f"shape {tuple(prod.shape)}")
+        return input * beta + prod * alpha
+    return handler
+
+
+def _softmax(rule, input, dim=None, *rest, dtype=None, **kwargs):
+    """softmax = e / Σe with e = exp(z − s), s each row's largest entry (:func:`_row_shift`): the
+    components of e by :func:`compose`, of 1/Σe the same with the reciprocal's derivatives, and
+    their product. (Not exp(log_softmax): its primal would carry the rounding of log p, ~|log p|·ε
+    relative, 1e-14 where p is small.) A masked −inf score gives 0 and zero components; a row with
+    every score masked gives NaN, as torch.softmax. The call forms of :func:`_log_softmax`."""
+    dtype = dtype if dtype is not None else next((r for r in rest if isinstance(r, torch.dtype)), None)
+    if dtype is not None:
+        input = input.to(dtype)
+    if dim is None:
+        raise refuse("softmax without dim")
+    N = _directions(input._order)
+    c = input._coeffs
+    if not input.dim():
+        return _jet([torch.ones_like(c[0])], input._order)
+    d = dim % input.dim()
+    E, S = _exp_and_sum(_row_shift(c, d)[0], d, N)
+    R = compose(_stacked(S, S[0]), _power_derivatives(-1.0, torch.reciprocal)(S[0], N), N)
+    return _jet(product(_stacked(E, E[0]), _stacked(R, S[0]), N), input._order)
+
+
+def _layer_norm(rule, input, normalized_shape, weight=None, bias=None, eps: float = 1e-5, *rest):
+    """(x − mean)·rsqrt(mean((x − mean)²) + eps)·w + b, each op on the jet (its own rule)."""
+    if is_jet(weight) or is_jet(bias):
+        raise refuse("layer_norm with a jet weight or bias")
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    dims = tuple(range(-len(shape), 0))
+    xc = input - input.mean(dim=dims, keepdim=True)
+    y = xc * torch.rsqrt((xc * xc).mean(dim=dims, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight
+    return y if bias is None else y + bias
+
+
+def _rms_norm(rule, input, normalized_shape, weight=None, eps: Optional[float] = None):
+    """x·rsqrt(mean(x²) + eps)·w (eps None: the dtype's machine epsilon, as torch)."""
+    if is_jet(weight):
+        raise refuse("rms_norm with a jet weight")
+    if eps is None:
+        eps = torch.finfo(input.dtype).eps
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    dims = tuple(range(-len(shape), 0))
+    y = input * torch.rsqrt((input * input).mean(dim=dims, keepdim=True) + eps)
+    return y if weight is None else y * weight
 
 
 def _elementwise(x: JetTensor, derivatives: Callable[[Tensor, int], List[Optional[Tensor]]]) -> JetTensor:
@@ -317,19 +476,46 @@ def _log(rule, input, *, out=None):
     return _elementwise(input, _log_derivatives)
 
 
+def _row_shift(c: Tensor, d: int) -> Tuple[Tensor, Tensor]:
+    """(c − s, s) for the stacked components c of z and s the components of each row's largest
+    entry along dim ``d`` of z (kept as a dim of size 1). softmax and logsumexp − s are invariant
+    under z → z − s, a shift by a jet constant per row: exact. Afterwards the largest entry has
+    e = 1 and zero components; shifting the primal alone (max z_∅) leaves the components as large
+    as the scores, and where one score dominates (saturated rows; an untrained model's scores of
+    10⁴) the sums of the compositions cancel terms far larger than their result (measured on
+    MobileBERT: order 3 off by 1e-8 relative in float64, 1e-14 after). A row with every score −inf
+    is not shifted."""
+    top = c[0].detach().argmax(d, keepdim=True).unsqueeze(0).expand((c.shape[0],) + (-1,) * c[0].dim())
+    shift = c.gather(d + 1, top)
+    shift = torch.where(torch.isfinite(shift[0:1]), shift, torch.zeros((), dtype=c.dtype, device=c.device))
+    return c - shift, shift
+
+
+def _exp_and_sum(c: Tensor, d: int, N: int) -> Tuple[List[Optional[Tensor]], List[Optional[Tensor]]]:
+    """The components of e = exp(z) and of Σ_d e (kept dim), from the stacked (shifted) c."""
+    e0 = torch.exp(c[0])
+    E = compose(c, [e0] * (N + 1), N)
+    return E, [None if t is None else t.sum(d, keepdim=True) for t in E]
+
+
+def _stacked(comps: List[Optional[Tensor]], like: Tensor) -> Tensor:
+    """Components as one stacked tensor, an exact zero (None) as zeros."""
+    return torch.stack([torch.zeros_like(like) if t is None else t.expand_as(like) for t in comps])
+
+
 def _logsumexp_parts(z: JetTensor, dim: int) -> Tuple[Tensor, List[Optional[Tensor]]]:
-    """(the stacked components of z, those of logsumexp(z, dim, keepdim=True))."""
+    """(the stacked components of z, those of logsumexp(z, dim, keepdim=True)): of the row-shifted
+    z (:func:`_row_shift`), the shift added back."""
     N = _directions(z._order)
     c = z._coeffs
-    d = dim % z.dim() + 1 if z.dim() else 0
-    m = c[0].amax(d - 1, keepdim=True).detach()         # a constant shift: exact, no overflow
-    m = torch.where(torch.isfinite(m), m, torch.zeros((), dtype=m.dtype, device=m.device))
-    e0 = torch.exp(c[0] - m)
-    E = compose(c, [e0] * (N + 1), N)
-    S = [None if s is None else s.sum(d - 1, keepdim=True) for s in E]
-    stacked = torch.stack([torch.zeros_like(S[0]) if s is None else s for s in S])
-    L = compose(stacked, _log_derivatives(S[0], N), N)
-    L[0] = L[0] + m
+    if not z.dim():                  # logsumexp of one value is the value
+        return c, list(c.unbind(0))
+    d = dim % z.dim()
+    shifted, shift = _row_shift(c, d)
+    _, S = _exp_and_sum(shifted, d, N)
+    L = compose(_stacked(S, S[0]), _log_derivatives(S[0], N), N)
+    for k in range(shift.shape[0]):
+        L[k] = shift[k] if L[k] is None else L[k] + shift[k]
     return c, L
 
 
@@ -383,13 +569,22 @@ _SAME = (torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd_
          torch.where, torch.gather, torch.Tensor.gather, torch.Tensor.__getitem__, torch.Tensor.permute,
          torch.transpose, torch.Tensor.transpose, torch.Tensor.contiguous, torch.cat, torch.stack,
          torch.Tensor.expand, torch.Tensor.view_as, torch.Tensor.reshape_as, torch.Tensor.unflatten,
+         torch.unbind, torch.Tensor.unbind, torch.chunk, torch.Tensor.chunk, torch.split, torch.Tensor.split,
+         torch.Tensor.narrow, torch.narrow, torch.select, torch.Tensor.select, torch.repeat_interleave,
+         torch.Tensor.repeat_interleave,
+         # padding: linear; a constant fill value on the primal component only
+         F.pad,
          # casts: every coefficient cast (linear), or a constant for an integer dtype
-         torch.Tensor.to, torch.Tensor.float, torch.Tensor.double, torch.Tensor.type_as,
+         torch.Tensor.to, torch.Tensor.float, torch.Tensor.double, torch.Tensor.type_as, torch.Tensor.type,
          # pooling: linear, or every coefficient at the primal's argmax; dropout: one mask for all
          F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
          F.adaptive_avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d,
          F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
-         torch.dropout)
+         torch.dropout,
+         # a constant fill (zero components there) or a jet's (its components): where, per component
+         torch.masked_fill, torch.Tensor.masked_fill,
+         # composite rules: each of their ops on a jet meets its own rule here
+         F.scaled_dot_product_attention)
 _ONE_JET = (F.linear, F.conv1d, F.conv2d, F.conv3d)
 _MUL = (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__)
 _DIV = (torch.div, torch.Tensor.div, torch.Tensor.__truediv__)
@@ -420,6 +615,20 @@ def _table() -> Dict[Callable, Callable]:
     put((torch.log, torch.Tensor.log), _log)
     put((F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax), _log_softmax)
     put((F.cross_entropy,), _cross_entropy)
+    put((torch.rsqrt, torch.Tensor.rsqrt), _power(-0.5, torch.rsqrt))
+    put((torch.sqrt, torch.Tensor.sqrt), _power(0.5, torch.sqrt))
+    put((torch.reciprocal, torch.Tensor.reciprocal), _power(-1.0, torch.reciprocal))
+    put((torch.pow, torch.Tensor.pow, torch.Tensor.__pow__), _pow)
+    put((torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm, torch.Tensor.bmm),
+        _bilinear_handler())
+    put((torch.Tensor.__rmatmul__,), _bilinear_handler(swap=True))
+    put((torch.Tensor.__rtruediv__,), _rdiv)
+    put((torch.addmm, torch.Tensor.addmm), _scaled_product_handler("addmm"))
+    put((torch.baddbmm, torch.Tensor.baddbmm), _scaled_product_handler("baddbmm"))
+    put((F.softmax, torch.softmax, torch.Tensor.softmax), _softmax)
+    put((F.layer_norm,), _layer_norm)
+    if hasattr(F, "rms_norm"):
+        put((F.rms_norm,), _rms_norm)
     return table
 
 
