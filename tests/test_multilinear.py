@@ -468,6 +468,19 @@ def test_eager_takes_the_multilinear_pass_where_it_is_faster(monkeypatch):
         assert seen                                                 # captured: always
 
 
+def test_the_tally_counts_the_stand_ins_for_fused_kernels_only():
+    """The probe counts as extra ops the subset arithmetic of the rules that replace one fused
+    univariate kernel (activations, cross-entropy); a LayerNorm (series code of many ops in either
+    pass) adds none, and the GEMM multiply-adds are those of the linear layers."""
+    torch.manual_seed(17)
+    plain = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 3))
+    normed = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.LayerNorm(32), nn.Linear(32, 3))
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    a, b = ML.probe(plain, x, y, None, 3), ML.probe(normed, x, y, None, 3)
+    assert a.ok and b.ok and a.ops > 0
+    assert b.ops == a.ops and b.macs == a.macs == 8 * 32 + 32 * 3
+
+
 def test_the_probe_keys_the_labels():
     """Class indices and probability targets of one model and input shape are two configurations:
     cross-entropy's multilinear rule takes class indices only."""
