@@ -427,6 +427,18 @@ def test_against_finite_differences(spec, scale):
     assert not bool((diff > tol[:, ok]).any()), f"{case.name}: jet differs from finite differences"
 
 
+class _CaseModule(torch.nn.Module):
+    """A case's forward as a module whose parameters are the model's (a CRR loss takes a module)."""
+
+    def __init__(self, case: H.Case):
+        super().__init__()
+        self.inner = case.module
+        self._forward = case.forward
+
+    def forward(self, x):
+        return self._forward(x)
+
+
 @pytest.mark.parametrize("name", sorted(H.FAMILIES))
 def test_further_families_captured_crr_matches_eager(name):
     """CRRLoss(compile='eager') on the further families (BLOOM with its declared GeLUFunction,
@@ -434,15 +446,7 @@ def test_further_families_captured_crr_matches_eager(name):
     one (Mamba computes in float32 inside: equal to its rounding, and of its dtype) and so do the
     parameter gradients."""
     case = H.family(name)
-
-    class Model(torch.nn.Module):          # the case's forward as a module whose parameters are inputs
-        def __init__(self):
-            super().__init__()
-            self.inner = case.module
-
-        def forward(self, x):
-            return case.forward(x)
-    model = Model()
+    model = _CaseModule(case)
     params = [p for p in model.parameters() if p.requires_grad]
     out = []
     for compile_arg in (False, "eager"):
@@ -477,15 +481,7 @@ def test_per_order_crr_multilinear_equals_polarization(spec, monkeypatch):
     from curvrate_fast import crr as crr_mod
     from curvrate_fast.jets import multilinear as ML
     case = build(spec) if isinstance(spec, tuple) else H.family(spec)
-
-    class Model(torch.nn.Module):          # the case's forward as a module whose parameters are inputs
-        def __init__(self):
-            super().__init__()
-            self.inner = case.module
-
-        def forward(self, x):
-            return case.forward(x)
-    model = Model().eval()         # (train-mode draws: test_multilinear's transformer layer)
+    model = _CaseModule(case).eval()   # (train-mode draws: test_multilinear's transformer layer)
     params = [p for p in model.parameters() if p.requires_grad]
     seen = []
     comp, coef = crr_mod._loss_components, crr_mod._loss_coefficients
