@@ -12,15 +12,18 @@ is the component {1..n}: 2^N rows per sample (8 for N = 3), no weights, no cance
 Arithmetic (a, b elements; S, T subsets):
 
 - linear maps act on every component (a GEMM of the stacked components, bias on a_∅);
-- product: (ab)_T = Σ_{S⊆T} a_S·b_{T∖S}; the same for a bilinear map of two jets (matmul, bmm:
-  attention's q kᵀ and its weighted values), all pairs in one batched product (:func:`bilinear`);
+- product: (ab)_T = Σ_{S⊆T} a_S·b_{T∖S}; the same for a bilinear map of two jets (matmul, bmm,
+  addmm, baddbmm: attention's q kᵀ and its weighted values), the pairs of each component T one
+  batched product (:func:`bilinear`);
 - a smooth elementwise f: f(a)_T = Σ_{π partition of T} f^{(|π|)}(a_∅)·∏_{B∈π} a_B (Faà di Bruno
   for square-free monomials), e.g. f(a)_{12} = f′a_{12} + f″a_1a_2 (activations, exp, log,
   constant powers with f^{(k)}(a) = p(p−1)…(p−k+1)·a^{p−k}: rsqrt, sqrt, reciprocal, a quotient
   by a jet);
-- composites written with those: softmax = exp(log_softmax), LayerNorm and RMSNorm (means,
-  products, rsqrt), scaled-dot-product attention (its univariate rule is a composition of ops
-  with rules here, and nn.MultiheadAttention reaches it through F.multi_head_attention_forward).
+- composites written with those: softmax = e/Σe and logsumexp = log Σe with e = exp of the
+  scores shifted by each row's largest entry (its whole jet: :func:`_row_shift`), LayerNorm and
+  RMSNorm (means, products, rsqrt), scaled-dot-product attention (its univariate rule is a
+  composition of ops with rules here, and nn.MultiheadAttention reaches it through
+  F.multi_head_attention_forward).
 
 Components are stored stacked along a leading axis in order of degree (∅; the singletons; the
 pairs; …), so the input x + Σ ε_i u_i stores N + 1 rows and, as in the univariate engine, trailing
