@@ -192,7 +192,7 @@ def test_softmax_and_cross_entropy_components_do_not_cancel_a_common_shift():
     jet's components can carry such a common part far larger than their differences (an untrained
     MobileBERT's attention: scores of 10⁴, order-3 components of 10⁷). Each row is shifted by its
     largest entry's whole jet, so the compositions never cancel terms of that size: here a common
-    part of 10³ in every direction, orders 1–3 against nested autograd in float64 (1e-7 off with
+    part of 10³ in every direction, orders 1–3 against nested autograd in float64 (1.3e-9 off with
     the primal shifted alone). The loss does not see the common part either (the cross-entropy of
     head(p) + z is shift-invariant too), so the oracle is nested autograd along the directions
     without it, where its own backward (p ⊙ (g − Σ p g)) is accurate."""
