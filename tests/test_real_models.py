@@ -165,6 +165,17 @@ def per_order_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return worst
 
 
+def assert_grads_close(ours, ref, tol: float) -> None:
+    """Two lists of parameter gradients agree: None (a parameter the loss does not reach) in both
+    or neither, the rest within ``tol`` of the largest gradient entry (some are zero in exact
+    arithmetic, e.g. attention's key bias, and carry only rounding)."""
+    scale = max(float(q.abs().max()) for q in ref if q is not None)
+    for p, q in zip(ours, ref):
+        assert (p is None) == (q is None)
+        if q is not None:
+            assert float((p - q).abs().max()) <= tol * scale
+
+
 def grads_err(ours, ref, names) -> tuple:
     """Worst relative error over the parameter gradients; each tensor against its own largest entry,
     with a floor of 1e-5 of the largest gradient entry overall (tensors whose gradient is ~0 next
@@ -372,12 +383,7 @@ def test_captured_crr_matches_eager(spec):
         ga = torch.autograd.grad(a, params, allow_unused=True)
         gb = torch.autograd.grad(b, params, allow_unused=True)
     assert float((a - b).abs() / b.abs()) <= 1e-12
-    # relative to the largest gradient: some are zero in exact arithmetic (attention's key bias)
-    scale = max(float(q.abs().max()) for q in gb if q is not None)
-    for p, q in zip(ga, gb):          # the parameters the loss does not reach: None in both
-        assert (p is None) == (q is None)
-        if q is not None:
-            assert float((p - q).abs().max()) <= 1e-12 * scale
+    assert_grads_close(ga, gb, 1e-12)
     start = copy.deepcopy(case.module.state_dict())
     ends = []
     for captured in (False, True):
@@ -457,11 +463,7 @@ def test_further_families_captured_crr_matches_eager(name):
     assert a.dtype == b.dtype
     tol = 1e-12 if a.dtype == D64 else 1e-6
     assert float((a - b).abs() / b.abs()) <= tol
-    scale = max(float(q.abs().max()) for q in gb if q is not None)
-    for p, q in zip(ga, gb):
-        assert (p is None) == (q is None)
-        if q is not None:
-            assert float((p - q).abs().max()) <= 1e-10 * scale
+    assert_grads_close(ga, gb, 1e-10)
 
 
 # Per-order CRR (a fresh direction per order) on the real models whose every op has a multilinear
@@ -499,8 +501,4 @@ def test_per_order_crr_multilinear_equals_polarization(spec, monkeypatch):
     (a, ga), (b, gb) = out
     tol = 1e-10 if a.dtype == D64 else 1e-5
     assert float((a - b).abs() / b.abs()) <= tol
-    scale = max(float(q.abs().max()) for q in gb if q is not None)
-    for p, q in zip(ga, gb):
-        assert (p is None) == (q is None)
-        if q is not None:
-            assert float((p - q).abs().max()) <= tol * scale
+    assert_grads_close(ga, gb, tol)
