@@ -129,6 +129,21 @@ class _TransformerLayer(nn.Module):
         return self.out(self.norm(self.layer(x, src_mask=self.causal, is_causal=True)).mean(1))
 
 
+class _InPlace(nn.Module):
+    """Activations written into their input: F.silu(h, inplace=True) with its result dropped, then
+    h read again beside F.leaky_relu's result (the caller sees h written, as in PyTorch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        F.silu(h, inplace=True)
+        g = F.leaky_relu(h, 0.1, inplace=True)
+        return self.b(g + h)
+
+
 MODELS = {
     "tanh": lambda: (nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)), (5, 4)),
     "gelu": lambda: (nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 3)), (5, 4)),
@@ -145,6 +160,7 @@ MODELS = {
     "jet_products_softmax": lambda: (_JetProducts(), (5, 6)),
     "attention_norms": lambda: (_Attention(), (3, 4, 6)),
     "transformer_layer": lambda: (_TransformerLayer(), (2, 5, 8)),
+    "in_place": lambda: (_InPlace(), (5, 4)),
 }
 
 

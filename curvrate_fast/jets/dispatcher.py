@@ -7,9 +7,11 @@ In order, an op that meets a ``JetTensor`` is answered by
    its result is a constant along the path, as in the nested-autograd method this library
    replaces (there, such values are detached);
 3. a registered Taylor rule (``rules/``), looked up by the callable (a ``torch.ops`` overload also
-   by its packet);
+   by its packet); a functional op called with ``inplace=True`` runs its rule out of place and
+   writes the result into its input (:func:`_functional_inplace`), and a result that views an
+   argument is linked to it (:func:`_linked`: reads see the base's later writes, writes reach it);
 4. a constant result: metadata, comparisons, integer-valued and piecewise-constant results;
-5. an in-place op: the out-of-place rule, written back into the jet;
+5. an in-place op: the out-of-place rule, written back into the jet (through a view into its base);
 6. an exact decomposition into ops that have rules: a Python function's own body (torch's
    ``has_torch_function`` guard answered False: ``F.multi_head_attention_forward``, ``torch.norm``);
 7. otherwise a :class:`RuleMissingError` that names the op and says how to add a rule.
@@ -215,7 +217,7 @@ def _is_inplace(func: Any) -> Optional[str]:
         return "__" + name[3:]
     if name.endswith("_") and not name.startswith("_") and not name.endswith("__"):
         base = name[:-1]
-        if hasattr(torch.Tensor, base) or hasattr(torch, base):
+        if hasattr(torch.Tensor, base) or hasattr(torch, base) or hasattr(torch.nn.functional, base):
             return base
     return None
 
@@ -695,18 +697,21 @@ def _route(func: Any, args: Tuple, kwargs: Dict) -> Any:
             f"{op_name(func)}(..., out=...) with a jet: the Taylor coefficients cannot be written into "
             "a plain output tensor; use the returned value instead of out=")
     rule = _rule_for(func)
+    if rule is not None and _asks_inplace(func, args, kwargs):
+        return _functional_inplace(func, args, kwargs)
     if rule is not None and multilinear.active():
         record("rules", func)
-        return multilinear.route(func, rule, args, kwargs)
+        return _linked(func, multilinear.route(func, rule, args, kwargs),
+                       lambda a, k: multilinear.route(func, rule, a, k), args, kwargs)
     if rule is not None:
         record("rules", func)
         try:
-            return rule(*args, **kwargs)
+            return _linked(func, rule(*args, **kwargs), lambda a, k: rule(*a, **k), args, kwargs)
         except TypeError as e:
             fixed = _unbound_call(func, rule, args, kwargs, e)
             if fixed is None:
                 raise
-            return rule(*fixed[0], **fixed[1])
+            return _linked(func, rule(*fixed[0], **fixed[1]), lambda a, k: rule(*a, **k), *fixed)
 
     name = _func_name(func)
     if name in _LEAVES_TORCH:
@@ -764,6 +769,86 @@ def _foreign_machinery(func: Any) -> Optional[str]:
     return None
 
 
+# whether a torch function may return a view of an argument: its ATen op's schema says so (a
+# return annotated as an alias, not written: ``Tensor(a) self -> Tensor(a)``); True where no ATen
+# op of that name exists (T, float: checked); the rules' own view marks are checked in any case
+_MAY_VIEW: Dict[Any, bool] = {}
+
+
+def _may_view(func: Any) -> bool:
+    try:
+        return _MAY_VIEW[func]
+    except (KeyError, TypeError):
+        pass
+    if isinstance(func, torch._ops.OpOverload):
+        schemas = [func._schema]
+    else:
+        name = _func_name(func)
+        packet = getattr(torch.ops.aten, name, None) if name else None
+        schemas = ([getattr(packet, ov)._schema for ov in packet.overloads()]
+                   if isinstance(packet, torch._ops.OpOverloadPacket) else None)
+    may = True if schemas is None else any(
+        r.alias_info is not None and not r.alias_info.is_write for sch in schemas for r in sch.returns)
+    try:
+        _MAY_VIEW[func] = may
+    except TypeError:
+        pass
+    return may
+
+
+def _linked(func: Any, out: Any, call: Callable[[Tuple, Dict], Any], args: Tuple, kwargs: Dict) -> Any:
+    """A rule's result with each view it returns linked to its base (JetTensor.link_view), so that
+    the aliasing of PyTorch's view ops holds for jets. Only ops whose ATen schema returns an alias
+    (:func:`_may_view`) and results the rule marked as views are looked at: a result whose
+    coefficients alias the first argument's is a view of it (select, diagonal, a slice, transpose,
+    a reshape that did not copy); a marked one is looked up among the other positional arguments
+    (broadcast_tensors, meshgrid). The replay is the rule called again with another jet in the
+    base's place. A marked result that aliases no argument is a copy (advanced indexing, a
+    reshape that had to copy), a tensor of its own as in PyTorch: unmarked. Whether a reshape
+    copies follows the coefficients' memory layout, which mirrors the primal's as PyTorch lays it
+    out except where a rule chose another layout. A deferred result (a linear layer's pending
+    GEMM) is fresh and left as it is."""
+    many = isinstance(out, (tuple, list))
+    outs = out if many else (out,)
+    first = args[0] if args else None
+    may = _may_view(func)
+    for k, o in enumerate(outs):
+        if not isinstance(o, JetTensor) or o._view is not None or o._pending is not None or o is first \
+                or not (may or o._is_view):
+            continue
+        if isinstance(first, JetTensor) and first._pending is None and first._data is not None \
+                and torch._C._is_alias_of(o._data, first._data):
+            def replay(b, k=k):
+                r = call((b,) + tuple(args[1:]), kwargs)
+                return r[k] if many else r
+            o._is_view = True
+            o.link_view(first, replay)
+            continue
+        if not o._is_view:
+            continue
+        # a view of another argument (broadcast_tensors, meshgrid's list): the positional
+        # arguments and the sequences among them
+        at = next(((i, j) for i, a in enumerate(args)
+                   for j, b in (enumerate(a) if isinstance(a, (list, tuple)) else ((None, a),))
+                   if isinstance(b, JetTensor) and b._pending is None and b._data is not None
+                   and torch._C._is_alias_of(o._data, b._data)), None)
+        if at is None:
+            o._is_view = False
+            continue
+
+        def replay(b, k=k, at=at):
+            i, j = at
+            a = list(args)
+            if j is None:
+                a[i] = b
+            else:
+                a[i] = type(args[i])(b if n == j else v for n, v in enumerate(args[i]))
+            r = call(tuple(a), kwargs)
+            return r[k] if many else r
+        o.link_view(args[at[0]] if at[1] is None else args[at[0]][at[1]], replay)
+    return out
+
+
 def _writable_target(func: Any, target: Any) -> JetTensor:
     """The jet an in-place op writes into, or the error why it cannot."""
     if not isinstance(target, JetTensor):
@@ -771,7 +856,7 @@ def _writable_target(func: Any, target: Any) -> JetTensor:
             f"in-place {_func_name(func)} writes a jet into a plain tensor; Taylor coefficients cannot "
             "be stored there. Use the out-of-place form (e.g. torch.cat / torch.where, or the jet itself "
             "instead of a copy into a buffer; x.detach() where a constant is meant) instead.")
-    if target._is_view:
+    if not target.writable():
         raise JetError(
             f"in-place {_func_name(func)} on a view of a jet (from view/reshape/indexing) would not "
             "reach the tensor it views; use the out-of-place form, e.g. `x = x + y` or `F.relu(x)`.")
@@ -788,19 +873,72 @@ def _copy_into(dst: Any, src: Any, non_blocking: bool = False) -> JetTensor:
         if value.dtype != target.dtype or value.device != target.device:
             value = dispatch(torch.Tensor.to, (value,), {"dtype": target.dtype, "device": target.device})
         expanded = dispatch(torch.Tensor.expand, (value, target.shape), {})
-        target._coeffs = dispatch(torch.Tensor.clone, (expanded,), {})._coeffs
+        target.assign(dispatch(torch.Tensor.clone, (expanded,), {})._coeffs)
     else:
-        target._coeffs = torch.as_tensor(src, dtype=target.dtype, device=target.device).expand(
-            target.shape).unsqueeze(0).clone()
+        target.assign(torch.as_tensor(src, dtype=target.dtype, device=target.device).expand(
+            target.shape).unsqueeze(0).clone())
     return target
 
 
 def _inplace(func: Any, base: str, args: Tuple, kwargs: Dict) -> Any:
-    out_of_place = getattr(torch.Tensor, base, None)
-    if out_of_place is None:
-        out_of_place = getattr(torch, base)
+    out_of_place = getattr(torch.Tensor, base, None) or getattr(torch, base, None) \
+        or getattr(torch.nn.functional, base)          # F.leaky_relu_: only F has leaky_relu
     target = _writable_target(func, args[0])
-    result = dispatch(out_of_place, args, kwargs)
+    return _written_into(func, target, dispatch(out_of_place, args, kwargs))
+
+
+# the position of the ``inplace`` parameter of a functional op (F.relu, F.dropout, F.silu ...), -1
+# for an op without one
+_INPLACE_AT: Dict[Any, int] = {}
+
+
+def _inplace_position(func: Any) -> int:
+    try:
+        return _INPLACE_AT[func]
+    except (KeyError, TypeError):
+        pass
+    at = -1
+    try:
+        names = list(inspect.signature(func).parameters)
+        at = names.index("inplace") if "inplace" in names else -1
+    except (TypeError, ValueError):    # a builtin without a signature: no inplace flag
+        pass
+    try:
+        _INPLACE_AT[func] = at
+    except TypeError:
+        pass
+    return at
+
+
+def _asks_inplace(func: Any, args: Tuple, kwargs: Dict) -> bool:
+    """Whether a call of a functional op asks to write into its input (``F.relu(h, inplace=True)``)."""
+    at = _inplace_position(func)
+    if at < 0:
+        return False
+    flag = args[at] if len(args) > at else kwargs.get("inplace", False)
+    return bool(flag) and bool(args) and isinstance(args[0], JetTensor)
+
+
+def _functional_inplace(func: Any, args: Tuple, kwargs: Dict) -> Any:
+    """``F.relu(h, inplace=True)`` and the like with a jet ``h``: the op out of place, written into
+    ``h`` (as for ``h.relu_()``). The rules compute out of place; a call that keeps only the
+    input (``F.relu(h, inplace=True)`` with the result dropped) or reads ``h`` again after it must
+    see the written jet, as PyTorch's caller sees the written tensor."""
+    at = _inplace_position(func)
+    target = args[0]
+    if len(args) > at:
+        args = args[:at] + (False,) + args[at + 1:]
+    else:
+        kwargs = dict(kwargs, inplace=False)
+    result = dispatch(func, args, kwargs)
+    if result is target:       # nothing to write (dropout in eval mode): also on a view of a jet
+        return target
+    return _written_into(func, _writable_target(func, target), result)
+
+
+def _written_into(func: Any, target: JetTensor, result: Any) -> JetTensor:
+    """The result of an in-place op written into the jet it acts on (its coefficients replaced):
+    cast to the jet's dtype where torch's casting allows, a plain result as a constant."""
     if isinstance(result, JetTensor):
         if result.shape != target.shape:
             raise JetError(f"in-place {_func_name(func)} would change the jet's shape")
@@ -811,10 +949,10 @@ def _inplace(func: Any, base: str, args: Tuple, kwargs: Dict) -> Any:
                 raise JetError(f"in-place {_func_name(func)}: result type {result.dtype} can't be cast to the "
                                f"jet's dtype {target.dtype} (PyTorch refuses this in-place cast too)")
             result = dispatch(torch.Tensor.to, (result,), {"dtype": target.dtype})
-        target._coeffs = result._coeffs
+        target.assign(result._coeffs)
     else:  # the in-place op turned the jet into a constant (e.g. x.zero_(), x.uniform_())
-        target._coeffs = torch.as_tensor(result, dtype=target.dtype, device=target.device).expand(
-            target.shape).unsqueeze(0).clone()
+        target.assign(torch.as_tensor(result, dtype=target.dtype, device=target.device).expand(
+            target.shape).unsqueeze(0).clone())
     return target
 
 
@@ -833,8 +971,8 @@ def random_op(func: Any) -> bool:
         hit = False
         for n in (name, name.rstrip("_")):
             packet = getattr(torch.ops.aten, n, None)
-            if packet is None:
-                continue
+            if not isinstance(packet, torch._ops.OpOverloadPacket):   # none, or the namespace's own
+                continue                                              # attribute (__eq__: a method-wrapper)
             for ov in packet.overloads():
                 if torch.Tag.nondeterministic_seeded in getattr(packet, ov).tags:
                     hit = True

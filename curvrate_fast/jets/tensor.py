@@ -42,6 +42,11 @@ def install_dispatcher(fn: Callable) -> None:
     _dispatcher[0] = fn
 
 
+#: how many times a jet's coefficients were replaced (in-place writes): a view whose base may have
+#: been written since it was last read compares its base's coefficient tensor (JetTensor._refresh_view)
+_WRITES = [0]
+
+
 class JetTensor(torch.Tensor):
     """A Taylor jet that behaves as its primal tensor inside ordinary PyTorch code."""
 
@@ -50,6 +55,7 @@ class JetTensor(torch.Tensor):
     _is_view: bool
     _pending: Optional[tuple]
     _blocks: Optional[tuple]
+    _view: Optional[list]
 
     @staticmethod
     def __new__(cls, coeffs: Tensor, order: int, is_view: bool = False,
@@ -72,6 +78,9 @@ class JetTensor(torch.Tensor):
         #       with the activation jet in its epilogue).
         r._pending = None if pending_bias is None else ("bias", pending_bias[0], pending_bias[1], False)
         r._blocks = None
+        # a view of another jet, linked by the dispatcher (:meth:`link_view`): [base, replay, the
+        # base's coefficient tensor this view's were computed from, _WRITES when last checked]
+        r._view = None
         return r
 
     @classmethod
@@ -87,10 +96,13 @@ class JetTensor(torch.Tensor):
         r._is_view = False
         r._pending = ("linear", x_coeffs, weight, bias, torch.is_grad_enabled())
         r._blocks = None
+        r._view = None
         return r
 
     @property
     def _coeffs(self) -> Tensor:
+        if self._view is not None:
+            self._refresh_view()
         if self._pending is not None:
             pending, self._pending = self._pending, None
             if pending[0] == "linear":
@@ -117,6 +129,63 @@ class JetTensor(torch.Tensor):
         self._data = value
         self._pending = None
         self._blocks = None
+        _WRITES[0] += 1          # a jet's coefficients replaced: views check their base on the next read
+
+    # -- views: reads see the base's in-place writes, writes reach the base --------------------
+    def link_view(self, base: "JetTensor", replay: Callable[["JetTensor"], "JetTensor"]) -> "JetTensor":
+        """Mark this jet as a view of ``base``, as PyTorch's view ops alias their input: its
+        coefficients are ``replay(base)._coeffs`` (the view op run again on a jet in base's place)
+        and alias base's. An in-place write into the base replaces the base's coefficient tensor
+        (the engine never writes into one a rule may have saved for its backward), so a view
+        taken before it would read the old values (silently: ``v = h[0]; h.mul_(2); v`` is twice
+        that in PyTorch); a linked view sees the write, and a write into it reaches the base
+        (:meth:`assign`). The dispatcher links every view a rule returns whose coefficients alias
+        an argument's."""
+        self._view = [base, replay, base._data, _WRITES[0]]
+        return self
+
+    def _refresh_view(self) -> None:
+        view = self._view
+        if view[3] == _WRITES[0]:               # no jet written since this view was last read
+            return
+        base, replay, seen, _ = view
+        now = base._coeffs                      # a base that is a view refreshes first
+        if now is not seen:
+            self._view = None                   # the replay reads base only, never this jet
+            self._data = replay(base)._coeffs
+            self._pending = None
+            self._blocks = None
+        self._view = [base, replay, now, _WRITES[0]]
+
+    def writable(self) -> bool:
+        """Whether an in-place write can land in this jet: not a view, or a linked one."""
+        return not self._is_view or self._view is not None
+
+    def assign(self, coeffs: Tensor) -> None:
+        """The in-place write of stacked coefficients (m, *shape): the jet's are replaced; a linked
+        view writes into a copy of its base's (padded to the longer of the two), through the view
+        op run on that copy, and hands the copy to the base (recursively up a chain of views), as
+        PyTorch writes through a view into its base. Views the engine holds as copies of the base
+        are refused (the caller checks :meth:`writable` first)."""
+        if self._view is None:
+            if self._is_view:
+                raise JetError("an in-place write into a view of a jet that is not linked to its base")
+            self._coeffs = coeffs
+            return
+        base, replay = self._view[0], self._view[1]
+        b = base._coeffs
+        n = max(b.shape[0], coeffs.shape[0])
+        fresh = pad_coeffs(b, n).clone()
+        region = replay(JetTensor(fresh, base._order))._coeffs
+        if region.shape[0] != n or not torch._C._is_alias_of(region, fresh):
+            raise JetError("an in-place write into a view of a jet whose coefficients the engine holds as a "
+                           "copy of the base's (e.g. a reshape of a transposed jet): it would not reach the base; "
+                           "use the out-of-place form")
+        region.copy_(pad_coeffs(coeffs.to(region.dtype), n))
+        base.assign(fresh)
+        self._view[2] = None                    # re-derived from the written base now
+        self._view[3] = -1
+        self._refresh_view()
 
     # -- a primal shared by blocks of rows ----------------------------------------------------
     def share_primal(self, blocks: int) -> "JetTensor":

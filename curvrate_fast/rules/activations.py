@@ -15,6 +15,7 @@ from ..activation_jet import activation_jet_reference
 from ..activation_kinds import KINDS, MAX_KERNEL_ORDER
 from ..jets import registry
 from ..jets.registry import register
+from ..jets.tensor import JetError
 from ._common import aliases, is_jet, make_jet, primal
 
 _FUSED_KINDS = frozenset(KINDS)
@@ -249,10 +250,15 @@ def piecewise_quadratic(x, y0, d1, d2=None):
 
 
 def _writeback(input, out, inplace: bool):
-    """``inplace=True`` of the functional form: the jet itself takes the result (not possible
-    for a view of another jet: then only the returned value carries it, as for F.relu here)."""
-    if inplace and is_jet(input) and not input._is_view:
-        input._coeffs = out._coeffs
+    """``inplace=True`` of the functional form: the jet itself takes the result (a view's write
+    reaches its base; a view the engine holds as a copy is refused, as by every in-place op). The
+    dispatcher already runs F's ``inplace=True`` calls this way; this serves the direct calls of
+    ``torch._C._nn`` forms."""
+    if inplace and is_jet(input):
+        if not input.writable():
+            raise JetError("an in-place activation on a view of a jet would not reach the tensor it views; "
+                           "use the out-of-place form")
+        input.assign(out._coeffs)
         return input
     return out
 

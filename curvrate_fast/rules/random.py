@@ -70,12 +70,12 @@ def _fill_rule(func):
         record("constants", func)
         if not is_jet(input):
             return func(input, *primals(args), **primals(kwargs))
-        if input._is_view:
+        if not input.writable():
             raise JetError(f"in-place {func.__name__} on a view of a jet would not reach the tensor it "
                            "views; fill a fresh tensor instead")
         value = shared_draw(input._coeffs[0].detach().clone(),
                             lambda t: func(t, *primals(args), **primals(kwargs)), func.__name__)
-        input._coeffs = value.unsqueeze(0)
+        input.assign(value.unsqueeze(0))
         return input
     rule.__doc__ = f"{func.__name__}: overwrites the jet with random values, a constant."
     return rule

@@ -358,7 +358,7 @@ def _renorm(weight, indices: Tensor, max_norm: float, norm_type: float):
         with torch.no_grad():
             torch.embedding_renorm_(weight, indices, max_norm, norm_type)
         return weight
-    if weight._is_view:
+    if not weight.writable():
         raise JetError("embedding with max_norm renormalizes the weight in place, which cannot reach "
                        "the jet that a view of the weight belongs to; pass the weight itself")
     rows = torch.unique(indices.reshape(-1))
@@ -367,7 +367,7 @@ def _renorm(weight, indices: Tensor, max_norm: float, norm_type: float):
     big = primal(n) > max_norm
     scaled = torch.where(big, w * (torch.reciprocal(n + 1e-7) * max_norm), w)
     new = torch.index_copy(weight, 0, rows, scaled)
-    weight._coeffs = new._coeffs
+    weight.assign(new._coeffs)
     return weight
 
 

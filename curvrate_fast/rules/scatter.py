@@ -679,10 +679,10 @@ def fill(input, value):
 @register(*aliases("zero_"))
 def zero_(input):
     """zero_: the jet becomes the constant 0 (in place, as the dispatcher's in-place ops)."""
-    if input._is_view:
+    if not input.writable():
         raise JetError("in-place zero_ on a view of a jet (from view/reshape/indexing) would not "
                        "reach the tensor it views; use torch.zeros_like instead")
-    input._coeffs = torch.zeros_like(input._coeffs[:1])
+    input.assign(torch.zeros_like(input._coeffs[:1]))
     return input
 
 

@@ -140,7 +140,7 @@ def setitem(input, idx, value):
     if not is_jet(input):
         raise JetError("assigning a jet into a plain tensor cannot store its Taylor coefficients; "
                        "build the tensor out of place (torch.cat, torch.where, torch.stack)")
-    if input._is_view:
+    if not input.writable():
         raise JetError("item assignment into a view of a jet would not reach the tensor it views")
     order_of(input, value)  # raises for jets of different orders
     idx = primals(idx)
@@ -152,7 +152,7 @@ def setitem(input, idx, value):
     vc = pad_coeffs(vc, n)
     for k in range(n):
         new[k][idx] = vc[k]
-    input._coeffs = new
+    input.assign(new)          # a view's write reaches its base (JetTensor.assign)
     return None
 
 
