@@ -14,7 +14,7 @@ from .finite import require_finite
 from .jets.dispatcher import direction_scale, model_call, unscale_coefficients
 from .jets.registry import engine_settings, settings, tracing
 from .jets.tensor import JetTensor, is_jet, pad_coeffs
-from .mixing import require_per_sample
+from .mixing import require_per_sample, tile_batch
 
 __all__ = ["jet", "directional_derivatives", "loss_directional_derivatives", "input_jet"]
 
@@ -172,22 +172,19 @@ def loss_directional_derivatives(model: Callable[[Tensor], Tensor], x: Tensor, y
     B = x.shape[0]
     if u.shape == x.shape:
         D = None
-        X, U = x, u
+        U = u
     elif u.dim() == x.dim() + 1 and tuple(u.shape[1:]) == tuple(x.shape):
         D = u.shape[0]
         if D < 1:
             raise ValueError("u holds no direction (its first dimension is 0)")
-        X = x.unsqueeze(0).expand((D,) + tuple(x.shape)).reshape((D * B,) + tuple(x.shape[1:]))
         U = u.reshape((D * B,) + tuple(x.shape[1:]))
     else:
         raise ValueError(f"u must have shape {tuple(x.shape)} (one direction per sample) or "
                          f"(D, {', '.join(map(str, x.shape))}) (D directions), got {tuple(u.shape)}")
     if isinstance(y, Tensor) and y.dim() >= 1 and y.shape[0] != B:
         raise ValueError(f"y has {y.shape[0]} entries but x has batch size {B}")
-    Y = y
-    if D is not None and isinstance(y, Tensor) and y.dim() >= 1:
-        Y = y.unsqueeze(0).expand((D,) + tuple(y.shape)).reshape((D * B,) + tuple(y.shape[1:]))
-    require_per_sample(model, x, y, loss_fn)
+    X, Y = tile_batch(x, y, D or 1)
+    require_per_sample(model, x, y, loss_fn, copies=D or 1)
     loss_fn = loss_fn or _default_loss
     scale = direction_scale(X)  # float16 autocast: along c·u, coefficient k divided by c^k
     xj = JetTensor(torch.stack([X, U if scale == 1.0 else U * scale]), order)

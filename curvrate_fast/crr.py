@@ -59,7 +59,7 @@ from .jets.dispatcher import model_call
 from .jets.draws import shared_draws
 from .jets.registry import settings, tracing
 from .jets.tensor import is_jet, pad_coeffs
-from .mixing import require_per_sample
+from .mixing import require_per_sample, tile_batch
 
 __all__ = ["crr_penalty", "CRRLoss", "parse_orders", "subset_indices"]
 
@@ -169,16 +169,6 @@ def _subset_split(subset: Optional[Union[int, float]], B: int,
     return perm[:k], perm[k:]
 
 
-def _tiled(x: Tensor, y, D: int) -> Tuple[Tensor, Any]:
-    """x and y repeated for D direction rows per sample: rows d·B … d·B + B − 1 are direction d's."""
-    B, rest = x.shape[0], tuple(x.shape[1:])
-    X = x.unsqueeze(0).expand((D, B) + rest).reshape((D * B,) + rest)
-    Y = y
-    if isinstance(y, Tensor) and y.dim() >= 1:
-        Y = y.unsqueeze(0).expand((D,) + tuple(y.shape)).reshape((D * B,) + tuple(y.shape[1:]))
-    return X, Y
-
-
 def _one_loss_per_row(shape: tuple, rows: int) -> None:
     if tuple(shape) != (rows,):
         raise ValueError(f"loss_fn must return one loss per sample, shape ({rows},), got {tuple(shape)}; for "
@@ -192,10 +182,10 @@ def _loss_coefficients(model, x: Tensor, y, U: Tensor, order: int, loss_fn, shar
     ``share_draws``: the D rows of a sample must see one function (polarization rows): random ops
     in the model draw once per sample (jets/draws.py), not once per row."""
     D, B = U.shape[0], x.shape[0]
-    X, Y = _tiled(x, y, D)
+    X, Y = tile_batch(x, y, D)
     UU = U.reshape((D * B,) + tuple(x.shape[1:]))
     fn = loss_fn or _default_loss
-    require_per_sample(model, x, y, loss_fn)
+    require_per_sample(model, x, y, loss_fn, copies=D)
     with shared_draws(D if share_draws else 1, B):
         c = jet_of_rows(lambda xj: fn(model(xj), Y), X, UU, order, primal_blocks=D)
     _one_loss_per_row(c.shape[1:], D * B)
@@ -213,10 +203,10 @@ def _loss_components(model, x: Tensor, y, U: Tensor, N: int, loss_fn) -> Tensor:
     """The components of the per-sample loss as a multilinear jet (jets/multilinear.py) along the
     D direction sets U (D, N, B, ...): shape (2^N, D, B); component {1..n} is Dⁿℓ[u_1, …, u_n]."""
     D, B = U.shape[0], x.shape[0]
-    X, Y = _tiled(x, y, D)
+    X, Y = tile_batch(x, y, D)
     us = [U[:, i].reshape((D * B,) + tuple(x.shape[1:])) for i in range(N)]
     fn = loss_fn or _default_loss
-    require_per_sample(model, x, y, loss_fn)
+    require_per_sample(model, x, y, loss_fn, copies=D)
     xj = multilinear.input_jet(X, us)
     if D > 1:
         xj.share_primal(D)

@@ -27,6 +27,20 @@ same classes, attributes and parameter shapes: a new seed, a fresh model per run
 result. A forward with Python side effects (a hook that collects activations, a call counter in
 Python) sees those extra calls.
 
+The batch-size probe: where the engine runs D direction rows per sample (several directions, the
+polarization rows of per-order CRR) it feeds the model the batch tiled D times (:func:`tile_batch`),
+and a per-sample loss that reads the batch size in its arithmetic (``out / x.shape[0]``, a loss
+divided by ``len(y)``) would silently come out another function: D times too small, or large.
+Nested autograd loops over the directions on the batch as given. So for D > 1 the probe also
+runs a first-order jet of the tiled batch (the rows of a sample sharing their random draws, as the
+engine's own pass does) and compares every row group with the batch's own jet: a difference beyond
+rounding (√ε of the batch's largest value in float64 and CPU float32, 1 % in half precision, under
+autocast and in CUDA float32, :func:`_copy_tolerance`) is refused with
+:class:`~curvrate_fast.SampleMixingError`, and so is a model that fails on the tiled rows only (a
+mask built for B samples), with the error it raised. A model that draws random plain tensors row by
+row (``torch.rand(x.shape)``: no rule sees it, so its rows cannot share the draw) cannot be
+compared this way and is not probed for the batch size.
+
 Example::
 
     >>> model = lambda x: net(x - x.mean(0, keepdim=True))     # centers with the batch mean
@@ -47,7 +61,7 @@ from torch import Tensor
 
 from .baseline import per_sample_cross_entropy
 
-__all__ = ["require_per_sample"]
+__all__ = ["require_per_sample", "tile_batch"]
 
 _PROBE_SEED = 0x5A3B1E
 _checked_modules: "weakref.WeakKeyDictionary[Any, set]" = weakref.WeakKeyDictionary()
@@ -127,13 +141,13 @@ def _train_flags(*fns: Any) -> tuple:
     return tuple(sub.training for sub in _submodules(*fns))
 
 
-def _key(model: Any, x: Tensor, loss_fn: Optional[Callable]) -> tuple:
+def _key(model: Any, x: Tensor, loss_fn: Optional[Callable], copies: int = 1) -> tuple:
     """The configuration probed: (the model's own key, or None for a module, which keys the weak
     table instead; input shape, dtype and device; the train flags of its modules; the loss
-    function)."""
+    function; the copies of the batch the engine runs)."""
     own = None if isinstance(model, torch.nn.Module) else _code_key(model)
     return (own, tuple(x.shape), x.dtype, x.device, _train_flags(model, loss_fn),
-            None if loss_fn is None else _code_key(loss_fn))
+            None if loss_fn is None else _code_key(loss_fn), copies)
 
 
 class _NotPlain(Exception):
@@ -177,7 +191,7 @@ def _structure(*fns: Any) -> Optional[tuple]:
     return tuple(out)
 
 
-def _shared_key(model: Any, x: Tensor, loss_fn: Optional[Callable]) -> Optional[tuple]:
+def _shared_key(model: Any, x: Tensor, loss_fn: Optional[Callable], copies: int = 1) -> Optional[tuple]:
     """The configuration by architecture (:func:`_structure`) rather than by instance, or None."""
     code = [None if f is None or isinstance(f, torch.nn.Module) else _code_shape(f) for f in (model, loss_fn)]
     if any(c is not None and c[0] == "obj" for c in code):
@@ -185,7 +199,7 @@ def _shared_key(model: Any, x: Tensor, loss_fn: Optional[Callable]) -> Optional[
     structure = _structure(model, loss_fn)
     if structure is None:
         return None
-    return (tuple(code), structure, tuple(x.shape), x.dtype, x.device)
+    return (tuple(code), structure, tuple(x.shape), x.dtype, x.device, copies)
 
 
 def _seen(model: Any, key: tuple) -> bool:
@@ -261,32 +275,26 @@ def _probe_sets(B: int):
         yield ~bit
 
 
-def require_per_sample(model: Callable[[Tensor], Any], x: Tensor, y: Any,
-                       loss_fn: Optional[Callable[[Any, Any], Tensor]] = None) -> None:
-    """Raise :class:`~curvrate_fast.SampleMixingError` if the per-sample loss
-    ``loss_fn(model(x), y)`` (default: the per-sample cross-entropy) of some sample moves with other
-    samples' inputs (see the module docstring). No-op for a batch of one, inside torch.compile's
-    tracing, and for a configuration already probed.
+def tile_batch(x: Tensor, y: Any, copies: int):
+    """x and y (a tensor with a batch axis; anything else as it is) repeated ``copies`` times along
+    dim 0, group-major: rows d·B … d·B + B − 1 are copy d of the batch (the engine's D direction
+    rows per sample)."""
+    if copies == 1:
+        return x, y
+    B, rest = x.shape[0], tuple(x.shape[1:])
+    X = x.unsqueeze(0).expand((copies, B) + rest).reshape((copies * B,) + rest)
+    if isinstance(y, Tensor) and y.dim() >= 1:
+        y = y.unsqueeze(0).expand((copies,) + tuple(y.shape)).reshape((copies * B,) + tuple(y.shape[1:]))
+    return X, y
 
-    Example::
 
-        >>> require_per_sample(net, x, y)          # passes for an MLP
-    """
-    B = x.shape[0] if x.dim() >= 1 else 0
-    if B < 2 or torch.compiler.is_compiling():
-        return
-    key = _key(model, x, loss_fn)
-    if _seen(model, key):
-        return
-    shared = _shared_key(model, x, loss_fn)
-    if shared is not None and _seen_shared(shared):   # another instance of the architecture passed
-        _remember(model, key)
-        return
-    loss = loss_fn or per_sample_cross_entropy
+def _probe_mixing(model: Callable, x: Tensor, y: Any, loss: Callable, loss_fn: Optional[Callable],
+                  gen: torch.Generator) -> None:
+    """The sample-mixing probe (module docstring): one first-order jet per moved set."""
     from .api import jet
     from .rules.norm import SampleMixingError
 
-    gen = torch.Generator().manual_seed(_PROBE_SEED)
+    B = x.shape[0]
     # make_fx capturing a loss: the probe runs on the real tensors, not into the graph
     with side_effects_kept(model, loss_fn, x):
         u_all = torch.randn(tuple(x.shape), generator=gen, dtype=torch.float64)
@@ -311,4 +319,116 @@ def require_per_sample(model: Callable[[Tensor], Any], x: Tensor, y: Any,
                     "module has a per-sample evaluation mode. Dim 0 of x is the batch: a sequence-first "
                     "model (nn.MultiheadAttention or nn.Transformer with batch_first=False) mixes along it "
                     "and needs batch-first inputs.")
+
+
+def _copy_tolerance(x: Tensor) -> float:
+    """How far a copy's value may sit from the batch's own, relative to the batch's largest: the
+    two passes differ in the row count of every product (another GEMM kernel, another summation
+    order). √ε where the arithmetic is x's float64 or float32 on a CPU; 1 % where it may be coarser
+    (half precision, autocast, CUDA float32, whose convolutions run TF32 by default). A loss that
+    reads the batch size is off by a factor (D times smaller for ``/ len(y)``)."""
+    try:
+        autocast = torch.is_autocast_enabled(x.device.type)
+    except TypeError:                   # torch < 2.4: no device argument
+        autocast = torch.is_autocast_enabled() if x.is_cuda else torch.is_autocast_cpu_enabled()
+    coarse = autocast or x.dtype not in (torch.float32, torch.float64) or (x.is_cuda and x.dtype == torch.float32)
+    return 1e-2 if coarse else torch.finfo(x.dtype).eps ** 0.5
+
+
+#: when the engine runs the batch as given, one row per sample
+_ONE_ROW = ("use one direction per sample (n_dirs=1, or u of x's shape), with directions='fixed' or per-order "
+            "directions on a model whose ops all have multilinear rules (polarization runs 2^(N-1) rows per "
+            "sample)")
+
+
+def _probe_batch_size(model: Callable, x: Tensor, y: Any, loss: Callable, loss_fn: Optional[Callable],
+                      copies: int, gen: torch.Generator) -> None:
+    """The batch-size probe (module docstring): the first-order jet of the batch tiled ``copies``
+    times, every copy against the batch's own, both from the same random state."""
+    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+
+    # make_fx capturing a loss: the probe and its comparisons run on the real tensors, not into the graph
+    with disable_proxy_modes_tracing():
+        _compare_copies(model, x, y, loss, loss_fn, copies, gen)
+
+
+def _compare_copies(model: Callable, x: Tensor, y: Any, loss: Callable, loss_fn: Optional[Callable],
+                    copies: int, gen: torch.Generator) -> None:
+    from .api import jet
+    from .jets.draws import SharedDrawError, shared_draws
+    from .rules.norm import SampleMixingError
+
+    B = x.shape[0]
+    u = torch.randn(tuple(x.shape), generator=gen, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
+    with side_effects_kept(model, loss_fn, x):
+        one = jet(lambda xj: loss(model(xj), y), x.detach(), u, 1)
+    if not (isinstance(one, Tensor) and one.dim() == 2 and one.shape[1] == B):
+        return                          # not one loss per sample: the caller's own check says so
+    X, Y = tile_batch(x.detach(), y, copies)
+    U = tile_batch(u, None, copies)[0]
+    rows = f"{copies}·{B} = {copies * B} rows ({copies} copies of the batch of {B}: {copies} direction rows per sample)"
+    try:
+        # the same random state as the pass above (side_effects_kept forks it), the copies of a
+        # sample sharing their draws: a dropout mask is the batch's own
+        with side_effects_kept(model, loss_fn, x), shared_draws(copies, B):
+            many = jet(lambda xj: loss(model(xj), Y), X, U, 1)
+    except SharedDrawError:
+        return                          # a per-row draw of a plain tensor: no common function to compare
+    except Exception as e:
+        raise SampleMixingError(
+            f"the model fails on the {rows} the engine runs, though it runs on the batch itself: it is built "
+            f"for a batch of {B} (a mask, a view or a buffer sized by the batch). {type(e).__name__}: {e}. Size "
+            f"what the model builds from its input's dim 0, or {_ONE_ROW}.") from e
+    if not (isinstance(many, Tensor) and tuple(many.shape) == (2, copies * B)):
+        return
+    one = one.detach().double()
+    many = many.detach().double().reshape(2, copies, B)
+    tol = _copy_tolerance(x)
+    for n, what in ((0, "ℓ_b"), (1, "∂ℓ_b/∂x_b · u")):
+        ref = one[n]
+        finite = torch.isfinite(ref)
+        scale = float(ref[finite].abs().max()) if bool(finite.any()) else 0.0
+        off = (many[n] - ref).abs()
+        bad = finite & ~((off <= tol * scale) & torch.isfinite(many[n]))
+        if bool(bad.any()):
+            d, b = (int(i) for i in torch.nonzero(bad)[0])
+            raise SampleMixingError(
+                f"the per-sample loss depends on the batch size: for sample {b}, {what} = {float(ref[b]):.6g} "
+                f"in the batch of {B} but {float(many[n, d, b]):.6g} in copy {d} of the {rows} the engine "
+                "runs (nested autograd runs each direction on the batch as given). The model or loss_fn "
+                "uses the batch size in its arithmetic (e.g. dividing by x.shape[0] or len(y)); make the "
+                f"per-sample loss independent of it (scale the penalty with scale= instead), or {_ONE_ROW}.")
+
+
+def require_per_sample(model: Callable[[Tensor], Any], x: Tensor, y: Any,
+                       loss_fn: Optional[Callable[[Any, Any], Tensor]] = None, copies: int = 1) -> None:
+    """Raise :class:`~curvrate_fast.SampleMixingError` if the per-sample loss
+    ``loss_fn(model(x), y)`` (default: the per-sample cross-entropy) of some sample moves with other
+    samples' inputs, or, where the engine runs ``copies`` > 1 copies of the batch (one per
+    direction row), with the batch size (see the module docstring). No-op for a batch of one run
+    once, inside torch.compile's tracing, and for a configuration already probed.
+
+    Example::
+
+        >>> require_per_sample(net, x, y)          # passes for an MLP
+        >>> require_per_sample(lambda z: net(z) / z.shape[0], x, y, copies=4)
+        Traceback (most recent call last):
+        SampleMixingError: the per-sample loss depends on the batch size: ...
+    """
+    B = x.shape[0] if x.dim() >= 1 else 0
+    if B < 1 or (B < 2 and copies < 2) or torch.compiler.is_compiling():
+        return
+    key = _key(model, x, loss_fn, copies)
+    if _seen(model, key):
+        return
+    shared = _shared_key(model, x, loss_fn, copies)
+    if shared is not None and _seen_shared(shared):   # another instance of the architecture passed
+        _remember(model, key)
+        return
+    loss = loss_fn or per_sample_cross_entropy
+    gen = torch.Generator().manual_seed(_PROBE_SEED)
+    if B >= 2:
+        _probe_mixing(model, x, y, loss, loss_fn, gen)
+    if copies > 1:
+        _probe_batch_size(model, x, y, loss, loss_fn, copies, gen)
     _remember(model, key, shared)

@@ -272,3 +272,160 @@ def test_instances_of_one_architecture_share_a_probe():
         assert len(calls) == 5 * passes
     finally:
         cf.api.jet = real
+
+
+# -- the batch size: the engine runs D copies of the batch for D direction rows per sample ------
+
+class _RowPosition(nn.Module):
+    """Adds the row's position along dim 0: sample b sees b in its batch, but b + d·B in copy d of
+    the engine's tiled rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp(nn.Tanh()).to(D64)
+
+    def forward(self, x):
+        return self.net(x + 0.1 * torch.arange(x.shape[0], dtype=x.dtype).unsqueeze(1))
+
+
+class _BatchSizedBuffer(nn.Module):
+    """A per-row scale held as a buffer made for a batch of 8: the tiled rows do not broadcast."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp(nn.Tanh()).to(D64)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 8, dtype=D64).unsqueeze(1))
+
+    def forward(self, x):
+        return self.net(x * self.scale)
+
+
+def _divided_by_len_y(z, y):
+    return F.cross_entropy(z, y, reduction="none") / len(y)
+
+
+BATCH_SIZED = {
+    "output_times_batch_size": (lambda: (lambda z, net=mlp(nn.Tanh()).to(D64): net(z) * z.shape[0]), None),
+    "loss_divided_by_len_y": (lambda: mlp(nn.Tanh()).to(D64), _divided_by_len_y),
+    "row_position": (lambda: _RowPosition(), None),
+}
+TILING_ENTRY_POINTS = {
+    "loss_directional_derivatives_D3": lambda m, x, y, lf: cf.loss_directional_derivatives(
+        m, x, y, torch.randn((3,) + tuple(x.shape), dtype=D64), 2, lf),
+    "crr_fixed_n_dirs2": lambda m, x, y, lf: cf.crr_penalty(m, x, y, loss_fn=lf, orders=(1, 2), n_dirs=2),
+    "crr_per_order_polarization": lambda m, x, y, lf: cf.crr_penalty(m, x, y, loss_fn=lf, orders=(2, 3),
+                                                                     directions="per_order"),
+    "crr_per_order_multilinear_n_dirs2": lambda m, x, y, lf: cf.crr_penalty(
+        m, x, y, loss_fn=lf, orders=(2, 3), directions="per_order", n_dirs=2),
+    "curvature_rate_n_dirs2": lambda m, x, y, lf: cf.curvature_rate(m, x, y, max_order=3, n_dirs=2, loss_fn=lf),
+}
+
+
+@pytest.fixture
+def multilinear_everywhere(monkeypatch):
+    """The per-order passes of this module's small MLPs take the multilinear pass eagerly too
+    (a model this small keeps polarization there), unless a test forces polarization."""
+    from curvrate_fast.jets import multilinear as ML
+    monkeypatch.setattr(ML, "EAGER_FLOP_PER_OP", 0.0)
+    return ML
+
+
+@pytest.mark.parametrize("entry", sorted(TILING_ENTRY_POINTS))
+@pytest.mark.parametrize("kind", sorted(BATCH_SIZED))
+def test_a_loss_that_reads_the_batch_size_is_refused_where_the_batch_is_tiled(kind, entry, multilinear_everywhere,
+                                                                               monkeypatch):
+    """Nested autograd runs every direction on the batch as given; the engine's D direction rows per
+    sample are D copies of the batch, so a per-sample loss that reads the batch size would come out
+    another function (D times smaller for a loss divided by len(y)), silently. Refused by name."""
+    if entry == "crr_per_order_polarization":
+        monkeypatch.setattr(multilinear_everywhere, "probe", lambda *a, **k: multilinear_everywhere.Probe(False))
+    model, loss_fn = BATCH_SIZED[kind]
+    x, y = _data(20)
+    with pytest.raises(cf.SampleMixingError, match="depends on the batch size"):
+        TILING_ENTRY_POINTS[entry](model(), x, y, loss_fn)
+
+
+@pytest.mark.parametrize("kind", sorted(BATCH_SIZED))
+def test_with_one_row_per_sample_a_loss_that_reads_the_batch_size_runs_as_nested_autograd(kind, multilinear_everywhere):
+    """Where the engine runs the batch as given (one fixed direction; per-order directions in a
+    multilinear pass) there is nothing to refuse: the derivatives are those of nested autograd on
+    that batch."""
+    from curvrate_fast import baseline
+    make, loss_fn = BATCH_SIZED[kind]
+    model = make()
+    x, y = _data(21)
+    u = torch.randn_like(x)
+    d = cf.loss_directional_derivatives(model, x, y, u, 3, loss_fn)
+    ref = baseline.loss_directional_derivatives(model, x, y, u, 3, loss_fn)
+    assert torch.allclose(d.detach(), ref.detach(), rtol=1e-10, atol=1e-12 * float(ref.detach().abs().max()))
+    us = [torch.randn_like(x) for _ in range(3)]
+    R = cf.crr_penalty(model, x, y, loss_fn=loss_fn, orders=(2, 3), directions=us)
+    lf = loss_fn or baseline.per_sample_cross_entropy
+    nested = baseline.nested_directional_derivatives(lambda X: lf(model(X), y), x, lambda n, X: us[n - 1], 3)
+    assert torch.allclose(R, nested[1:].abs().mean(1).mean(), rtol=1e-10, atol=0)
+
+
+def test_a_model_that_fails_on_the_tiled_rows_only_names_the_batch_size():
+    x, y = _data(22)
+    with pytest.raises(cf.SampleMixingError, match="fails on the 2·8 = 16 rows") as err:
+        cf.crr_penalty(_BatchSizedBuffer(), x, y, orders=(1, 2), n_dirs=2)
+    assert isinstance(err.value.__cause__, RuntimeError)       # torch's broadcasting error, kept
+    cf.crr_penalty(_BatchSizedBuffer(), x, y, orders=(1, 2))  # one row per sample: runs
+
+
+@pytest.mark.parametrize("entry", ["crr_fixed_n_dirs2", "crr_per_order_polarization",
+                                   "loss_directional_derivatives_D3"])
+def test_train_mode_dropout_is_not_taken_for_a_batch_size_dependence(entry, multilinear_everywhere, monkeypatch):
+    """The probe's copies of a sample share their dropout masks, drawn from the random state of the
+    batch's own pass: a model in train mode with dropout passes (and the probe moves no stream)."""
+    if entry == "crr_per_order_polarization":
+        monkeypatch.setattr(multilinear_everywhere, "probe", lambda *a, **k: multilinear_everywhere.Probe(False))
+    x, y = _data(23)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 3)).to(D64).train()
+    TILING_ENTRY_POINTS[entry](model, x, y, None)
+
+
+def test_a_plain_per_row_draw_is_left_unprobed_where_rows_draw_apart():
+    """A model that draws a plain tensor row by row (no rule sees it, so copies cannot share it):
+    with fixed directions each direction row draws its own, as nested autograd's separate forwards
+    do; the batch-size probe cannot compare such a model and lets it run."""
+    x, y = _data(24)
+    net = mlp(nn.Tanh()).to(D64)
+
+    def noisy(z):
+        return net(z + 0.01 * torch.rand(z.shape, dtype=z.dtype))
+    cf.crr_penalty(noisy, x, y, orders=(1, 2), n_dirs=2)
+
+
+def test_the_batch_size_probe_runs_once_per_number_of_copies():
+    calls = []
+    real = cf.api.jet
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].shape[0])
+        return real(*args, **kwargs)
+    x, y = _data(25)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(D64)
+    model.note = object()                           # probed per instance (no shared structure)
+    try:
+        cf.api.jet = counted
+        for _ in range(2):
+            mixing.require_per_sample(model, x, y, copies=3)
+        assert calls == [8] * 6 + [8, 24]           # mixing: 2·⌈log₂ 8⌉; batch size: the batch, its 3 copies
+        mixing.require_per_sample(model, x[:1], y[:1], copies=2)
+        assert calls[8:] == [1, 2]                  # one sample, two copies: the batch size only
+    finally:
+        cf.api.jet = real
+
+
+def test_under_autocast_the_copies_are_compared_at_its_precision():
+    """bfloat16 autocast: the copies are compared at 1 % (another row count may pick another kernel:
+    on CUDA it does; this CPU's rows happen to agree exactly): a model that treats samples alike
+    passes, a loss divided by len(y) is still refused."""
+    x, y = _data(26)
+    x = x.float()
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cf.crr_penalty(model, x, y, orders=(1, 2), n_dirs=2)
+        with pytest.raises(cf.SampleMixingError, match="depends on the batch size"):
+            cf.crr_penalty(model, x, y, loss_fn=_divided_by_len_y, orders=(1, 2), n_dirs=2)

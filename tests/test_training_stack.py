@@ -551,8 +551,10 @@ def test_embedding_space_equals_inputs_embeds_on_hf_model():
     g1 = _grads(model)
     model.zero_grad()
     x = model.get_input_embeddings()(ids)
-    R2 = cf.crr_penalty(lambda e: model(inputs_embeds=e, attention_mask=mask.repeat(2, 1)).logits, x, labels,
-                        loss_fn=causal_lm_loss, **crr)
+    # the mask sized by the rows the model gets: the engine's two direction rows per sample (a mask
+    # made for those 6 rows alone would not fit the batch of 3, and is refused as batch-size dependent)
+    R2 = cf.crr_penalty(lambda e: model(inputs_embeds=e, attention_mask=mask.repeat(e.shape[0] // 3, 1)).logits,
+                        x, labels, loss_fn=causal_lm_loss, **crr)
     R2.backward()
     assert torch.allclose(R1, R2, rtol=1e-12, atol=0)
     assert _max_diff(g1, _grads(model)) <= 1e-12

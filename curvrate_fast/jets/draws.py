@@ -33,7 +33,11 @@ from .dispatcher import random_op
 from .registry import op_name, settings
 from .tensor import JetError, JetTensor
 
-__all__ = ["shared_draws", "shared_draw", "grouped"]
+__all__ = ["shared_draws", "shared_draw", "grouped", "SharedDrawError"]
+
+
+class SharedDrawError(JetError):
+    """A random draw inside a grouped pass that the engine cannot share across the row groups."""
 
 
 def grouped() -> bool:
@@ -45,7 +49,7 @@ def _check_rows(t: Tensor, what: str) -> Tuple[int, int]:
     G, B = settings.draw_groups
     n = t.shape[0] if t.dim() else -1
     if n < 0 or n % (G * B):
-        raise JetError(
+        raise SharedDrawError(
             f"{what} inside a CRR pass with per-order directions: the pass runs {G} polarization rows "
             f"of each of its {B} samples as {G} row groups along dim 0, which a random draw must share, but "
             f"this draw is shaped {tuple(t.shape)} (dim 0 not a multiple of {G * B}: the batch is not the "
@@ -81,7 +85,7 @@ class _PlainDrawGuard(TorchFunctionMode):
             G, B = settings.draw_groups
             if (out.shape[0] % (G * B) == 0 and random_op(func) and not _from_jet(args, kwargs)
                     and not _dropout_without_draw(func, args, kwargs)):
-                raise JetError(
+                raise SharedDrawError(
                     f"{op_name(func)} drew a plain tensor of shape {tuple(out.shape)}, one draw per row, inside a CRR "
                     f"pass with per-order directions, whose {G} polarization rows of a sample must share their "
                     "random draws; the engine shares the draws of random ops applied to the model's activations "
