@@ -149,6 +149,12 @@ def per_sample_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
                         f"as one tensor, got {type(logits).__name__}; pass loss_fn=lambda out, y: ... that "
                         "picks them (e.g. F.cross_entropy(out.logits, y, reduction='none') for a Hugging "
                         "Face model, or out[0] for a tuple)")
+    if logits.dim() < 2 or (isinstance(y, Tensor) and y.dim() >= 1 and logits.shape[0] != y.shape[0]):
+        raise ValueError(f"the default loss (per-sample cross-entropy) needs the model to return logits of shape "
+                         f"(B, C, ...), one row of class scores per sample, got shape {tuple(logits.shape)} for "
+                         f"labels of shape {tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__}; for "
+                         "another output (one value per sample, a regression) pass loss_fn=lambda out, y: ... "
+                         "returning one loss per sample")
     return F.cross_entropy(logits, y, reduction="none")
 
 

@@ -284,6 +284,8 @@ def test_bad_inputs():
         crr_penalty(lambda x: (m(x), x), x, y)         # a tuple output needs a loss_fn that picks
     with pytest.raises(TypeError, match="logits as one tensor, got tuple"):
         curvrate_fast.curvature_rate(lambda x: (m(x), x), x, y)
+    with pytest.raises(ValueError, match=r"logits of shape \(B, C, ...\).* got shape \(5,\)"):
+        crr_penalty(lambda x: m(x).sum(1), x, y)          # one value per sample: a regression needs a loss_fn
     with pytest.raises(ValueError, match=r"\[0, 3\)"):
         crr_penalty(m, x, torch.tensor([0, 1, 2, 3, 0]))
     with pytest.raises(ValueError, match="≥ 0"):

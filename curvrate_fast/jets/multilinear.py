@@ -387,17 +387,23 @@ def _scaled_product_handler(name: str):
     return handler
 
 
+def _normalizer_input(name: str, input, dim, rest: tuple, dtype):
+    """The input of softmax or log_softmax in its dtype: ``dtype=`` or a dtype among the positional
+    arguments after dim (F.softmax(x, dim, _stacklevel, dtype), torch.softmax(x, dim, dtype) and the
+    Tensor method take these forms); refused without a dim."""
+    dtype = dtype if dtype is not None else next((r for r in rest if isinstance(r, torch.dtype)), None)
+    if dim is None:
+        raise refuse(f"{name} without dim")
+    return input.to(dtype) if dtype is not None else input
+
+
 def _softmax(rule, input, dim=None, *rest, dtype=None, **kwargs):
     """softmax = e / Σe with e = exp(z − s), s each row's largest entry (:func:`_row_shift`): the
     components of e by :func:`compose`, of 1/Σe the same with the reciprocal's derivatives, and
     their product. (Not exp(log_softmax): its primal would carry the rounding of log p, ~|log p|·ε
     relative, 1e-14 where p is small.) A masked −inf score gives 0 and zero components; a row with
     every score masked gives NaN, as torch.softmax. The call forms of :func:`_log_softmax`."""
-    dtype = dtype if dtype is not None else next((r for r in rest if isinstance(r, torch.dtype)), None)
-    if dtype is not None:
-        input = input.to(dtype)
-    if dim is None:
-        raise refuse("softmax without dim")
+    input = _normalizer_input("softmax", input, dim, rest, dtype)
     N = _directions(input._order)
     c = input._coeffs
     if not input.dim():
@@ -542,11 +548,7 @@ def _logsumexp_parts(z: JetTensor, dim: int) -> Tuple[Tensor, List[Optional[Tens
 def _log_softmax(rule, input, dim=None, *rest, dtype=None, **kwargs):
     """log_softmax = z − logsumexp(z) (F.log_softmax(x, dim, _stacklevel, dtype), torch.log_softmax(x,
     dim, dtype) and Tensor.log_softmax(dim, dtype) share this handler)."""
-    dtype = dtype if dtype is not None else next((r for r in rest if isinstance(r, torch.dtype)), None)
-    if dtype is not None:
-        input = input.to(dtype)
-    if dim is None:
-        raise refuse("log_softmax without dim")
+    input = _normalizer_input("log_softmax", input, dim, rest, dtype)
     c, L = _logsumexp_parts(input, dim)
     comps = [c[k] - L[k] if L[k] is not None else c[k] for k in range(c.shape[0])]
     comps += [None if l is None else -l for l in L[c.shape[0]:]]
