@@ -269,6 +269,12 @@ _ALIASING = {
     "relu_in_place_on_a_view": lambda h: (F.relu(h[:, 1:3], inplace=True), h)[1],
     "dropout_in_place_on_a_flattened_view": lambda h: (torch.manual_seed(0), F.dropout(h.flatten(), 0.4, True, True),
                                                        h)[2],
+    "contiguous_written": lambda h: (h.contiguous().mul_(2), h)[1],      # contiguous() is h itself
+    # detach() and .data share the storage: they show the later write (as constants)
+    "detached_then_base_written": lambda h: (lambda d: (h.add_(1.0), h * d)[1])(h.detach()),
+    "data_then_view_written": lambda h: (lambda d: (h[0].mul_(3.0), h * d)[1])(h.data),
+    "expanded_view_detached_then_base_written": lambda h: (lambda d: (h.add_(1.0), h * d[0])[1])(
+        h[:1].expand(2, 3, 4).detach()),
     # copies in PyTorch: the write stays in the copy
     "reshape_of_a_transpose_written": lambda h: (h.t().reshape(-1).mul_(5), h)[1],
     "advanced_index_written": lambda h: (lambda c: (c.mul_(5), h + c.sum()))(h[[0, 2]])[1],

@@ -89,9 +89,8 @@ _AUTOGRAD_GETTERS = {
     "_version": lambda c: c._version,
     "retains_grad": lambda c: c.retains_grad,
     "_base": lambda c: None,
-    # ``t.data``: the value without its autograd history, as ``detach()`` (a constant along the
-    # path, as nested autograd sees it), sharing storage with coefficient 0 as eager's does
-    "data": lambda c: c[0].detach(),
+    # ``t.data`` is answered as ``detach()`` (JetTensor.detached): the value without its autograd
+    # history, a constant along the path, as nested autograd sees it, following later writes
 }
 
 # Metadata the wrapper itself answers correctly (its sizes, dtype and device are those of the
@@ -488,6 +487,8 @@ def dispatch(func: Any, args: Tuple, kwargs: Dict) -> Any:
     if getter is not None:
         if getter in _CONSTANT_GETTERS:
             return func(*primals(args))
+        if getter == "data" and isinstance(args[0], JetTensor):
+            return args[0].detached()
         answer = _AUTOGRAD_GETTERS.get(getter)
         if answer is not None and isinstance(args[0], JetTensor):
             return answer(args[0]._coeffs)

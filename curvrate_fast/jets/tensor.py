@@ -10,6 +10,7 @@ rule, an exact decomposition into ops that have rules, or a clear error.
 from __future__ import annotations
 
 import sys
+import weakref
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -81,6 +82,8 @@ class JetTensor(torch.Tensor):
         # a view of another jet, linked by the dispatcher (:meth:`link_view`): [base, replay, the
         # base's coefficient tensor this view's were computed from, _WRITES when last checked]
         r._view = None
+        r._detached = None       # weak references to plain tensors detach() returned (:meth:`detached`)
+        r._dependents = None     # views of this jet whose detached tensors are alive (held while they are)
         return r
 
     @classmethod
@@ -97,6 +100,8 @@ class JetTensor(torch.Tensor):
         r._pending = ("linear", x_coeffs, weight, bias, torch.is_grad_enabled())
         r._blocks = None
         r._view = None
+        r._detached = None
+        r._dependents = None
         return r
 
     @property
@@ -130,6 +135,12 @@ class JetTensor(torch.Tensor):
         self._pending = None
         self._blocks = None
         _WRITES[0] += 1          # a jet's coefficients replaced: views check their base on the next read
+        self._update_detached()
+        if self._dependents:     # views whose detached values must show the write now, not when read
+            live = [v for v in self._dependents if v._has_detached()]
+            self._dependents = live or None
+            for v in live:
+                v._refresh_view()
 
     # -- views: reads see the base's in-place writes, writes reach the base --------------------
     def link_view(self, base: "JetTensor", replay: Callable[["JetTensor"], "JetTensor"]) -> "JetTensor":
@@ -155,7 +166,44 @@ class JetTensor(torch.Tensor):
             self._data = replay(base)._coeffs
             self._pending = None
             self._blocks = None
+            self._update_detached()
         self._view = [base, replay, now, _WRITES[0]]
+
+    def detached(self) -> Tensor:
+        """``detach()`` / ``.data``: the value as a plain tensor, a constant along the path. In
+        PyTorch it shares the storage, so it shows the tensor's later in-place writes; here a write
+        replaces the jet's coefficients, so the plain tensor is remembered (weakly) and the new
+        value is copied into it (without grad) when the jet is written, or re-read after its base
+        was written (before, it kept the old value: ``d = h.detach(); h.add_(1); h * d``, silently)."""
+        d = self._coeffs[0].detach()
+        if self._detached is None:
+            self._detached = []
+        self._detached = [r for r in self._detached if r() is not None]
+        self._detached.append(weakref.ref(d))
+        view = self._view
+        while view is not None:   # a view is refreshed when any base up its chain is written: held
+            base = view[0]        # by each (a temporary view, x[:1].detach(), dies otherwise)
+            deps = [v for v in (base._dependents or ()) if v is not self and v._has_detached()]
+            base._dependents = deps + [self]
+            view = base._view
+        return d
+
+    def _has_detached(self) -> bool:
+        return bool(self._detached) and any(r() is not None for r in self._detached)
+
+    def _update_detached(self) -> None:
+        if not self._detached:
+            return
+        live = [t for t in (r() for r in self._detached) if t is not None]
+        if live:
+            value = self._data[0]
+            with torch.no_grad():
+                for t in live:
+                    if t.data_ptr() != value.data_ptr():
+                        # an expanded value (stride 0) holds each element once: write that one
+                        once = tuple(0 if st == 0 and n > 1 else slice(None) for st, n in zip(t.stride(), t.shape))
+                        t[once].copy_(value.expand(t.shape)[once])
+        self._detached = [weakref.ref(t) for t in live] or None
 
     def writable(self) -> bool:
         """Whether an in-place write can land in this jet: not a view, or a linked one."""

@@ -202,16 +202,24 @@ def pad(input, pad, mode: str = "constant", value=None):
 
 # -- copies and conversions ---------------------------------------------------------------------
 
-@register(*aliases("clone"), *aliases("contiguous"))
+@register(*aliases("clone"))
 def clone(input, *args, **kwargs):
-    return make_jet(input._coeffs.clone() if kwargs.get("memory_format") is None
-                    else input._coeffs.clone(), input._order)
+    return make_jet(input._coeffs.clone(), input._order)
+
+
+@register(*aliases("contiguous"))
+def contiguous(input, *args, **kwargs):
+    """contiguous: the jet itself where its coefficients are already laid out contiguously (as
+    PyTorch returns the tensor itself: a write into the result is a write into it), else a copy."""
+    return input if input._coeffs.is_contiguous() else make_jet(input._coeffs.clone(), input._order)
 
 
 @register(*aliases("detach"))
 def detach(input):
-    """A detached jet is a constant along the path too, as in the nested-autograd oracle."""
-    return input._coeffs[0].detach()
+    """A detached jet is a constant along the path too, as in the nested-autograd oracle; the
+    plain tensor follows the jet's later in-place writes, as PyTorch's shares the storage
+    (JetTensor.detached)."""
+    return input.detached()
 
 
 def _cast(input, dtype: torch.dtype):
