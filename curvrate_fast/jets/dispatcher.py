@@ -702,17 +702,19 @@ def _route(func: Any, args: Tuple, kwargs: Dict) -> Any:
         return _functional_inplace(func, args, kwargs)
     if rule is not None and multilinear.active():
         record("rules", func)
-        return _linked(func, multilinear.route(func, rule, args, kwargs),
-                       lambda a, k: multilinear.route(func, rule, a, k), args, kwargs)
+        out = multilinear.route(func, rule, args, kwargs)
+        return _linked(func, out, rule, args, kwargs, True) if _may_link(func, out) else out
     if rule is not None:
         record("rules", func)
         try:
-            return _linked(func, rule(*args, **kwargs), lambda a, k: rule(*a, **k), args, kwargs)
+            out = rule(*args, **kwargs)
         except TypeError as e:
             fixed = _unbound_call(func, rule, args, kwargs, e)
             if fixed is None:
                 raise
-            return _linked(func, rule(*fixed[0], **fixed[1]), lambda a, k: rule(*a, **k), *fixed)
+            args, kwargs = fixed
+            out = rule(*args, **kwargs)
+        return _linked(func, out, rule, args, kwargs, False) if _may_link(func, out) else out
 
     name = _func_name(func)
     if name in _LEAVES_TORCH:
@@ -797,7 +799,12 @@ def _may_view(func: Any) -> bool:
     return may
 
 
-def _linked(func: Any, out: Any, call: Callable[[Tuple, Dict], Any], args: Tuple, kwargs: Dict) -> Any:
+def _may_link(func: Any, out: Any) -> bool:
+    """Whether a rule's result may hold a view to link (the hot path: one lookup for most ops)."""
+    return _may_view(func) or isinstance(out, (tuple, list)) or (isinstance(out, JetTensor) and out._is_view)
+
+
+def _linked(func: Any, out: Any, rule: Callable, args: Tuple, kwargs: Dict, via_multilinear: bool) -> Any:
     """A rule's result with each view it returns linked to its base (JetTensor.link_view), so that
     the aliasing of PyTorch's view ops holds for jets. Only ops whose ATen schema returns an alias
     (:func:`_may_view`) and results the rule marked as views are looked at: a result whose
@@ -809,6 +816,9 @@ def _linked(func: Any, out: Any, call: Callable[[Tuple, Dict], Any], args: Tuple
     copies follows the coefficients' memory layout, which mirrors the primal's as PyTorch lays it
     out except where a rule chose another layout. A deferred result (a linear layer's pending
     GEMM) is fresh and left as it is."""
+    def call(a: Tuple, kw: Dict) -> Any:
+        return multilinear.route(func, rule, a, kw) if via_multilinear else rule(*a, **kw)
+
     many = isinstance(out, (tuple, list))
     outs = out if many else (out,)
     first = args[0] if args else None
