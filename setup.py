@@ -16,7 +16,7 @@ ext_modules, cmdclass = [], {}
 if os.environ.get("CURVRATE_BUILD_CPP", "0") == "1":
     from torch.utils.cpp_extension import BuildExtension, CppExtension
     # needs torch at build time: pip install --no-build-isolation (pip's isolated build has none)
-    ext_modules.append(CppExtension("curvrate_fast._C", sources=["csrc/jet_activation.cpp"],
+    ext_modules.append(CppExtension("curvrate_fast._C", sources=["csrc/jet_activation.cpp", "csrc/cpu_gemm.cpp"],
                                     extra_compile_args=["-O3"]))
     cmdclass["build_ext"] = BuildExtension
 

@@ -1438,9 +1438,10 @@ def compile(fn: Callable[..., Any] = None, *, backend: Optional[str] = "inductor
       graph as a CUDA graph).
     - ``cache_size``: configurations kept (each shape, dtype, train/eval mode... is one graph).
     - ``cpu_gemm``: the float32 CPU GEMMs of the graph (``curvrate_fast.cpu_gemm``): ``"auto"``
-      (default) measures, once per shape, whether oneDNN's GEMM beats ``torch.mm`` on this
-      machine and uses the faster (about 2× on AMD CPUs, where MKL runs its AVX2 path); ``"aten"``
-      keeps ``torch.mm``; ``"onednn"`` always uses oneDNN. Other dtypes and devices are untouched.
+      (default) measures, once per shape, whether oneDNN's GEMM or the project's AVX-512 kernel
+      (part of the C++ kernels, once built) beats ``torch.mm`` on this machine and uses the
+      fastest (about 2× on AMD CPUs, where MKL runs its AVX2 path); ``"aten"`` keeps ``torch.mm``;
+      ``"onednn"`` and ``"avx512"`` always use that one. Other dtypes and devices are untouched.
 
     Value checks (NaN/Inf in floating tensor arguments, unless ``check_finite`` is off) run
     before the graph, outside it. Random ops inside ``fn`` draw afresh at every call; draw the

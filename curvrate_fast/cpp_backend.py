@@ -1,4 +1,6 @@
-"""The ``cpp`` backend: CPU kernels from csrc/ for elementwise activation jets.
+"""The ``cpp`` backend: CPU kernels from csrc/ for elementwise activation jets (and the float32
+GEMM of captured programs, ``csrc/cpu_gemm.cpp``, which :mod:`curvrate_fast.cpu_gemm` uses where it
+measures faster).
 
 The kernels (``csrc/jet_activation.cpp``) compute, per element in one pass, the jets of φ(u(t)) and
 φ′(u(t)) by the recurrences of docs/math.md §2, and the backward as the Toeplitz product
@@ -37,12 +39,16 @@ _lock = threading.Lock()
 _state = {"loaded": False, "error": None, "prebuilt_checked": False}
 
 
-def _source() -> Path:
+#: the C++ sources of the one library (setup.py lists the same files)
+SOURCES = ("jet_activation.cpp", "cpu_gemm.cpp")
+
+
+def _sources() -> list:
     here = Path(__file__).resolve().parent
-    for cand in (here / "csrc" / "jet_activation.cpp", here.parent / "csrc" / "jet_activation.cpp"):
-        if cand.exists():
-            return cand
-    raise FileNotFoundError("csrc/jet_activation.cpp is not shipped with this installation")
+    for folder in (here / "csrc", here.parent / "csrc"):
+        if all((folder / name).exists() for name in SOURCES):
+            return [folder / name for name in SOURCES]
+    raise FileNotFoundError(f"csrc/ ({', '.join(SOURCES)}) is not shipped with this installation")
 
 
 def _ops_registered() -> bool:
@@ -59,7 +65,9 @@ def _build_dir() -> Path:
 
 def _source_hash() -> str:
     import hashlib
-    h = hashlib.sha256(_source().read_bytes())
+    h = hashlib.sha256()
+    for path in _sources():
+        h.update(path.read_bytes())
     h.update(torch.__version__.encode())  # a build against another torch is not loadable
     return h.hexdigest()
 
@@ -103,7 +111,7 @@ def build(verbose: bool = False) -> None:
         build_dir = _build_dir()
         build_dir.mkdir(parents=True, exist_ok=True)
         try:
-            load(name="curvrate_fast_cpp", sources=[str(_source())], extra_cflags=["-O3", "-march=native"],
+            load(name="curvrate_fast_cpp", sources=[str(p) for p in _sources()], extra_cflags=["-O3", "-march=native"],
                  is_python_module=False, build_directory=str(build_dir), verbose=verbose)
         except Exception as e:  # noqa: BLE001
             _state["error"] = e

@@ -48,17 +48,17 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["GEMM_MODES", "TINY_GEMM_DIM", "onednn_available", "cpu_mm", "rewrite_graph", "decompose_tiny_gemms",
-           "faster_with_onednn", "eager_linear"]
+__all__ = ["GEMM_MODES", "KERNELS", "TINY_GEMM_DIM", "onednn_available", "avx512_available", "cpu_mm", "avx512_mm",
+           "rewrite_graph", "decompose_tiny_gemms", "fastest_gemm", "eager_linear"]
 
 #: what ``cpu_gemm=`` accepts
-GEMM_MODES = ("auto", "aten", "onednn")
+GEMM_MODES = ("auto", "aten", "onednn", "avx512")
 
 
 def onednn_available() -> bool:
@@ -109,7 +109,7 @@ def cpu_mm(a: Tensor, b: Tensor) -> Tensor:
     return torch.ops.curvrate.cpu_mm.default(a, b)
 
 
-#: ``"auto"`` leaves GEMMs below this many flops to ``torch.mm`` without timing them. Timed alone
+#: ``"auto"`` times oneDNN only on GEMMs of at least this many flops. Timed alone
 #: oneDNN wins on smaller products too, but not inside steps that run between other work (the
 #: benchmark interleaves methods; training loops load data): measured on one core of the
 #: project's AMD EPYC, interleaved with nested-autograd steps, the tiny MLP's derivative step
@@ -121,8 +121,66 @@ def cpu_mm(a: Tensor, b: Tensor) -> Tensor:
 #: step (965 → 1042 µs): cold caches cost oneDNN more than MKL.
 MIN_AUTO_FLOP = 16e6
 
-_Key = Tuple[tuple, tuple, tuple, tuple, int]
-_choices: Dict[_Key, bool] = {}
+#: ``"auto"`` times the AVX-512 kernel on GEMMs of at least this many flops. It packs nothing, so
+#: cold caches cost it what they cost MKL (640×64·64×64 on one core, caches flushed before each
+#: call: 28 µs against MKL's 61, warm 24 against 55), and it is timed down to ~5 µs MKL calls;
+#: below that a call's fixed cost is most of its time and the timing would decide by noise.
+MIN_AUTO_FLOP_AVX512 = 0.5e6
+
+
+def avx512_available() -> bool:
+    """Whether the project's AVX-512 GEMM (``csrc/cpu_gemm.cpp``, the op
+    ``torch.ops.curvrate_fast.avx512_mm``) is loaded and this CPU has AVX-512. It is part of the
+    C++ library of the ``cpp`` backend and, like its activation kernels, used only once built
+    (``python -m curvrate_fast build-cpp``, or ``CURVRATE_BUILD_CPP=1`` at install): nothing is
+    compiled behind the user's back."""
+    from . import cpp_backend
+    if not cpp_backend.available():
+        return False
+    try:
+        return bool(torch.ops.curvrate_fast.avx512_mm_supported())
+    except (AttributeError, RuntimeError):   # a library built before the kernel existed
+        return False
+
+
+def avx512_mm(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` (2-D, float32, CPU) through the project's AVX-512 kernel (``csrc/cpu_gemm.cpp``:
+    register tiles of 6 rows × 64 columns, one sequential float32 sum over k per element, no
+    packing; ``at::mm`` on a CPU without AVX-512). What :func:`rewrite_graph` puts in place of
+    ``aten.mm`` where it is the fastest. No autograd (captured graphs are already differentiated;
+    the eager linear rule wraps it in its own autograd Function).
+
+    Example::
+
+        >>> a, b = torch.randn(640, 64), torch.randn(64, 64)
+        >>> torch.allclose(curvrate_fast.cpu_gemm.avx512_mm(a, b), a @ b, atol=1e-4)
+        True
+    """
+    if not avx512_available():
+        raise RuntimeError("the AVX-512 GEMM is not available: build the C++ kernels first "
+                           "(python -m curvrate_fast build-cpp) on a CPU with AVX-512")
+    return torch.ops.curvrate_fast.avx512_mm.default(a, b)
+
+
+class _Kernel(NamedTuple):
+    """A float32 CPU GEMM that may replace ``aten.mm``: the dispatcher op a captured graph calls,
+    whether it can run here, and the smallest product ``"auto"`` times it on."""
+    op: Callable[[], object]
+    available: Callable[[], bool]
+    min_auto_flop: float
+
+
+#: the GEMMs a graph's ``aten.mm`` may be rewritten to, by ``cpu_gemm=`` mode name ("auto" times
+#: the available ones against ``torch.mm``; "aten" keeps ``torch.mm``)
+KERNELS: Dict[str, _Kernel] = {
+    "onednn": _Kernel(lambda: torch.ops.curvrate.cpu_mm.default, lambda: onednn_available(),
+                      MIN_AUTO_FLOP),
+    "avx512": _Kernel(lambda: torch.ops.curvrate_fast.avx512_mm.default, lambda: avx512_available(),
+                      MIN_AUTO_FLOP_AVX512),
+}
+
+_Key = Tuple[tuple, tuple, tuple, tuple, int, tuple]
+_choices: Dict[_Key, str] = {}
 _choices_lock = threading.Lock()
 
 
@@ -135,30 +193,49 @@ def _timed(fn, a: Tensor, b: Tensor, reps: int) -> List[float]:
     return times
 
 
-def faster_with_onednn(a_shape: Sequence[int], a_stride: Sequence[int], b_shape: Sequence[int],
-                       b_stride: Sequence[int], *, margin: float = 0.9) -> bool:
-    """Whether oneDNN multiplies float32 matrices of these shapes and strides faster than
-    ``torch.mm`` here, with this many threads: both timed on random data (three interleaved
-    rounds of a few calls, ≤ ~70 ms in all per shape), oneDNN chosen when its median time is
-    < ``margin`` of mm's. Measured once per process and key."""
-    key = (tuple(a_shape), tuple(a_stride), tuple(b_shape), tuple(b_stride), torch.get_num_threads())
+def fastest_gemm(a_shape: Sequence[int], a_stride: Sequence[int], b_shape: Sequence[int],
+                 b_stride: Sequence[int], candidates: Sequence[str] = ("onednn",), *,
+                 margin: float = 0.9) -> str:
+    """Which of ``torch.mm`` (``"aten"``) and the ``candidates`` (names in :data:`KERNELS`)
+    multiplies float32 matrices of these shapes and strides the fastest here, with this many
+    threads: all timed on random data, as the graph calls them (through their dispatcher ops),
+    in three interleaved rounds of a few calls (≤ ~100 ms in all per shape); a candidate is
+    chosen only when its median time is < ``margin`` of mm's. Measured once per process and key.
+
+    Example::
+
+        >>> cpu_gemm.fastest_gemm((640, 64), (64, 1), (64, 64), (64, 1), ("onednn",)) in ("aten", "onednn")
+        True
+    """
+    key = (tuple(a_shape), tuple(a_stride), tuple(b_shape), tuple(b_stride), torch.get_num_threads(),
+           tuple(candidates))
     with _choices_lock:
         if key in _choices:
             return _choices[key]
-    try:
-        a = _random_strided(a_shape, a_stride)
-        b = _random_strided(b_shape, b_stride)
-        one = _timed(torch.mm, a, b, 1)[0] + _timed(_onednn_mm, a, b, 1)[0]  # warm-up; sizes reps
+    a = _random_strided(a_shape, a_stride)
+    b = _random_strided(b_shape, b_stride)
+    ops = {"aten": torch.mm}
+    for name in candidates:
+        if not KERNELS[name].available():
+            continue
+        op = KERNELS[name].op()
+        try:
+            _timed(op, a, b, 1)           # warm-up; a layout a kernel refuses: not a candidate
+        except RuntimeError:
+            continue
+        ops[name] = op
+    choice = "aten"
+    if len(ops) > 1:
+        one = sum(_timed(op, a, b, 1)[0] for op in ops.values())
         reps = max(3, min(20, int(0.01 / max(one, 1e-6))))
-        t_mm: List[float] = []
-        t_dnn: List[float] = []
+        times: Dict[str, List[float]] = {name: [] for name in ops}
         for _ in range(3):   # interleaved rounds, medians: one lucky call decides nothing
-            t_mm += _timed(torch.mm, a, b, reps)
-            # oneDNN timed as the graph will call it: through the custom op (~7 µs of dispatch)
-            t_dnn += _timed(torch.ops.curvrate.cpu_mm.default, a, b, reps)
-        choice = statistics.median(t_dnn) < margin * statistics.median(t_mm)
-    except RuntimeError:  # a layout oneDNN refuses: keep torch.mm
-        choice = False
+            for name, op in ops.items():
+                times[name] += _timed(op, a, b, reps)
+        medians = {name: statistics.median(t) for name, t in times.items()}
+        best = min((name for name in ops if name != "aten"), key=medians.__getitem__)
+        if medians[best] < margin * medians["aten"]:
+            choice = best
     with _choices_lock:
         _choices[key] = choice
     return choice
@@ -224,8 +301,10 @@ def _broadcast_product(g, a, b):
     return g.call_function(_aten.sum.dim_IntList, (prod, [1]))
 
 
-def _onednn_product(g, a, b):
-    return g.call_function(torch.ops.curvrate.cpu_mm.default, (a, b))
+def _kernel_product(name: str):
+    def build(g, a, b):
+        return g.call_function(KERNELS[name].op(), (a, b))
+    return build
 
 
 def decompose_tiny_gemms(gm: torch.fx.GraphModule) -> int:
@@ -252,9 +331,10 @@ def decompose_tiny_gemms(gm: torch.fx.GraphModule) -> int:
 
 def rewrite_graph(gm: torch.fx.GraphModule, mode: str = "auto") -> int:
     """Rewrite the CPU GEMMs of ``gm`` as ``mode`` says (see the module docstring): tiny ones
-    decomposed (:func:`decompose_tiny_gemms`), float32 mm/addmm nodes on :func:`cpu_mm` where
-    oneDNN is faster; returns how many nodes were rewritten. The graph must carry the traced
-    values in ``node.meta["val"]`` (``make_fx`` records them).
+    decomposed (:func:`decompose_tiny_gemms`), float32 mm/addmm nodes on the kernel of
+    :data:`KERNELS` that measures fastest (``"auto"``) or on the one named; returns how many nodes
+    were rewritten. The graph must carry the traced values in ``node.meta["val"]`` (``make_fx``
+    records them).
 
     Example::
 
@@ -266,11 +346,10 @@ def rewrite_graph(gm: torch.fx.GraphModule, mode: str = "auto") -> int:
         raise ValueError(f"cpu_gemm must be one of {GEMM_MODES}, got {mode!r}")
     if mode == "aten":
         return 0
-    if mode == "onednn" and not onednn_available():
-        raise RuntimeError("cpu_gemm='onednn': oneDNN is not available (this PyTorch build has none, "
-                           "or torch.backends.mkldnn.enabled is False); use 'auto' or 'aten'")
+    if mode in KERNELS and not KERNELS[mode].available():
+        raise RuntimeError(_UNAVAILABLE[mode])
     n = decompose_tiny_gemms(gm)
-    if not onednn_available() or (mode == "auto" and torch.are_deterministic_algorithms_enabled()):
+    if mode == "auto" and torch.are_deterministic_algorithms_enabled():
         return n
     m = 0
     for node in list(gm.graph.nodes):
@@ -278,61 +357,75 @@ def rewrite_graph(gm: torch.fx.GraphModule, mode: str = "auto") -> int:
         if ab is None or ab[0].dtype != torch.float32 or ab[1].dtype != torch.float32:
             continue
         a, b = ab
-        if mode == "auto" and not _onednn_wanted(a.shape, a.stride(), b.shape, b.stride()):
+        name = mode if mode != "auto" else _auto_choice(a.shape, a.stride(), b.shape, b.stride())
+        if name == "aten":
             continue
-        _replace(gm, node, _onednn_product)
+        _replace(gm, node, _kernel_product(name))
         m += 1
     if m:
         gm.recompile()
     return n + m
 
 
+_UNAVAILABLE = {
+    "onednn": "cpu_gemm='onednn': oneDNN is not available (this PyTorch build has none, or "
+              "torch.backends.mkldnn.enabled is False); use 'auto' or 'aten'",
+    "avx512": "cpu_gemm='avx512': the AVX-512 GEMM is not available (build the C++ kernels with "
+              "python -m curvrate_fast build-cpp, on a CPU with AVX-512); use 'auto' or 'aten'",
+}
+
+
+def _auto_choice(a_shape, a_stride, b_shape, b_stride) -> str:
+    """"auto"'s GEMM for one float32 product a @ b (a captured graph's GEMM pass, the eager linear
+    rule): ``"aten"`` under deterministic algorithms (a timing must not decide a run's numbers),
+    else the fastest of torch.mm and the available kernels whose size threshold the product
+    reaches (:func:`fastest_gemm`)."""
+    if torch.are_deterministic_algorithms_enabled():
+        return "aten"
+    flop = 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    candidates = tuple(name for name, k in KERNELS.items() if flop >= k.min_auto_flop and k.available())
+    if not candidates:
+        return "aten"
+    return fastest_gemm(a_shape, a_stride, b_shape, b_stride, candidates)
+
+
 # -- the eager engine's linear layers -------------------------------------------------------------
 
-def _onednn_wanted(a_shape, a_stride, b_shape, b_stride) -> bool:
-    """"auto"'s rule for one float32 product a @ b (a captured graph's GEMM pass, the eager
-    linear rule)."""
-    if 2 * a_shape[0] * a_shape[1] * b_shape[1] < MIN_AUTO_FLOP:
-        return False
-    if not onednn_available() or torch.are_deterministic_algorithms_enabled():
-        return False
-    return faster_with_onednn(a_shape, a_stride, b_shape, b_stride)
-
-
-class _OneDNNLinear(torch.autograd.Function):
-    """x2 @ wᵀ on oneDNN; backward gx = gy @ w (oneDNN where measured faster) and gw = gyᵀ @ x2
-    (``torch.mm``: oneDNN gains nothing on a transposed left factor). Under ``create_graph`` the
-    backward runs differentiable ATen products, so higher derivatives stay exact."""
+class _KernelLinear(torch.autograd.Function):
+    """x2 @ wᵀ on the kernel ``name`` of :data:`KERNELS`; backward gx = gy @ w (on the kernel
+    ``"auto"`` picks for that product) and gw = gyᵀ @ x2 (``torch.mm``: oneDNN gains nothing on a
+    transposed left factor). Under ``create_graph`` the backward runs differentiable ATen
+    products, so higher derivatives stay exact."""
 
     @staticmethod
-    def forward(ctx, x2: Tensor, w: Tensor) -> Tensor:
+    def forward(ctx, x2: Tensor, w: Tensor, name: str) -> Tensor:
         ctx.save_for_backward(x2, w)
-        return torch.ops.curvrate.cpu_mm.default(x2, w.t())
+        return KERNELS[name].op()(x2, w.t())
 
     @staticmethod
     def backward(ctx, gy: Tensor):
         x2, w = ctx.saved_tensors
         gx = gw = None
         if ctx.needs_input_grad[0]:
-            if (not torch.is_grad_enabled() and gy.is_contiguous()
-                    and _onednn_wanted(gy.shape, gy.stride(), w.shape, w.stride())):
-                gx = torch.ops.curvrate.cpu_mm.default(gy, w)
-            else:
-                gx = gy @ w
+            name = "aten"
+            if not torch.is_grad_enabled() and gy.is_contiguous():
+                name = _auto_choice(gy.shape, gy.stride(), w.shape, w.stride())
+            gx = gy @ w if name == "aten" else KERNELS[name].op()(gy, w)
         if ctx.needs_input_grad[1]:
             gw = gy.t() @ x2
-        return gx, gw
+        return gx, gw, None
 
 
 def eager_linear(x: Tensor, weight: Tensor) -> Tensor:
-    """``F.linear(x, weight)`` (no bias) for the eager engine's linear rule: on oneDNN where it
-    multiplies this float32 CPU shape faster than MKL (the measurement and the thresholds of
-    ``cpu_gemm="auto"``: products of at least :data:`MIN_AUTO_FLOP`, timed once per shape and
+    """``F.linear(x, weight)`` (no bias) for the eager engine's linear rule: on the kernel of
+    :data:`KERNELS` that multiplies this float32 CPU shape the fastest, where one is faster than
+    MKL (the measurement and the thresholds of ``cpu_gemm="auto"``: timed once per shape and
     thread count; never under deterministic algorithms), ``F.linear`` otherwise. The stacked
-    coefficients of a jet through a wide layer (the MLP 784's 640×784·784×512, a language model's
-    vocabulary projection) are such products; on this project's AMD EPYC oneDNN runs them about
-    twice as fast (module docstring). Differentiable (see ``_OneDNNLinear``); the product is the
-    float32 one, in another summation order.
+    coefficients of a jet through a linear layer (the MLP 784's 640×784·784×512, a language
+    model's vocabulary projection, a small MLP's 640×64·64×64) are such products; on this
+    project's AMD EPYC oneDNN and the AVX-512 kernel run them about twice as fast (module
+    docstring). Differentiable (see ``_KernelLinear``); the product is the float32 one, in another
+    summation order.
 
     Example::
 
@@ -347,6 +440,7 @@ def eager_linear(x: Tensor, weight: Tensor) -> Tensor:
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     wt = weight.t()
-    if not _onednn_wanted(x2.shape, x2.stride(), wt.shape, wt.stride()):
+    name = _auto_choice(x2.shape, x2.stride(), wt.shape, wt.stride())
+    if name == "aten":
         return F.linear(x, weight)
-    return _OneDNNLinear.apply(x2, weight).reshape(tuple(x.shape[:-1]) + (weight.shape[0],))
+    return _KernelLinear.apply(x2, weight, name).reshape(tuple(x.shape[:-1]) + (weight.shape[0],))

@@ -29,6 +29,7 @@ def test_jit_build_is_found_by_a_later_process(tmp_path):
              "import torch\n"
              "assert cpp_backend.available(), 'the cached build was not found'\n"
              "assert use_cpp(torch.zeros(2, dtype=torch.float64), 4)\n"
+             "assert hasattr(torch.ops.curvrate_fast, 'avx512_mm')\n"
              "print('found')\n")
     assert "found" in _run([sys.executable, "-c", probe], env)
     # a changed source (here: a different recorded hash) is not loaded
@@ -66,6 +67,8 @@ def test_install_time_build(tmp_path):
              "assert cpp_backend.available(), 'the installed _C library was not loaded'\n"
              "c = torch.randn(2, 5, dtype=torch.float64)\n"
              "y = cpp_backend.activation_jet_cpp(c, 'tanh', 3)\n"
+             "a, b = torch.randn(9, 7), torch.randn(7, 20)\n"   # the GEMM of csrc/cpu_gemm.cpp is in it too
+             "assert torch.allclose(torch.ops.curvrate_fast.avx512_mm(a, b), a @ b, atol=1e-5)\n"
              "print('ok', tuple(y.shape))\n")
     out = _run([sys.executable, "-c", probe, str(site)],
                {"CURVRATE_CPP_BUILD_DIR": str(tmp_path / "empty-cache")}, cwd=tmp_path)

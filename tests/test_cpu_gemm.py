@@ -82,10 +82,12 @@ def test_auto_is_off_under_deterministic_algorithms():
 
 def test_choice_is_measured_once_per_layout():
     a, b = torch.randn(512, 256), torch.randn(256, 256)
-    first = cpu_gemm.faster_with_onednn(a.shape, a.stride(), b.shape, b.stride())
+    first = cpu_gemm.fastest_gemm(a.shape, a.stride(), b.shape, b.stride(), ("onednn",))
+    assert first in ("aten", "onednn")
     key = next(k for k in cpu_gemm._choices if k[0] == (512, 256) and k[2] == (256, 256))
-    cpu_gemm._choices[key] = not first        # a cached answer is returned, not re-measured
-    assert cpu_gemm.faster_with_onednn(a.shape, a.stride(), b.shape, b.stride()) is (not first)
+    other = "aten" if first == "onednn" else "onednn"
+    cpu_gemm._choices[key] = other        # a cached answer is returned, not re-measured
+    assert cpu_gemm.fastest_gemm(a.shape, a.stride(), b.shape, b.stride(), ("onednn",)) == other
     del cpu_gemm._choices[key]
 
 
@@ -160,7 +162,8 @@ def test_mkldnn_switched_off_means_no_rewrite():
         warnings.simplefilter("ignore", UserWarning)
         with torch.backends.mkldnn.flags(enabled=False):
             assert not cpu_gemm.onednn_available()
-            assert cpu_gemm.rewrite_graph(gm, "auto") == 0
+            cpu_gemm.rewrite_graph(gm, "auto")    # (the AVX-512 kernel, where built, may still win)
+            assert torch.ops.curvrate.cpu_mm.default not in _targets(gm)
             with pytest.raises(RuntimeError, match="oneDNN is not available"):
                 cpu_gemm.rewrite_graph(gm, "onednn")
     assert cpu_gemm.onednn_available()
@@ -168,19 +171,22 @@ def test_mkldnn_switched_off_means_no_rewrite():
 
 # -- the eager engine's linear layers (cpu_gemm.eager_linear) ----------------------------------
 
+def _force_onednn(monkeypatch):
+    """Every float32 product measures fastest on oneDNN (the deterministic-mode rule still applies)."""
+    monkeypatch.setitem(cpu_gemm.KERNELS, "onednn", cpu_gemm.KERNELS["onednn"]._replace(min_auto_flop=0))
+    monkeypatch.setattr(cpu_gemm, "fastest_gemm", lambda *a, **k: "onednn")
+
+
 def test_eager_linear_values_gradients_and_double_backward(monkeypatch):
     """Forced onto oneDNN (every shape measured faster), eager_linear gives F.linear's product,
     gradients and second derivatives to float32 rounding; float64, small products, non-contiguous
     inputs and deterministic mode stay on F.linear."""
-    monkeypatch.setattr(cpu_gemm, "MIN_AUTO_FLOP", 0)
-    monkeypatch.setattr(cpu_gemm, "faster_with_onednn", lambda *a, **k: True)
-    if not cpu_gemm.onednn_available():
-        pytest.skip("no oneDNN in this PyTorch build")
+    _force_onednn(monkeypatch)
     torch.manual_seed(0)
     x = torch.randn(3, 40, 24, requires_grad=True)
     w = torch.randn(16, 24, requires_grad=True)
     y = cpu_gemm.eager_linear(x, w)
-    assert "OneDNNLinear" in type(y.grad_fn.next_functions[0][0]).__name__
+    assert "KernelLinear" in type(y.grad_fn.next_functions[0][0]).__name__
     ref = F.linear(x, w)
     assert y.shape == ref.shape and torch.allclose(y, ref, rtol=1e-5, atol=1e-5)
     gy = torch.randn_like(y)
@@ -199,7 +205,7 @@ def test_eager_linear_values_gradients_and_double_backward(monkeypatch):
     for a, b in [(x.detach().double(), w.detach().double()),           # float64
                  (x.detach().transpose(1, 2).contiguous().transpose(1, 2), w.detach())]:  # strided x
         out = cpu_gemm.eager_linear(a, b)
-        assert out.grad_fn is None or "OneDNN" not in type(out.grad_fn).__name__
+        assert out.grad_fn is None or "KernelLinear" not in type(out.grad_fn).__name__
     with torch.autocast("cpu", dtype=torch.bfloat16):      # autocast's casts belong to F.linear
         assert cpu_gemm.eager_linear(x, w).dtype == torch.bfloat16
     torch.use_deterministic_algorithms(True)
@@ -212,20 +218,16 @@ def test_eager_linear_values_gradients_and_double_backward(monkeypatch):
 def test_eager_engine_linear_on_onednn_matches_nested_autograd(monkeypatch):
     """The jet engine's linear rule through eager_linear (forced onto oneDNN): loss derivatives
     and their parameter gradients as nested autograd gives them (float32, rounding level)."""
-    if not cpu_gemm.onednn_available():
-        pytest.skip("no oneDNN in this PyTorch build")
-    import curvrate_fast as cf
     from curvrate_fast import baseline
     calls = []
-    real = cpu_gemm._OneDNNLinear.apply
-    monkeypatch.setattr(cpu_gemm, "MIN_AUTO_FLOP", 0)
-    monkeypatch.setattr(cpu_gemm, "faster_with_onednn", lambda *a, **k: True)
-    monkeypatch.setattr(cpu_gemm._OneDNNLinear, "apply", lambda *a: calls.append(1) or real(*a))
+    real = cpu_gemm._KernelLinear.apply
+    _force_onednn(monkeypatch)
+    monkeypatch.setattr(cpu_gemm._KernelLinear, "apply", lambda *a: calls.append(a[-1]) or real(*a))
     torch.manual_seed(1)
     model = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.Tanh(), torch.nn.Linear(32, 5))
     x, y, u = torch.randn(16, 6), torch.randint(0, 5, (16,)), torch.randn(16, 6)
     d = cf.loss_directional_derivatives(model, x, y, u, 3)
-    assert calls
+    assert calls and set(calls) == {"onednn"}
     ref = baseline.loss_directional_derivatives(model, x, y, u, 3)
     assert torch.allclose(d, ref, rtol=1e-4, atol=1e-5)
     params = list(model.parameters())
@@ -241,5 +243,5 @@ def test_measuring_a_shape_leaves_the_global_random_stream_alone(monkeypatch):
     monkeypatch.setattr(cpu_gemm, "_choices", {})
     torch.manual_seed(5)
     before = torch.get_rng_state()
-    cpu_gemm.faster_with_onednn((96, 40), (40, 1), (40, 24), (1, 40))
+    cpu_gemm.fastest_gemm((96, 40), (40, 1), (40, 24), (1, 40), tuple(cpu_gemm.KERNELS))
     assert torch.equal(torch.get_rng_state(), before)
