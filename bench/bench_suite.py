@@ -1275,27 +1275,34 @@ def pin_to_one_cpu() -> Optional[set]:
     return old
 
 
-def gemm_rates(m: int = 640, k: int = 512, n: int = 512, seconds: float = 0.3) -> Dict[str, Any]:
-    """An info row: float32 GFLOP/s of ``torch.mm`` and of oneDNN's GEMM (the two choices of
-    ``curvrate_fast.cpu_gemm``) on an m×k·k×n product (default: the MLP 784's 5·128 coefficient rows
-    through its 512×512 layer), best of interleaved timings, with this run's thread count."""
+def gemm_rates(shapes=((640, 512, 512), (640, 64, 64)), seconds: float = 0.3) -> Dict[str, Any]:
+    """An info row: float32 GFLOP/s of ``torch.mm`` and of the kernels ``curvrate_fast.cpu_gemm``
+    may put in its place (oneDNN's GEMM, the AVX-512 kernel where built) on m×k·k×n products
+    (default: the MLP 784's 5·128 coefficient rows through its 512×512 layer, the tiny MLP's
+    through its 64×64 one), best of interleaved timings, with this run's thread count."""
     from curvrate_fast import cpu_gemm
-    a, b = torch.randn(m, k), torch.randn(k, n)
     fns = {"torch.mm": torch.mm}
     if cpu_gemm.onednn_available():
         fns["oneDNN"] = torch.ops.curvrate.cpu_mm.default
-    best = {name: float("inf") for name in fns}
-    for f in fns.values():   # warm-up
-        f(a, b)
-    t_end = time.perf_counter() + seconds
-    while time.perf_counter() < t_end:
-        for name, f in fns.items():
-            t0 = time.perf_counter()
+    if cpu_gemm.avx512_available():
+        fns["AVX-512 kernel"] = torch.ops.curvrate_fast.avx512_mm.default
+    rates: Dict[str, Dict[str, float]] = {}
+    texts = []
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        best = {name: float("inf") for name in fns}
+        for f in fns.values():   # warm-up
             f(a, b)
-            best[name] = min(best[name], time.perf_counter() - t0)
-    rates = {name: round(2 * m * k * n / t / 1e9, 1) for name, t in best.items()}
-    text = (f"float32 GEMM {m}×{k}·{k}×{n}, {torch.get_num_threads()} thread(s): "
-            + ", ".join(f"{name} {r:g} GFLOP/s" for name, r in rates.items()))
+        t_end = time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            for name, f in fns.items():
+                t0 = time.perf_counter()
+                f(a, b)
+                best[name] = min(best[name], time.perf_counter() - t0)
+        shape = f"{m}×{k}·{k}×{n}"
+        rates[shape] = {name: round(2 * m * k * n / t / 1e9, 1) for name, t in best.items()}
+        texts.append(shape + ": " + ", ".join(f"{name} {r:g}" for name, r in rates[shape].items()))
+    text = f"float32 GEMM GFLOP/s, {torch.get_num_threads()} thread(s): " + "; ".join(texts)
     return {"kind": "info", "what": "gemm rates", "gflops": rates, "text": text}
 
 
@@ -1323,7 +1330,12 @@ def _run(cfg: BenchConfig, device, log) -> List[Dict[str, Any]]:
         except Exception as e:  # noqa: BLE001
             info["cpp_loaded"] = False
             info["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        if info["cpp_loaded"]:
+            from curvrate_fast import cpu_gemm
+            info["avx512_gemm"] = cpu_gemm.avx512_available()
         info["text"] = ("backend='auto' runs the C++ activation kernels (cpp) on CPU"
+                        + ("; the AVX-512 GEMM (csrc/cpu_gemm.cpp) is a candidate of cpu_gemm='auto'"
+                           if info.get("avx512_gemm") else "; no AVX-512 GEMM here")
                         if info["cpp_loaded"] else
                         "backend='auto' runs the pure-PyTorch reference rules on CPU (C++ kernels "
                         "not built)" + (f": {info['error']}" if "error" in info else ""))
