@@ -113,7 +113,7 @@ METHOD_DOC = {
     "compile": "reference rules, whole step traced by make_fx and compiled by torch.compile (inductor)",
     "captured": ("curvrate_fast.compile (inductor): the whole step captured once as one graph; its "
                  "gradients written into .grad by CompiledLoss.backward (as loss.backward() would)"),
-    "captured_mm": "captured with cpu_gemm='aten': every GEMM through torch.mm (MKL), no oneDNN",
+    "captured_mm": "captured with cpu_gemm='aten': every GEMM through torch.mm (MKL), no oneDNN or AVX-512 kernel",
     "jax": "jax.experimental.jet under jax.jit (value_and_grad), same weights and inputs",
     "torch_jet": "torch-jet (jet-for-pytorch) captured graph",
 }

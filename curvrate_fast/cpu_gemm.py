@@ -1,5 +1,5 @@
 """The CPU GEMM of captured programs and of the eager engine's linear layers: PyTorch's default
-(MKL's sgemm) or oneDNN's, chosen by measuring.
+(MKL's sgemm), oneDNN's, or the project's AVX-512 kernel, chosen by measuring.
 
 A captured jet program on a GEMM-bound model spends nearly all its time in ``aten.mm`` (96 % on the
 MLP 784→512→512→10: the K+1 coefficient rows through each linear layer, forward, weight and input
@@ -16,8 +16,19 @@ running machine, so a CPU where MKL is the faster one keeps ``aten.mm``. Both co
 product with float32 accumulation, in different summation orders (results agree to float32
 rounding, ~1e-7 relative); float64 and every other dtype are left alone.
 
+On small networks the products are narrow (the tiny MLP 2→64→64→2 at order 4: three
+640×64·64×64 products a step, forward, weight and input gradient), and there oneDNN's packing
+costs it most of its lead (~140 GFLOP/s) and cold caches the rest (see :data:`MIN_AUTO_FLOP`).
+:func:`avx512_mm` (``csrc/cpu_gemm.cpp``, part of the C++ kernels of the ``cpp`` backend) packs
+nothing: register tiles of 6 rows × 64 columns, one sequential float32 sum over k per element
+(so its result does not depend on the thread count), ~220 GFLOP/s on those products on one core
+of the project's AMD EPYC (MKL ~100) and ~240 on the MLP 784's 640×512·512×512, 28 µs against
+MKL's 61 for 640×64·64×64 with caches flushed before each call. It is a candidate wherever it
+is built and the CPU has AVX-512 (:func:`avx512_available`); :data:`KERNELS` is the table of
+candidates, :func:`fastest_gemm` times them against ``torch.mm``.
+
 ``addmm(bias, a, b)`` (a linear layer's forward; inductor's summed weight gradients) is rewritten as
-``bias + cpu_mm(a, b)`` under the same rule.
+``bias + kernel(a, b)`` under the same rule.
 
 GEMMs with a tiny dimension (M, N or K ≤ :data:`TINY_GEMM_DIM`: the 2-logit output layer of a
 Two Moons network, its backward, the weight gradients of its 2-feature input layer) are not worth
@@ -32,16 +43,18 @@ another 11–17 µs for the tiny-K ones (30–70 µs slower when the strided one
 
 The eager engine uses the same choice (:func:`eager_linear`, called by the linear rule outside
 captured graphs): its linear layers multiply all stacked coefficient rows at once, and where such
-a float32 CPU product measures faster on oneDNN it runs there, forward and the input gradient, as
-a small autograd Function (the weight gradient, a product with a transposed left factor, stays on
-``torch.mm``). Measured on one core: the MLP 784's eager derivative step 16.9–18.5 → 12.7–13.8 ms.
+a float32 CPU product measures faster on a kernel of :data:`KERNELS` it runs there, forward and
+the input gradient, as a small autograd Function (the weight gradient, a product with a transposed
+left factor, stays on ``torch.mm``). Measured on one core: the MLP 784's eager derivative step
+16.9–18.5 → 12.7–13.8 ms with oneDNN.
 
 Modes (``curvrate_fast.compile(..., cpu_gemm=...)``): ``"auto"`` (default: tiny GEMMs
-decomposed, the others measured per shape; no oneDNN rewrite when deterministic algorithms are
+decomposed, the others measured per shape; no rewrite when deterministic algorithms are
 requested, so that a run's choice cannot depend on a timing), ``"aten"`` (the graph's GEMMs left
-as traced), ``"onednn"`` (tiny GEMMs decomposed, every other eligible float32 GEMM on oneDNN;
-raises where oneDNN is not built in or ``torch.backends.mkldnn.enabled`` is False, which also
-turns ``"auto"``'s oneDNN rewrite off).
+as traced), ``"onednn"`` or ``"avx512"`` (tiny GEMMs decomposed, every other eligible float32 GEMM
+on that kernel; raises where it is not available: oneDNN not built in or
+``torch.backends.mkldnn.enabled`` False, which also takes oneDNN out of ``"auto"``; the C++
+kernels not built or no AVX-512).
 """
 from __future__ import annotations
 

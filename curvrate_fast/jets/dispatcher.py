@@ -28,6 +28,7 @@ constant.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import sys
 import threading
@@ -772,6 +773,36 @@ def _foreign_machinery(func: Any) -> Optional[str]:
     return None
 
 
+def _memoized(table: Dict[Any, Any], func: Any, compute: Callable[[Any], Any]) -> Any:
+    """``compute(func)``, remembered in ``table`` (an unhashable func is computed every time)."""
+    try:
+        return table[func]
+    except (KeyError, TypeError):
+        pass
+    value = compute(func)
+    try:
+        table[func] = value
+    except TypeError:
+        pass
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def _aten_overloads(name: str) -> Optional[Tuple[Any, ...]]:
+    """The overloads of the ATen op called ``name``; None where ``torch.ops.aten`` has no op of
+    that name (none at all, or an attribute of the namespace itself: ``__eq__``)."""
+    packet = getattr(torch.ops.aten, name, None) if name else None
+    if not isinstance(packet, torch._ops.OpOverloadPacket):
+        return None
+    return tuple(getattr(packet, ov) for ov in packet.overloads())
+
+
+def _schema_may_view(func: Any) -> bool:
+    ops = (func,) if isinstance(func, torch._ops.OpOverload) else _aten_overloads(_func_name(func))
+    return True if ops is None else any(
+        r.alias_info is not None and not r.alias_info.is_write for op in ops for r in op._schema.returns)
+
+
 # whether a torch function may return a view of an argument: its ATen op's schema says so (a
 # return annotated as an alias, not written: ``Tensor(a) self -> Tensor(a)``); True where no ATen
 # op of that name exists (T, float: checked); the rules' own view marks are checked in any case
@@ -779,24 +810,7 @@ _MAY_VIEW: Dict[Any, bool] = {}
 
 
 def _may_view(func: Any) -> bool:
-    try:
-        return _MAY_VIEW[func]
-    except (KeyError, TypeError):
-        pass
-    if isinstance(func, torch._ops.OpOverload):
-        schemas = [func._schema]
-    else:
-        name = _func_name(func)
-        packet = getattr(torch.ops.aten, name, None) if name else None
-        schemas = ([getattr(packet, ov)._schema for ov in packet.overloads()]
-                   if isinstance(packet, torch._ops.OpOverloadPacket) else None)
-    may = True if schemas is None else any(
-        r.alias_info is not None and not r.alias_info.is_write for sch in schemas for r in sch.returns)
-    try:
-        _MAY_VIEW[func] = may
-    except TypeError:
-        pass
-    return may
+    return _memoized(_MAY_VIEW, func, _schema_may_view)
 
 
 def _may_link(func: Any, out: Any) -> bool:
@@ -816,9 +830,6 @@ def _linked(func: Any, out: Any, rule: Callable, args: Tuple, kwargs: Dict, via_
     copies follows the coefficients' memory layout, which mirrors the primal's as PyTorch lays it
     out except where a rule chose another layout. A deferred result (a linear layer's pending
     GEMM) is fresh and left as it is."""
-    def call(a: Tuple, kw: Dict) -> Any:
-        return multilinear.route(func, rule, a, kw) if via_multilinear else rule(*a, **kw)
-
     many = isinstance(out, (tuple, list))
     outs = out if many else (out,)
     first = args[0] if args else None
@@ -827,37 +838,41 @@ def _linked(func: Any, out: Any, rule: Callable, args: Tuple, kwargs: Dict, via_
         if not isinstance(o, JetTensor) or o._view is not None or o._pending is not None or o is first \
                 or not (may or o._is_view):
             continue
-        if isinstance(first, JetTensor) and first._pending is None and first._data is not None \
-                and torch._C._is_alias_of(o._data, first._data):
-            def replay(b, k=k):
-                r = call((b,) + tuple(args[1:]), kwargs)
-                return r[k] if many else r
-            o._is_view = True
-            o.link_view(first, replay)
+        if _aliases(o, first):
+            at = (0, None)
+        elif o._is_view:
+            # a view of another argument (broadcast_tensors, meshgrid's list): the positional
+            # arguments and the sequences among them
+            at = next(((i, j) for i, a in enumerate(args)
+                       for j, b in (enumerate(a) if isinstance(a, (list, tuple)) else ((None, a),))
+                       if _aliases(o, b)), None)
+            if at is None:
+                o._is_view = False
+                continue
+        else:
             continue
-        if not o._is_view:
-            continue
-        # a view of another argument (broadcast_tensors, meshgrid's list): the positional
-        # arguments and the sequences among them
-        at = next(((i, j) for i, a in enumerate(args)
-                   for j, b in (enumerate(a) if isinstance(a, (list, tuple)) else ((None, a),))
-                   if isinstance(b, JetTensor) and b._pending is None and b._data is not None
-                   and torch._C._is_alias_of(o._data, b._data)), None)
-        if at is None:
-            o._is_view = False
-            continue
-
-        def replay(b, k=k, at=at):
-            i, j = at
-            a = list(args)
-            if j is None:
-                a[i] = b
-            else:
-                a[i] = type(args[i])(b if n == j else v for n, v in enumerate(args[i]))
-            r = call(tuple(a), kwargs)
-            return r[k] if many else r
-        o.link_view(args[at[0]] if at[1] is None else args[at[0]][at[1]], replay)
+        o._is_view = True
+        i, j = at
+        o.link_view(args[i] if j is None else args[i][j],
+                    functools.partial(_replay, func, rule, via_multilinear, args, kwargs, at, k if many else None))
     return out
+
+
+def _aliases(o: JetTensor, b: Any) -> bool:
+    """Whether jet ``o``'s coefficients alias those of ``b`` (a jet with stored coefficients)."""
+    return (isinstance(b, JetTensor) and b._pending is None and b._data is not None
+            and torch._C._is_alias_of(o._data, b._data))
+
+
+def _replay(func: Any, rule: Callable, via_multilinear: bool, args: Tuple, kwargs: Dict,
+            at: Tuple[int, Optional[int]], k: Optional[int], base: JetTensor) -> Any:
+    """The view op of a linked view, called again with ``base`` in its base's place (positional
+    argument ``at[0]``, or item ``at[1]`` of that sequence); output ``k`` of a tuple result."""
+    i, j = at
+    a = list(args)
+    a[i] = base if j is None else type(args[i])(base if n == j else v for n, v in enumerate(args[i]))
+    r = multilinear.route(func, rule, tuple(a), kwargs) if via_multilinear else rule(*a, **kwargs)
+    return r if k is None else r[k]
 
 
 def _writable_target(func: Any, target: Any) -> JetTensor:
@@ -903,22 +918,16 @@ def _inplace(func: Any, base: str, args: Tuple, kwargs: Dict) -> Any:
 _INPLACE_AT: Dict[Any, int] = {}
 
 
-def _inplace_position(func: Any) -> int:
-    try:
-        return _INPLACE_AT[func]
-    except (KeyError, TypeError):
-        pass
-    at = -1
+def _signature_inplace_position(func: Any) -> int:
     try:
         names = list(inspect.signature(func).parameters)
-        at = names.index("inplace") if "inplace" in names else -1
     except (TypeError, ValueError):    # a builtin without a signature: no inplace flag
-        pass
-    try:
-        _INPLACE_AT[func] = at
-    except TypeError:
-        pass
-    return at
+        return -1
+    return names.index("inplace") if "inplace" in names else -1
+
+
+def _inplace_position(func: Any) -> int:
+    return _memoized(_INPLACE_AT, func, _signature_inplace_position)
 
 
 def _asks_inplace(func: Any, args: Tuple, kwargs: Dict) -> bool:
@@ -979,14 +988,8 @@ def random_op(func: Any) -> bool:
     name = _func_name(func)
     hit = _RANDOM_CACHE.get(name)
     if hit is None:
-        hit = False
-        for n in (name, name.rstrip("_")):
-            packet = getattr(torch.ops.aten, n, None)
-            if not isinstance(packet, torch._ops.OpOverloadPacket):   # none, or the namespace's own
-                continue                                              # attribute (__eq__: a method-wrapper)
-            for ov in packet.overloads():
-                if torch.Tag.nondeterministic_seeded in getattr(packet, ov).tags:
-                    hit = True
+        hit = any(torch.Tag.nondeterministic_seeded in op.tags
+                  for n in (name, name.rstrip("_")) for op in (_aten_overloads(n) or ()))
         _RANDOM_CACHE[name] = hit
     return hit
 
