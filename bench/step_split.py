@@ -118,7 +118,7 @@ def _kernel_split(call: Callable[[], object], steps: int) -> Dict[str, float]:
         t = float(e.self_cpu_time_total)
         if "CompiledFxGraph" in e.key:
             out["graph"] += float(e.cpu_time_total)
-        elif "mm_out" in e.key or "cpu_mm" in e.key:
+        elif "mm_out" in e.key or "cpu_mm" in e.key or "avx512_mm" in e.key:
             out["gemm"] += t
         elif "cpp_fused" in e.key:
             out["fused kernels"] += t
@@ -228,7 +228,7 @@ def format_markdown(results: List[Dict[str, object]], env: Dict[str, object], co
         if k is None:
             lines += ["Inside the graph: not split (not an inductor graph).", ""]
             continue
-        lines += [f"Inside the graph (profiled copy, µs per step): graph {k['graph']:.0f}, of which BLAS "
+        lines += [f"Inside the graph (profiled copy, µs per step): graph {k['graph']:.0f}, of which "
                   f"GEMMs {k['gemm']:.0f} ({100 * k['gemm'] / max(k['graph'], 1e-9):.0f} %), inductor's "
                   f"fused kernels {k['fused kernels']:.0f} ({100 * k['fused kernels'] / max(k['graph'], 1e-9):.0f} %), "
                   f"the rest (allocation, the C++ wrapper) {k['graph'] - k['gemm'] - k['fused kernels']:.0f}.",
