@@ -147,13 +147,21 @@ def avx512_available() -> bool:
     C++ library of the ``cpp`` backend and, like its activation kernels, used only once built
     (``python -m curvrate_fast build-cpp``, or ``CURVRATE_BUILD_CPP=1`` at install): nothing is
     compiled behind the user's back."""
+    global _avx512_supported
+    if _avx512_supported is not None:     # the eager linear rule asks on every call
+        return _avx512_supported
     from . import cpp_backend
-    if not cpp_backend.available():
+    if not cpp_backend.available():       # not remembered: a later build-cpp makes it available
         return False
     try:
-        return bool(torch.ops.curvrate_fast.avx512_mm_supported())
+        _avx512_supported = bool(torch.ops.curvrate_fast.avx512_mm_supported())
     except (AttributeError, RuntimeError):   # a library built before the kernel existed
-        return False
+        _avx512_supported = False
+    return _avx512_supported
+
+
+#: whether the loaded C++ library's AVX-512 GEMM runs on this CPU (None: not loaded yet)
+_avx512_supported = None
 
 
 def avx512_mm(a: Tensor, b: Tensor) -> Tensor:
