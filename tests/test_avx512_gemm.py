@@ -8,11 +8,12 @@ On a CPU without AVX-512 the op is at::mm (the value tests still run; the rest i
 import pytest
 import torch
 import torch.nn.functional as F
+from _gemm_kernels import assert_eager_engine_on_kernel_matches_nested_autograd
 from models import mlp
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import curvrate_fast as cf
-from curvrate_fast import baseline, cpp_backend, cpu_gemm
+from curvrate_fast import cpp_backend, cpu_gemm
 
 EPS32 = 2.0 ** -24
 
@@ -159,23 +160,7 @@ def test_eager_linear_on_avx512_matches_nested_autograd(avx512, monkeypatch):
     """The eager linear rule on the AVX-512 kernel (forward and input gradient): loss derivatives
     and their parameter gradients as nested autograd gives them; second derivatives of the
     linear layer itself as F.linear's (the backward under create_graph runs ATen products)."""
-    monkeypatch.setitem(cpu_gemm.KERNELS, "avx512", cpu_gemm.KERNELS["avx512"]._replace(min_auto_flop=0))
-    monkeypatch.setattr(cpu_gemm, "fastest_gemm", lambda *a, **k: "avx512")
-    calls = []
-    real = cpu_gemm._KernelLinear.apply
-    monkeypatch.setattr(cpu_gemm._KernelLinear, "apply", lambda *a: calls.append(a[-1]) or real(*a))
-    torch.manual_seed(1)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.Tanh(), torch.nn.Linear(32, 5))
-    x, y, u = torch.randn(16, 6), torch.randint(0, 5, (16,)), torch.randn(16, 6)
-    d = cf.loss_directional_derivatives(model, x, y, u, 3)
-    assert calls and set(calls) == {"avx512"}
-    ref = baseline.loss_directional_derivatives(model, x, y, u, 3)
-    assert torch.allclose(d, ref, rtol=1e-4, atol=1e-5)
-    params = list(model.parameters())
-    g = torch.autograd.grad(d.abs().mean(), params)
-    g_ref = torch.autograd.grad(ref.abs().mean(), params)
-    for a, b in zip(g, g_ref):
-        assert float((a - b).abs().max() / b.abs().max()) < 1e-4
+    assert_eager_engine_on_kernel_matches_nested_autograd(monkeypatch, "avx512")
     xs = torch.randn(40, 24, requires_grad=True)
     w = torch.randn(16, 24, requires_grad=True)
 

@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from _gemm_kernels import assert_eager_engine_on_kernel_matches_nested_autograd, force_kernel
 from models import mlp
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -171,17 +172,11 @@ def test_mkldnn_switched_off_means_no_rewrite():
 
 # -- the eager engine's linear layers (cpu_gemm.eager_linear) ----------------------------------
 
-def _force_onednn(monkeypatch):
-    """Every float32 product measures fastest on oneDNN (the deterministic-mode rule still applies)."""
-    monkeypatch.setitem(cpu_gemm.KERNELS, "onednn", cpu_gemm.KERNELS["onednn"]._replace(min_auto_flop=0))
-    monkeypatch.setattr(cpu_gemm, "fastest_gemm", lambda *a, **k: "onednn")
-
-
 def test_eager_linear_values_gradients_and_double_backward(monkeypatch):
     """Forced onto oneDNN (every shape measured faster), eager_linear gives F.linear's product,
     gradients and second derivatives to float32 rounding; float64, small products, non-contiguous
     inputs and deterministic mode stay on F.linear."""
-    _force_onednn(monkeypatch)
+    force_kernel(monkeypatch, "onednn")
     torch.manual_seed(0)
     x = torch.randn(3, 40, 24, requires_grad=True)
     w = torch.randn(16, 24, requires_grad=True)
@@ -218,23 +213,7 @@ def test_eager_linear_values_gradients_and_double_backward(monkeypatch):
 def test_eager_engine_linear_on_onednn_matches_nested_autograd(monkeypatch):
     """The jet engine's linear rule through eager_linear (forced onto oneDNN): loss derivatives
     and their parameter gradients as nested autograd gives them (float32, rounding level)."""
-    from curvrate_fast import baseline
-    calls = []
-    real = cpu_gemm._KernelLinear.apply
-    _force_onednn(monkeypatch)
-    monkeypatch.setattr(cpu_gemm._KernelLinear, "apply", lambda *a: calls.append(a[-1]) or real(*a))
-    torch.manual_seed(1)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 32), torch.nn.Tanh(), torch.nn.Linear(32, 5))
-    x, y, u = torch.randn(16, 6), torch.randint(0, 5, (16,)), torch.randn(16, 6)
-    d = cf.loss_directional_derivatives(model, x, y, u, 3)
-    assert calls and set(calls) == {"onednn"}
-    ref = baseline.loss_directional_derivatives(model, x, y, u, 3)
-    assert torch.allclose(d, ref, rtol=1e-4, atol=1e-5)
-    params = list(model.parameters())
-    g = torch.autograd.grad(d.abs().mean(), params)
-    g_ref = torch.autograd.grad(ref.abs().mean(), params)
-    for a, b in zip(g, g_ref):
-        assert float((a - b).abs().max() / b.abs().max()) < 1e-4
+    assert_eager_engine_on_kernel_matches_nested_autograd(monkeypatch, "onednn")
 
 
 def test_measuring_a_shape_leaves_the_global_random_stream_alone(monkeypatch):
