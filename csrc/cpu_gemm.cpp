@@ -6,7 +6,8 @@
 // forward and backward (docs/design.md §6), and on small networks these products are narrow
 // (640×64·64×64 for the Two Moons MLP at order 4). On CPUs where MKL runs its AVX2 path (AMD
 // processors) torch.mm reaches ~95 GFLOP/s on them, oneDNN ~130 with its packing overhead; this
-// kernel, with no packing, ~220 on the project's AMD EPYC core (bench/results/cpu_step_split.md).
+// kernel, with no packing, ~220 on the project's AMD EPYC core (the GEMM-rate note of
+// bench/results/cpu_small_models.md).
 //
 // How: C is cut into tiles of MR ≤ 6 rows by 16·NV ≤ 64 columns. A tile keeps its MR·NV 16-wide
 // accumulators in zmm registers (24 of the 32 for 6×4) for the whole sum over k: per k it loads
