@@ -1282,10 +1282,7 @@ def gemm_rates(shapes=((640, 512, 512), (640, 64, 64)), seconds: float = 0.3) ->
     through its 64×64 one), best of interleaved timings, with this run's thread count."""
     from curvrate_fast import cpu_gemm
     fns = {"torch.mm": torch.mm}
-    if cpu_gemm.onednn_available():
-        fns["oneDNN"] = torch.ops.curvrate.cpu_mm.default
-    if cpu_gemm.avx512_available():
-        fns["AVX-512 kernel"] = torch.ops.curvrate_fast.avx512_mm.default
+    fns.update({k.label: k.op() for k in cpu_gemm.KERNELS.values() if k.available()})
     rates: Dict[str, Dict[str, float]] = {}
     texts = []
     for m, k, n in shapes:

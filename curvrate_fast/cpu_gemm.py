@@ -185,19 +185,26 @@ def avx512_mm(a: Tensor, b: Tensor) -> Tensor:
 
 class _Kernel(NamedTuple):
     """A float32 CPU GEMM that may replace ``aten.mm``: the dispatcher op a captured graph calls,
-    whether it can run here, and the smallest product ``"auto"`` times it on."""
+    whether it can run here, the smallest product ``"auto"`` times it on, its name in reports,
+    and the error of a ``cpu_gemm=`` mode that names it where it cannot run."""
     op: Callable[[], object]
     available: Callable[[], bool]
     min_auto_flop: float
+    label: str
+    unavailable: str
 
 
 #: the GEMMs a graph's ``aten.mm`` may be rewritten to, by ``cpu_gemm=`` mode name ("auto" times
 #: the available ones against ``torch.mm``; "aten" keeps ``torch.mm``)
 KERNELS: Dict[str, _Kernel] = {
-    "onednn": _Kernel(lambda: torch.ops.curvrate.cpu_mm.default, lambda: onednn_available(),
-                      MIN_AUTO_FLOP),
+    "onednn": _Kernel(lambda: torch.ops.curvrate.cpu_mm.default, lambda: onednn_available(), MIN_AUTO_FLOP,
+                      "oneDNN",
+                      "cpu_gemm='onednn': oneDNN is not available (this PyTorch build has none, or "
+                      "torch.backends.mkldnn.enabled is False); use 'auto' or 'aten'"),
     "avx512": _Kernel(lambda: torch.ops.curvrate_fast.avx512_mm.default, lambda: avx512_available(),
-                      MIN_AUTO_FLOP_AVX512),
+                      MIN_AUTO_FLOP_AVX512, "AVX-512 kernel",
+                      "cpu_gemm='avx512': the AVX-512 GEMM is not available (build the C++ kernels with "
+                      "python -m curvrate_fast build-cpp, on a CPU with AVX-512); use 'auto' or 'aten'"),
 }
 
 _Key = Tuple[tuple, tuple, tuple, tuple, int, tuple]
@@ -368,7 +375,7 @@ def rewrite_graph(gm: torch.fx.GraphModule, mode: str = "auto") -> int:
     if mode == "aten":
         return 0
     if mode in KERNELS and not KERNELS[mode].available():
-        raise RuntimeError(_UNAVAILABLE[mode])
+        raise RuntimeError(KERNELS[mode].unavailable)
     n = decompose_tiny_gemms(gm)
     if mode == "auto" and torch.are_deterministic_algorithms_enabled():
         return n
@@ -386,14 +393,6 @@ def rewrite_graph(gm: torch.fx.GraphModule, mode: str = "auto") -> int:
     if m:
         gm.recompile()
     return n + m
-
-
-_UNAVAILABLE = {
-    "onednn": "cpu_gemm='onednn': oneDNN is not available (this PyTorch build has none, or "
-              "torch.backends.mkldnn.enabled is False); use 'auto' or 'aten'",
-    "avx512": "cpu_gemm='avx512': the AVX-512 GEMM is not available (build the C++ kernels with "
-              "python -m curvrate_fast build-cpp, on a CPU with AVX-512); use 'auto' or 'aten'",
-}
 
 
 def _auto_choice(a_shape, a_stride, b_shape, b_stride) -> str:

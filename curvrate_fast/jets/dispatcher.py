@@ -985,13 +985,12 @@ def random_op(func: Any) -> bool:
     """Whether the ATen op behind ``func`` draws random numbers (tag ``nondeterministic_seeded``)."""
     if isinstance(func, torch._ops.OpOverload):
         return torch.Tag.nondeterministic_seeded in func.tags
-    name = _func_name(func)
-    hit = _RANDOM_CACHE.get(name)
-    if hit is None:
-        hit = any(torch.Tag.nondeterministic_seeded in op.tags
-                  for n in (name, name.rstrip("_")) for op in (_aten_overloads(n) or ()))
-        _RANDOM_CACHE[name] = hit
-    return hit
+    return _memoized(_RANDOM_CACHE, _func_name(func), _name_draws_random)
+
+
+def _name_draws_random(name: str) -> bool:
+    return any(torch.Tag.nondeterministic_seeded in op.tags
+               for n in (name, name.rstrip("_")) for op in (_aten_overloads(n) or ()))
 
 
 # -- grad mode around an entry point's model call -------------------------------------------------
